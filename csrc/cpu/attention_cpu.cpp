@@ -1,0 +1,242 @@
+// CPU implementations of the fastattn ops: input checks, output allocation,
+// and the AttnParams the kernels in flash_fwd_cpu.cpp / flash_bwd_cpu.cpp read.
+// The Python layer (fastattn/api.py) validates user input with friendlier
+// messages first; the checks here keep direct torch.ops.fastattn.* calls safe.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "attention_cpu.h"
+#include "blocks.h"
+
+#define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, "fastattn: ", __VA_ARGS__)
+
+namespace fastattn {
+namespace cpu {
+
+bool cpu_has_avx2_fma() {
+#if FASTATTN_X86 && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace {
+
+using Strides = AttnParams::Strides;
+
+Strides strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+Strides strides3(const at::Tensor& t) { return {0, t.stride(1), t.stride(0), t.stride(2)}; }  // (total, H, D)
+
+at::ScalarType lse_dtype(const at::Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_cpu_float(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  CHECK_ARG(t.device().is_cpu(), name, " must be a CPU tensor for the cpu backend, got ", t.device());
+  CHECK_ARG(t.scalar_type() == q.scalar_type(), name, " has dtype ", t.scalar_type(), " but q has ", q.scalar_type());
+  CHECK_ARG(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ", t.scalar_type());
+}
+
+void set_dropout(AttnParams& p, double dropout_p, const std::optional<at::Tensor>& rng_state) {
+  CHECK_ARG(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = dropout_p;
+  if (dropout_p == 0.0) return;
+  CHECK_ARG(rng_state.has_value() && rng_state->numel() == 2 && rng_state->scalar_type() == at::kLong,
+            "rng_state must be an int64 tensor (seed, offset) when dropout_p > 0");
+  const at::Tensor state = rng_state->cpu();
+  p.seed = static_cast<uint64_t>(state.data_ptr<int64_t>()[0]);
+  p.offset = static_cast<uint64_t>(state.data_ptr<int64_t>()[1]);
+}
+
+void check_dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  CHECK_ARG(q.dim() == 4, "q must be 4-D (B, Hq, Nq, D), got shape ", q.sizes());
+  CHECK_ARG(k.dim() == 4, "k must be 4-D (B, Hkv, Nk, D), got shape ", k.sizes());
+  CHECK_ARG(v.dim() == 4, "v must be 4-D (B, Hkv, Nk, Dv), got shape ", v.sizes());
+  check_cpu_float(q, "q", q);
+  check_cpu_float(k, "k", q);
+  check_cpu_float(v, "v", q);
+  CHECK_ARG(k.size(0) == q.size(0) && v.size(0) == q.size(0), "q, k, v batch sizes differ: ", q.size(0), ", ",
+            k.size(0), ", ", v.size(0));
+  CHECK_ARG(k.size(3) == q.size(3), "k head dim ", k.size(3), " differs from q head dim ", q.size(3));
+  CHECK_ARG(v.size(1) == k.size(1) && v.size(2) == k.size(2), "v must be (B, Hkv, Nk, Dv) like k ", k.sizes(),
+            ", got ", v.sizes());
+  CHECK_ARG(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "q heads (", q.size(1),
+            ") must be a multiple of k/v heads (", k.size(1), ")");
+}
+
+AttnParams dense_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& attn_mask, bool causal, double scale) {
+  AttnParams p;
+  p.batch = q.size(0);
+  p.heads_q = q.size(1);
+  p.heads_kv = k.size(1);
+  p.seqlen_q = q.size(2);
+  p.seqlen_k = k.size(2);
+  p.head_dim = q.size(3);
+  p.head_dim_v = v.size(3);
+  p.q = strides4(q);
+  p.k = strides4(k);
+  p.v = strides4(v);
+  p.causal = causal;
+  p.scale = scale;
+  if (attn_mask.has_value()) {
+    const at::Tensor& m = *attn_mask;
+    CHECK_ARG(m.device().is_cpu(), "attn_mask must be on the CPU like q");
+    CHECK_ARG(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
+              "attn_mask must be bool or floating point, got ", m.scalar_type());
+    CHECK_ARG(m.dim() <= 4, "attn_mask must broadcast to (B, Hq, Nq, Nk), got shape ", m.sizes());
+    at::Tensor e;
+    try {
+      e = m.expand({p.batch, p.heads_q, p.seqlen_q, p.seqlen_k});
+    } catch (const c10::Error&) {
+      CHECK_ARG(false, "attn_mask of shape ", m.sizes(), " does not broadcast to (B, Hq, Nq, Nk) = (", p.batch, ", ",
+                p.heads_q, ", ", p.seqlen_q, ", ", p.seqlen_k, ")");
+    }
+    p.mask = e.const_data_ptr();
+    p.mask_dtype = e.scalar_type();
+    p.mask_strides = strides4(e);
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& attn_mask, bool causal, double scale,
+                                           double dropout_p, const std::optional<at::Tensor>& rng_state) {
+  check_dense(q, k, v);
+  AttnParams p = dense_params(q, k, v, attn_mask, causal, scale);
+  set_dropout(p, dropout_p, rng_state);
+  // Output laid out as (B, Nq, Hq, Dv) and returned as a (B, Hq, Nq, Dv) view, like
+  // torch's SDPA: merging heads afterwards (transpose + reshape) needs no copy.
+  at::Tensor out = at::empty({p.batch, p.seqlen_q, p.heads_q, p.head_dim_v}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({p.batch, p.heads_q, p.seqlen_q}, q.options().dtype(lse_dtype(q)));
+  p.out = strides4(out);
+  if (out.numel() > 0 || lse.numel() > 0) flash_fwd_cpu(p, q, k, v, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q,
+                                                       const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& out, const at::Tensor& lse,
+                                                       const std::optional<at::Tensor>& attn_mask, bool causal,
+                                                       double scale, double dropout_p,
+                                                       const std::optional<at::Tensor>& rng_state) {
+  check_dense(q, k, v);
+  check_cpu_float(out, "out", q);
+  check_cpu_float(grad_out, "grad_out", q);
+  CHECK_ARG(out.sizes() == grad_out.sizes() && out.dim() == 4 && out.size(0) == q.size(0) &&
+                out.size(1) == q.size(1) && out.size(2) == q.size(2) && out.size(3) == v.size(3),
+            "out and grad_out must be (B, Hq, Nq, Dv), got ", out.sizes(), " and ", grad_out.sizes());
+  CHECK_ARG(lse.scalar_type() == lse_dtype(q) && lse.is_contiguous() &&
+                lse.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2)}),
+            "lse must be a contiguous (B, Hq, Nq) tensor of dtype ", lse_dtype(q));
+  AttnParams p = dense_params(q, k, v, attn_mask, causal, scale);
+  set_dropout(p, dropout_p, rng_state);
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  p.out = strides4(out);
+  p.grad_out = strides4(grad_out);
+  p.grad_q = strides4(grad_q);
+  p.grad_k = strides4(grad_k);
+  p.grad_v = strides4(grad_v);
+  flash_bwd_cpu(p, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v};
+}
+
+// ----------------------------------------------------------------------------------------------
+// Packed sequences: q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv).
+// ----------------------------------------------------------------------------------------------
+AttnParams varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+                         const at::Tensor& cu_k, bool causal, double scale) {
+  CHECK_ARG(q.dim() == 3, "q must be 3-D (total_q, Hq, D), got shape ", q.sizes());
+  CHECK_ARG(k.dim() == 3, "k must be 3-D (total_k, Hkv, D), got shape ", k.sizes());
+  CHECK_ARG(v.dim() == 3, "v must be 3-D (total_k, Hkv, Dv), got shape ", v.sizes());
+  check_cpu_float(q, "q", q);
+  check_cpu_float(k, "k", q);
+  check_cpu_float(v, "v", q);
+  CHECK_ARG(k.size(2) == q.size(2), "k head dim ", k.size(2), " differs from q head dim ", q.size(2));
+  CHECK_ARG(v.size(0) == k.size(0) && v.size(1) == k.size(1), "v must be (total_k, Hkv, Dv) like k ", k.sizes(),
+            ", got ", v.sizes());
+  CHECK_ARG(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "q heads (", q.size(1),
+            ") must be a multiple of k/v heads (", k.size(1), ")");
+  for (const auto& [t, name, total] : {std::tuple{&cu_q, "cu_seqlens_q", q.size(0)},
+                                       std::tuple{&cu_k, "cu_seqlens_k", k.size(0)}}) {
+    CHECK_ARG(t->scalar_type() == at::kInt && t->dim() == 1 && t->numel() >= 1 && t->device().is_cpu() &&
+                  t->is_contiguous(),
+              name, " must be a contiguous 1-D int32 CPU tensor of length batch + 1");
+    const int32_t* c = t->const_data_ptr<int32_t>();
+    CHECK_ARG(c[0] == 0, name, "[0] must be 0, got ", c[0]);
+    for (int64_t i = 1; i < t->numel(); ++i)
+      CHECK_ARG(c[i] >= c[i - 1], name, " must be non-decreasing, but entry ", i, " (", c[i], ") < entry ", i - 1,
+                " (", c[i - 1], ")");
+    CHECK_ARG(c[t->numel() - 1] == total, name, "[-1] must equal the number of packed tokens ", total, ", got ",
+              c[t->numel() - 1]);
+  }
+  CHECK_ARG(cu_q.numel() == cu_k.numel(), "cu_seqlens_q and cu_seqlens_k must have the same length");
+  AttnParams p;
+  p.batch = cu_q.numel() - 1;
+  p.heads_q = q.size(1);
+  p.heads_kv = k.size(1);
+  p.seqlen_q = q.size(0);  // totals
+  p.seqlen_k = k.size(0);
+  p.head_dim = q.size(2);
+  p.head_dim_v = v.size(2);
+  p.cu_seqlens_q = cu_q.const_data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_k.const_data_ptr<int32_t>();
+  p.q = strides3(q);
+  p.k = strides3(k);
+  p.v = strides3(v);
+  p.causal = causal;
+  p.scale = scale;
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                  int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                                  double scale, double dropout_p,
+                                                  const std::optional<at::Tensor>& rng_state) {
+  AttnParams p = varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale);
+  set_dropout(p, dropout_p, rng_state);
+  at::Tensor out = at::empty({p.seqlen_q, p.heads_q, p.head_dim_v}, q.options());
+  at::Tensor lse = at::empty({p.heads_q, p.seqlen_q}, q.options().dtype(lse_dtype(q)));
+  p.out = strides3(out);
+  if (out.numel() > 0) flash_fwd_cpu(p, q, k, v, out, lse);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, bool causal, double scale, double dropout_p, const std::optional<at::Tensor>& rng_state) {
+  AttnParams p = varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale);
+  set_dropout(p, dropout_p, rng_state);
+  check_cpu_float(out, "out", q);
+  check_cpu_float(grad_out, "grad_out", q);
+  CHECK_ARG(out.dim() == 3 && out.sizes() == grad_out.sizes() && out.size(0) == q.size(0) &&
+                out.size(1) == q.size(1) && out.size(2) == v.size(2),
+            "out and grad_out must be (total_q, Hq, Dv), got ", out.sizes(), " and ", grad_out.sizes());
+  CHECK_ARG(lse.scalar_type() == lse_dtype(q) && lse.is_contiguous() &&
+                lse.sizes() == at::IntArrayRef({q.size(1), q.size(0)}),
+            "lse must be a contiguous (Hq, total_q) tensor of dtype ", lse_dtype(q));
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  p.out = strides3(out);
+  p.grad_out = strides3(grad_out);
+  p.grad_q = strides3(grad_q);
+  p.grad_k = strides3(grad_k);
+  p.grad_v = strides3(grad_v);
+  flash_bwd_cpu(p, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastattn, CPU, m) {
+  m.impl("fwd", &fwd_cpu);
+  m.impl("bwd", &bwd_cpu);
+  m.impl("varlen_fwd", &varlen_fwd_cpu);
+  m.impl("varlen_bwd", &varlen_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fastattn

@@ -1,0 +1,68 @@
+// Shared description of one attention call for the CPU kernels.
+//
+// Dense and packed (varlen) inputs are both seen as a set of segments
+// (batch b, head h), each a (rows x head_dim) matrix with a row stride; so
+// the forward and backward kernels are written once for both layouts.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace fastattn {
+namespace cpu {
+
+struct AttnParams {
+  int64_t batch = 0, heads_q = 0, heads_kv = 0, head_dim = 0, head_dim_v = 0;
+  // Dense: every sequence has seqlen_q / seqlen_k rows. Varlen: cu_seqlens_* give the
+  // sequence bounds (int32 prefix sums) and seqlen_* are the totals.
+  int64_t seqlen_q = 0, seqlen_k = 0;
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+
+  // Element strides (batch, head, row, dim) of q, k, v, out, grad_out, grad_*.
+  // For varlen tensors (total, H, D) the batch stride is unused.
+  struct Strides {
+    int64_t b = 0, h = 0, n = 0, d = 1;
+  };
+  Strides q, k, v, out, grad_out, grad_q, grad_k, grad_v;
+
+  bool causal = false;
+  double scale = 1.0;
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
+  uint64_t offset = 0;
+
+  // Optional attention mask, already broadcast (strides may be 0) to (B, Hq, Nq, Nk).
+  const void* mask = nullptr;
+  at::ScalarType mask_dtype = at::kBool;
+  Strides mask_strides;  // b, h, n (query) and d (key) strides
+
+  bool varlen() const { return cu_seqlens_q != nullptr; }
+  int64_t len_q(int64_t b) const { return varlen() ? cu_seqlens_q[b + 1] - cu_seqlens_q[b] : seqlen_q; }
+  int64_t len_k(int64_t b) const { return varlen() ? cu_seqlens_k[b + 1] - cu_seqlens_k[b] : seqlen_k; }
+  // Offset of element (b, h, row 0, dim 0) of a tensor with strides s.
+  int64_t base_q(const Strides& s, int64_t b, int64_t h) const {
+    return varlen() ? cu_seqlens_q[b] * s.n + h * s.h : b * s.b + h * s.h;
+  }
+  int64_t base_k(const Strides& s, int64_t b, int64_t h) const {
+    return varlen() ? cu_seqlens_k[b] * s.n + h * s.h : b * s.b + h * s.h;
+  }
+  // Row (b, h, i) in the contiguous per-row buffers (lse, delta, dQ accumulators):
+  // dense (B, Hq, Nq), varlen (Hq, total_q), like the lse each layout returns.
+  int64_t row_index(int64_t b, int64_t h, int64_t i) const {
+    return varlen() ? h * seqlen_q + cu_seqlens_q[b] + i : (b * heads_q + h) * seqlen_q + i;
+  }
+  int64_t total_rows() const { return varlen() ? heads_q * seqlen_q : batch * heads_q * seqlen_q; }
+};
+
+// out / lse must be allocated by the caller; lse has total_rows() entries.
+void flash_fwd_cpu(const AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   at::Tensor& out, at::Tensor& lse);
+
+void flash_bwd_cpu(const AttnParams& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q,
+                   at::Tensor& grad_k, at::Tensor& grad_v);
+
+}  // namespace cpu
+}  // namespace fastattn

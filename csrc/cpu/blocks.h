@@ -1,0 +1,384 @@
+// Building blocks of the CPU flash-attention kernels: panel packing, a
+// register-blocked GEMM micro-kernel, and the vectorised softmax row passes.
+//
+// Every block product of the forward and backward passes (S = Q Kᵀ, O += P V,
+// dV += Pᵀ dO, dP = dO Vᵀ, dK += dSᵀ Q, dQ += dS K) is one call of
+// gemm_packed(): the left operand is packed into row panels of MR rows and the
+// right one into column panels of NR columns (BLIS-style), which also converts
+// bf16/fp16 to the float accumulation type and turns any stride pattern
+// (transposes, non-contiguous inputs) into unit-stride streams.
+//
+// SIMD: the float micro-kernel and the exp2 passes have an AVX2+FMA version
+// chosen at run time (function-level target attributes, so the library itself
+// is built for the baseline ISA and never executes AVX2 on a CPU without it).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FASTATTN_X86 1
+#define FASTATTN_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define FASTATTN_X86 0
+#endif
+
+namespace fastattn {
+namespace cpu {
+
+constexpr int MR = 6;   // rows of the micro-kernel tile (6 x 16 floats = 12 AVX registers)
+constexpr int NR = 16;  // columns of the micro-kernel tile
+
+constexpr double kLog2e = 1.4426950408889634;  // double: the float64 path needs every digit
+constexpr double kLn2 = 0.6931471805599453;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// True when the running CPU has AVX2 and FMA (decided once).
+bool cpu_has_avx2_fma();
+
+// ---------------------------------------------------------------------------
+// Scratch memory: one 64-byte aligned allocation per thread and kernel call.
+// ---------------------------------------------------------------------------
+template <typename T>
+struct Scratch {
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> ptr;
+  explicit Scratch(int64_t n) {
+    size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(T), 64));
+    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    if (!ptr) throw std::bad_alloc();
+  }
+  T* get() const { return ptr.get(); }
+  T& operator[](int64_t i) const { return ptr.get()[i]; }
+};
+
+// ---------------------------------------------------------------------------
+// Packing. A matrix X (rows x cols) is read as X[r * rs + c * cs].
+// ---------------------------------------------------------------------------
+template <typename acc_t, typename src_t>
+inline acc_t load_as(const src_t* p) {
+  return static_cast<acc_t>(*p);
+}
+
+// Left operand, M x K, into ceil(M / MR) row panels: dst[p][k][r] (zero padded rows).
+template <typename acc_t, typename src_t>
+void pack_a(const src_t* src, int64_t rs, int64_t cs, int M, int K, acc_t* dst) {
+  for (int p = 0; p < M; p += MR) {
+    const int mr = std::min(MR, M - p);
+    acc_t* panel = dst + static_cast<int64_t>(p) * K;
+    if (mr < MR) std::fill(panel, panel + static_cast<int64_t>(K) * MR, acc_t(0));
+    if (cs == 1) {  // rows are contiguous: read each row once, write strided
+      for (int r = 0; r < mr; ++r) {
+        const src_t* row = src + (p + r) * rs;
+        for (int k = 0; k < K; ++k) panel[k * MR + r] = load_as<acc_t>(row + k);
+      }
+    } else {
+      for (int k = 0; k < K; ++k)
+        for (int r = 0; r < mr; ++r) panel[k * MR + r] = load_as<acc_t>(src + (p + r) * rs + k * cs);
+    }
+  }
+}
+
+// Right operand, K x N, into ceil(N / NR) column panels: dst[p][k][c] (zero padded columns).
+template <typename acc_t, typename src_t>
+void pack_b(const src_t* src, int64_t rs, int64_t cs, int K, int N, acc_t* dst) {
+  for (int p = 0; p < N; p += NR) {
+    const int nr = std::min(NR, N - p);
+    acc_t* panel = dst + static_cast<int64_t>(p) * K;
+    if (nr < NR) std::fill(panel, panel + static_cast<int64_t>(K) * NR, acc_t(0));
+    if (cs == 1) {  // rows of B contiguous (e.g. V, or Q as the right operand)
+      for (int k = 0; k < K; ++k) {
+        const src_t* row = src + k * rs + p;
+        for (int c = 0; c < nr; ++c) panel[k * NR + c] = load_as<acc_t>(row + c);
+      }
+    } else {  // columns of B contiguous (e.g. Kᵀ read from K's rows)
+      for (int c = 0; c < nr; ++c) {
+        const src_t* col = src + (p + c) * cs;
+        for (int k = 0; k < K; ++k) panel[k * NR + c] = load_as<acc_t>(col + k * rs);
+      }
+    }
+  }
+}
+
+inline int64_t packed_a_size(int M, int K) { return round_up(M, MR) * K; }
+inline int64_t packed_b_size(int K, int N) { return round_up(N, NR) * K; }
+
+// ---------------------------------------------------------------------------
+// GEMM on packed operands: C[M x N] (+)= A[M x K] * B[K x N], C row-major with ldc.
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+void ukernel_generic(int K, const acc_t* a, int64_t a_rs, int64_t a_ks, const acc_t* b, acc_t* c, int64_t ldc,
+                     int mr, int nr, bool accumulate) {
+  acc_t tile[MR][NR] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int r = 0; r < mr; ++r) {
+      const acc_t ar = a[r * a_rs + k * a_ks];
+      for (int j = 0; j < NR; ++j) tile[r][j] += ar * b[k * NR + j];
+    }
+  }
+  for (int r = 0; r < mr; ++r)
+    for (int j = 0; j < nr; ++j) c[r * ldc + j] = accumulate ? c[r * ldc + j] + tile[r][j] : tile[r][j];
+}
+
+#if FASTATTN_X86
+// A element (r, k) is read at a[r * a_rs + k * a_ks]: a packed panel has (a_rs, a_ks) = (1, MR);
+// a row-major matrix (e.g. the probabilities P, used where they were computed) has (lda, 1).
+FASTATTN_AVX2 inline void ukernel_avx2(int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b, float* c,
+                                       int64_t ldc, int mr, int nr, bool accumulate) {
+  // Rows past mr (a partial panel of a row-major A) re-read row 0; their results are discarded.
+  const float* a0 = a;
+  const float* a1 = a + (mr > 1 ? a_rs : 0);
+  const float* a2 = a + (mr > 2 ? 2 * a_rs : 0);
+  const float* a3 = a + (mr > 3 ? 3 * a_rs : 0);
+  const float* a4 = a + (mr > 4 ? 4 * a_rs : 0);
+  const float* a5 = a + (mr > 5 ? 5 * a_rs : 0);
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t ak = k * a_ks;
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 ar = _mm256_broadcast_ss(a0 + ak);
+    c00 = _mm256_fmadd_ps(ar, b0, c00), c01 = _mm256_fmadd_ps(ar, b1, c01);
+    ar = _mm256_broadcast_ss(a1 + ak);
+    c10 = _mm256_fmadd_ps(ar, b0, c10), c11 = _mm256_fmadd_ps(ar, b1, c11);
+    ar = _mm256_broadcast_ss(a2 + ak);
+    c20 = _mm256_fmadd_ps(ar, b0, c20), c21 = _mm256_fmadd_ps(ar, b1, c21);
+    ar = _mm256_broadcast_ss(a3 + ak);
+    c30 = _mm256_fmadd_ps(ar, b0, c30), c31 = _mm256_fmadd_ps(ar, b1, c31);
+    ar = _mm256_broadcast_ss(a4 + ak);
+    c40 = _mm256_fmadd_ps(ar, b0, c40), c41 = _mm256_fmadd_ps(ar, b1, c41);
+    ar = _mm256_broadcast_ss(a5 + ak);
+    c50 = _mm256_fmadd_ps(ar, b0, c50), c51 = _mm256_fmadd_ps(ar, b1, c51);
+    b += NR;
+  }
+  alignas(32) float tile[MR][NR];
+  const __m256 rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (nr == NR) {
+    for (int r = 0; r < mr; ++r) {
+      float* cr = c + r * ldc;
+      __m256 lo = rows[r][0], hi = rows[r][1];
+      if (accumulate) lo = _mm256_add_ps(lo, _mm256_loadu_ps(cr)), hi = _mm256_add_ps(hi, _mm256_loadu_ps(cr + 8));
+      _mm256_storeu_ps(cr, lo);
+      _mm256_storeu_ps(cr + 8, hi);
+    }
+    return;
+  }
+  for (int r = 0; r < MR; ++r) _mm256_store_ps(tile[r], rows[r][0]), _mm256_store_ps(tile[r] + 8, rows[r][1]);
+  for (int r = 0; r < mr; ++r)
+    for (int j = 0; j < nr; ++j) c[r * ldc + j] = accumulate ? c[r * ldc + j] + tile[r][j] : tile[r][j];
+}
+#endif
+
+// C[M x N] (+)= A[M x K] * B[K x N]: B packed by pack_b, A element (r, k) at a[r * a_rs + k * a_ks].
+template <typename acc_t>
+void gemm(int M, int N, int K, const acc_t* a, int64_t a_rs, int64_t a_ks, bool a_packed, const acc_t* bp, acc_t* c,
+          int64_t ldc, bool accumulate) {
+  if (K == 0) {
+    if (!accumulate)
+      for (int r = 0; r < M; ++r) std::fill(c + r * ldc, c + r * ldc + N, acc_t(0));
+    return;
+  }
+  // A packed panel i starts at i * K; a row-major A's row i at i * a_rs.
+  auto a_at = [&](int i) { return a + (a_packed ? static_cast<int64_t>(i) * K : i * a_rs); };
+#if FASTATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    static const bool avx2 = cpu_has_avx2_fma();
+    if (avx2) {
+      // Column panels outer: one B panel (K x 16) stays in L1 while the A rows stream.
+      for (int j = 0; j < N; j += NR)
+        for (int i = 0; i < M; i += MR)
+          ukernel_avx2(K, a_at(i), a_rs, a_ks, bp + static_cast<int64_t>(j) * K, c + i * ldc + j, ldc,
+                       std::min(MR, M - i), std::min(NR, N - j), accumulate);
+      return;
+    }
+  }
+#endif
+  for (int j = 0; j < N; j += NR)
+    for (int i = 0; i < M; i += MR)
+      ukernel_generic<acc_t>(K, a_at(i), a_rs, a_ks, bp + static_cast<int64_t>(j) * K, c + i * ldc + j, ldc,
+                             std::min(MR, M - i), std::min(NR, N - j), accumulate);
+}
+
+// A packed by pack_a.
+template <typename acc_t>
+void gemm_packed(int M, int N, int K, const acc_t* ap, const acc_t* bp, acc_t* c, int64_t ldc, bool accumulate) {
+  gemm(M, N, K, ap, 1, MR, true, bp, c, ldc, accumulate);
+}
+
+// A read in place: element (r, k) at a[r * a_rs + k * a_ks]. Fast when one of the two
+// strides is 1 (a row-major block, or the transpose of one: Pᵀ read from P).
+template <typename acc_t>
+void gemm_strided_a(int M, int N, int K, const acc_t* a, int64_t a_rs, int64_t a_ks, const acc_t* bp, acc_t* c,
+                    int64_t ldc, bool accumulate) {
+  gemm(M, N, K, a, a_rs, a_ks, false, bp, c, ldc, accumulate);
+}
+
+// The left operand of a block product: used in place when it already is in the
+// accumulation type with unit stride along K, packed (and converted) otherwise.
+template <typename acc_t>
+struct LeftOperand {
+  const acc_t* ptr;
+  int64_t rs, ks;
+  bool packed;
+};
+
+template <typename acc_t, typename src_t>
+LeftOperand<acc_t> left_operand(const src_t* src, int64_t rs, int64_t cs, int M, int K, acc_t* pack_buffer) {
+  if constexpr (std::is_same_v<acc_t, src_t>) {
+    if (cs == 1) return {src, rs, 1, false};
+  }
+  pack_a(src, rs, cs, M, K, pack_buffer);
+  return {pack_buffer, 1, MR, true};
+}
+
+template <typename acc_t>
+void gemm(int M, int N, int K, const LeftOperand<acc_t>& a, const acc_t* bp, acc_t* c, int64_t ldc, bool accumulate) {
+  gemm(M, N, K, a.ptr, a.rs, a.ks, a.packed, bp, c, ldc, accumulate);
+}
+
+// ---------------------------------------------------------------------------
+// Softmax row passes, in base 2 (the softmax scale is pre-multiplied by log2(e)).
+// ---------------------------------------------------------------------------
+#if FASTATTN_X86
+// 2^x for 8 floats. Rounds x to n + f (|f| <= 1/2), evaluates 2^f with a
+// degree-7 polynomial (relative error ~1e-8 before rounding) and scales by 2^n
+// through the exponent bits. x <= -127 (including -inf) gives exactly 0, x >= 128
+// gives inf, NaN stays NaN (the clamps keep a NaN operand: it is the second one).
+FASTATTN_AVX2 inline __m256 exp2_avx2(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-127.0f);
+  x = _mm256_min_ps(_mm256_set1_ps(128.0f), x);
+  x = _mm256_max_ps(lo, x);
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  // Taylor coefficients of 2^f = exp(f ln2): ln2^k / k!
+  __m256 p = _mm256_set1_ps(1.5252733804059840e-5f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381610e-4f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  // n = -127 encodes 0.0f above already; the mask also zeroes inputs that were -inf.
+  return _mm256_and_ps(r, _mm256_cmp_ps(x, lo, _CMP_NEQ_UQ));
+}
+
+FASTATTN_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+FASTATTN_AVX2 inline float hmax_avx2(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// x[j] = x[j] * c + bias[j] (bias may be null); returns max_j x[j].
+FASTATTN_AVX2 inline float scale_bias_max_avx2(float* x, int n, float c, const float* bias) {
+  const __m256 vc = _mm256_set1_ps(c);
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j), vc);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+    _mm256_storeu_ps(x + j, v);
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  float m = hmax_avx2(vmax);
+  for (; j < n; ++j) {
+    x[j] = x[j] * c + (bias ? bias[j] : 0.0f);
+    m = std::max(m, x[j]);
+  }
+  return m;
+}
+
+// x[j] = 2^(x[j] - m); returns the sum.
+FASTATTN_AVX2 inline float exp2_sum_avx2(float* x, int n, float m) {
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 vs = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 p = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+    _mm256_storeu_ps(x + j, p);
+    vs = _mm256_add_ps(vs, p);
+  }
+  float s = hsum_avx2(vs);
+  for (; j < n; ++j) {
+    x[j] = std::exp2(x[j] - m);
+    s += x[j];
+  }
+  return s;
+}
+
+// x[j] = 2^(x[j] * c + bias[j] - m) (bias may be null).
+FASTATTN_AVX2 inline void scale_bias_exp2_avx2(float* x, int n, float c, const float* bias, float m) {
+  const __m256 vc = _mm256_set1_ps(c), vm = _mm256_set1_ps(m);
+  int j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_fmsub_ps(_mm256_loadu_ps(x + j), vc, vm);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+    _mm256_storeu_ps(x + j, exp2_avx2(v));
+  }
+  for (; j < n; ++j) x[j] = std::exp2(x[j] * c - m + (bias ? bias[j] : 0.0f));
+}
+#endif
+
+template <typename acc_t>
+acc_t scale_bias_max(acc_t* x, int n, acc_t c, const acc_t* bias) {
+#if FASTATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    static const bool avx2 = cpu_has_avx2_fma();
+    if (avx2) return scale_bias_max_avx2(x, n, c, bias);
+  }
+#endif
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int j = 0; j < n; ++j) {
+    x[j] = x[j] * c + (bias ? bias[j] : acc_t(0));
+    m = std::max(m, x[j]);
+  }
+  return m;
+}
+
+template <typename acc_t>
+acc_t exp2_sum(acc_t* x, int n, acc_t m) {
+#if FASTATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    static const bool avx2 = cpu_has_avx2_fma();
+    if (avx2) return exp2_sum_avx2(x, n, m);
+  }
+#endif
+  acc_t s = 0;
+  for (int j = 0; j < n; ++j) {
+    x[j] = std::exp2(x[j] - m);
+    s += x[j];
+  }
+  return s;
+}
+
+template <typename acc_t>
+void scale_bias_exp2(acc_t* x, int n, acc_t c, const acc_t* bias, acc_t m) {
+#if FASTATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    static const bool avx2 = cpu_has_avx2_fma();
+    if (avx2) return scale_bias_exp2_avx2(x, n, c, bias, m);
+  }
+#endif
+  for (int j = 0; j < n; ++j) x[j] = std::exp2(x[j] * c - m + (bias ? bias[j] : acc_t(0)));
+}
+
+}  // namespace cpu
+}  // namespace fastattn

@@ -1,0 +1,206 @@
+// Backward pass of blocked flash attention on the CPU (FlashAttention-2 order).
+//
+//   delta_i = rowsum(dO_i * O_i)                      (one pass over the rows)
+//   for each key block j (owned by one task, so dK_j, dV_j need no locks):
+//     for each query head of the K/V head's group, each query block i:
+//       P   = exp(S - lse),  S = scale * Q_i K_jᵀ + mask  (recomputed, never stored)
+//       dV_j += (P * Z)ᵀ dO_i                         (Z: dropout keep / (1 - p))
+//       dP   = (dO_i V_jᵀ) * Z
+//       dS   = P * (dP - delta_i)
+//       dK_j += scale * dSᵀ Q_i
+//       dQ_i += scale * dS K_j                        (per-chunk accumulator)
+// Tasks are (batch, K/V head, chunk of key blocks). With few batch x head pairs
+// the key range is split into chunks so every thread has work; each chunk then
+// accumulates dQ in its own float buffer and the buffers are summed at the end.
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <vector>
+
+#include "attention_cpu.h"
+#include "blocks.h"
+#include "masking.h"
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+constexpr int kBlockQ = 48;   // query rows per tile (a multiple of MR)
+constexpr int kBlockK = 96;   // keys per tile (a multiple of MR, NR and 4)
+
+struct BwdTask {
+  int64_t b, hk, kv0, kv1, chunk;
+};
+
+template <typename scalar_t, typename acc_t>
+void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+              const scalar_t* out, const acc_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
+  const int64_t group = p.heads_q / p.heads_kv;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  const acc_t c = scale * static_cast<acc_t>(kLog2e);
+  const bool dropout = p.dropout_p > 0.0;
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const acc_t keep_scale = dropout ? static_cast<acc_t>(1.0 / (1.0 - p.dropout_p)) : acc_t(1);
+  const bool shared_mask_row = p.mask != nullptr && p.mask_strides.n == 0;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t rows = p.total_rows();
+
+  // delta_i = sum_d dO[i, d] * O[i, d]; and lse in base 2 (+inf on rows that see no key, so P = 0).
+  std::vector<acc_t> delta(rows), lse2(rows);
+  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t seg = begin; seg < end; ++seg) {
+      const int64_t b = seg / p.heads_q, h = seg % p.heads_q;
+      const scalar_t* o = out + p.base_q(p.out, b, h);
+      const scalar_t* g = dout + p.base_q(p.grad_out, b, h);
+      for (int64_t i = 0; i < p.len_q(b); ++i) {
+        acc_t acc = 0;
+        for (int d = 0; d < Dv; ++d)
+          acc += static_cast<acc_t>(o[i * p.out.n + d * p.out.d]) *
+                 static_cast<acc_t>(g[i * p.grad_out.n + d * p.grad_out.d]);
+        const int64_t row = p.row_index(b, h, i);
+        delta[row] = acc;
+        lse2[row] = lse[row] == kNegInf ? std::numeric_limits<acc_t>::infinity() : lse[row] * acc_t(kLog2e);
+      }
+    }
+  });
+
+  // Split the key range into chunks when batch x kv-heads alone cannot feed every thread.
+  const int64_t threads = at::get_num_threads();
+  const int64_t pairs = std::max<int64_t>(p.batch * p.heads_kv, 1);
+  int64_t max_blocks = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_blocks = std::max(max_blocks, (p.len_k(b) + kBlockK - 1) / kBlockK);
+  const int64_t chunks = std::max<int64_t>(1, std::min(max_blocks, (2 * threads + pairs - 1) / pairs));
+  std::vector<BwdTask> tasks;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t nblocks = (p.len_k(b) + kBlockK - 1) / kBlockK;
+    for (int64_t hk = 0; hk < p.heads_kv; ++hk)
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t blk0 = ch * nblocks / chunks, blk1 = (ch + 1) * nblocks / chunks;
+        if (blk1 > blk0)
+          tasks.push_back({b, hk, blk0 * kBlockK, std::min(p.len_k(b), blk1 * kBlockK), ch});
+      }
+  }
+  // dQ accumulators, one per chunk: (chunks, rows, D) in the accumulation type.
+  std::vector<acc_t> dq_acc(static_cast<size_t>(chunks * rows * D), acc_t(0));
+
+  std::atomic<int64_t> next_task{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    Scratch<acc_t> kt_pack(packed_b_size(D, kBlockK)), k_pack(packed_b_size(kBlockK, D)),
+        vt_pack(packed_b_size(Dv, kBlockK)), q_a(packed_a_size(kBlockQ, D)), q_b(packed_b_size(kBlockQ, D)),
+        do_a(packed_a_size(kBlockQ, Dv)), do_b(packed_b_size(kBlockQ, Dv)), probs(kBlockQ * kBlockK),
+        dprobs(kBlockQ * kBlockK),
+        dk_acc(static_cast<int64_t>(kBlockK) * D),
+        dv_acc(static_cast<int64_t>(kBlockK) * Dv), bias(kBlockK), keep(kBlockK);
+    for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
+      const auto [b, hk, kv0, kv1, chunk] = tasks[t];
+      const int64_t nq = p.len_q(b);
+      const scalar_t* kh = k + p.base_k(p.k, b, hk);
+      const scalar_t* vh = v + p.base_k(p.v, b, hk);
+      acc_t* dq_chunk = dq_acc.data() + chunk * rows * D;
+
+      for (int64_t kb = kv0; kb < kv1; kb += kBlockK) {
+        const int bk = static_cast<int>(std::min<int64_t>(kBlockK, kv1 - kb));
+        pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, kt_pack.get());  // Kᵀ: (D x bk)
+        pack_b(kh + kb * p.k.n, p.k.n, p.k.d, bk, D, k_pack.get());   // K:  (bk x D)
+        pack_b(vh + kb * p.v.n, p.v.d, p.v.n, Dv, bk, vt_pack.get());  // Vᵀ: (Dv x bk)
+        std::fill(dk_acc.get(), dk_acc.get() + bk * D, acc_t(0));
+        std::fill(dv_acc.get(), dv_acc.get() + bk * Dv, acc_t(0));
+
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          if (shared_mask_row && !fill_mask_bias(p, b, h, 0, kb, bk, bias.get())) continue;  // all keys hidden
+          const scalar_t* qh = q + p.base_q(p.q, b, h);
+          const scalar_t* gh = dout + p.base_q(p.grad_out, b, h);
+          const int64_t segment = b * p.heads_q + h;
+          // Top-left causal: query rows above kb see none of these keys.
+          for (int64_t qs = p.causal ? kb / kBlockQ * kBlockQ : 0; qs < nq; qs += kBlockQ) {
+            const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, nq - qs));
+            const auto q_left = left_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_a.get());
+            pack_b(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_b.get());
+            const auto do_left = left_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_a.get());
+            pack_b(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_b.get());
+            acc_t* pr = probs.get();
+            acc_t* dpr = dprobs.get();
+            gemm(bq, bk, D, q_left, kt_pack.get(), pr, kBlockK, false);     // S  = Q Kᵀ
+            gemm(bq, bk, Dv, do_left, vt_pack.get(), dpr, kBlockK, false);  // dP = dO Vᵀ
+
+            for (int r = 0; r < bq; ++r) {
+              const int64_t i = qs + r, row = p.row_index(b, h, i);
+              acc_t* x = pr + static_cast<int64_t>(r) * kBlockK;
+              acc_t* dx = dpr + static_cast<int64_t>(r) * kBlockK;
+              const int n = p.causal ? static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(bk, i - kb + 1))) : bk;
+              const acc_t* bias_row = nullptr;
+              if (p.mask && n > 0) {
+                if (!shared_mask_row) fill_mask_bias(p, b, h, i, kb, n, bias.get());
+                bias_row = bias.get();
+              }
+              if (n > 0) scale_bias_exp2(x, n, c, bias_row, lse2[row]);  // P
+              const acc_t di = delta[row];
+              if (dropout && n > 0) {
+                std::fill(keep.get(), keep.get() + n, keep_scale);
+                apply_dropout_keep(p, threshold, segment, i, kb, n, keep.get());
+                for (int j = 0; j < n; ++j) {
+                  const acc_t pj = x[j], zj = keep[j];
+                  dx[j] = pj * (dx[j] * zj - di);  // dS
+                  x[j] = pj * zj;                  // dropped P, for dV
+                }
+              } else {
+                for (int j = 0; j < n; ++j) dx[j] = x[j] * (dx[j] - di);  // dS
+              }
+              std::fill(x + n, x + bk, acc_t(0));
+              std::fill(dx + n, dx + bk, acc_t(0));
+            }
+            // Pᵀ and dSᵀ are read in place, as the transposes of the row-major tiles.
+            gemm_strided_a(bk, Dv, bq, pr, 1, kBlockK, do_b.get(), dv_acc.get(), Dv, true);  // dV += (P Z)ᵀ dO
+            gemm_strided_a(bk, D, bq, dpr, 1, kBlockK, q_b.get(), dk_acc.get(), D, true);    // dK += dSᵀ Q
+            gemm_strided_a(bq, D, bk, dpr, kBlockK, 1, k_pack.get(), dq_chunk + p.row_index(b, h, qs) * D, D,
+                           true);  // dQ += dS K
+          }
+        }
+
+        scalar_t* dkh = dk + p.base_k(p.grad_k, b, hk);
+        scalar_t* dvh = dv + p.base_k(p.grad_v, b, hk);
+        for (int r = 0; r < bk; ++r) {
+          for (int d = 0; d < D; ++d)
+            dkh[(kb + r) * p.grad_k.n + d * p.grad_k.d] = static_cast<scalar_t>(scale * dk_acc[r * D + d]);
+          for (int d = 0; d < Dv; ++d)
+            dvh[(kb + r) * p.grad_v.n + d * p.grad_v.d] = static_cast<scalar_t>(dv_acc[r * Dv + d]);
+        }
+      }
+    }
+  });
+
+  // dQ = scale * (sum of the chunk accumulators).
+  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t seg = begin; seg < end; ++seg) {
+      const int64_t b = seg / p.heads_q, h = seg % p.heads_q;
+      scalar_t* dqh = dq + p.base_q(p.grad_q, b, h);
+      for (int64_t i = 0; i < p.len_q(b); ++i) {
+        const acc_t* src = dq_acc.data() + p.row_index(b, h, i) * D;
+        for (int d = 0; d < D; ++d) {
+          acc_t sum = 0;
+          for (int64_t ch = 0; ch < chunks; ++ch) sum += src[ch * rows * D + d];
+          dqh[i * p.grad_q.n + d * p.grad_q.d] = static_cast<scalar_t>(scale * sum);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void flash_bwd_cpu(const AttnParams& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q,
+                   at::Tensor& grad_k, at::Tensor& grad_v) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "fastattn_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    bwd_impl<scalar_t, acc_t>(p, grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                              out.const_data_ptr<scalar_t>(), lse.const_data_ptr<acc_t>(),
+                              grad_q.mutable_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(),
+                              grad_v.mutable_data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace cpu
+}  // namespace fastattn

@@ -1,0 +1,37 @@
+// Schemas of the fastattn ops (one TORCH_LIBRARY for the whole package) and the
+// Python module fastattn._C whose import registers them. Each backend adds its
+// kernels with TORCH_LIBRARY_IMPL(fastattn, <device>, m) in its own directory;
+// fake (meta) kernels and autograd live in fastattn/_ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/blocks.h"
+
+TORCH_LIBRARY(fastattn, m) {
+  // q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv), lse (B, Hq, Nq)
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float scale, float dropout_p, "
+      "Tensor? rng_state) -> (Tensor out, Tensor lse)");
+  m.def(
+      "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, bool causal, "
+      "float scale, float dropout_p, Tensor? rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+  // q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) -> out (total_q, Hq, Dv), lse (Hq, total_q)
+  m.def(
+      "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, bool causal, float scale, float dropout_p, Tensor? rng_state) -> (Tensor out, Tensor lse)");
+  m.def(
+      "varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, float dropout_p, "
+      "Tensor? rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastattn C++ kernels (importing this module registers the torch.ops.fastattn CPU kernels)";
+  m.def("cpu_simd", [] { return fastattn::cpu::cpu_has_avx2_fma() ? "avx2+fma" : "baseline (no AVX2)"; },
+        "SIMD path the CPU kernels use on this machine");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

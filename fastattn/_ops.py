@@ -1,0 +1,108 @@
+"""Op registration and autograd, in one place.
+
+The schemas of ``torch.ops.fastattn.*`` are defined in C++ (csrc/ops.cpp) and
+each backend registers its kernels for its device there. This module loads the
+compiled extensions, gives every op a fake (meta) kernel so that
+``torch.compile`` can trace it, and pairs the forward and backward ops in
+``torch.autograd.Function``s.
+
+Op contract (all backends):
+  fwd(q, k, v, attn_mask?, causal, scale, dropout_p, rng_state?) -> (out, lse)
+      q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv)
+      out (B, Hq, Nq, Dv) in q's dtype, stored as (B, Nq, Hq, Dv) and viewed;
+      lse (B, Hq, Nq) float32 (float64 for float64 inputs)
+  bwd(grad_out, q, k, v, out, lse, attn_mask?, causal, scale, dropout_p, rng_state?)
+      -> (grad_q, grad_k, grad_v), laid out like q, k, v
+  varlen_fwd / varlen_bwd: the same on packed (total, H, D) tensors with
+      cu_seqlens_q / cu_seqlens_k; lse is (Hq, total_q).
+  rng_state: int64 (seed, offset) tensor, required when dropout_p > 0.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers the schemas and the CPU kernels)
+except ImportError as e:  # pragma: no cover - only without a build
+    _C = None
+    _C_IMPORT_ERROR = e
+else:
+    _C_IMPORT_ERROR = None
+
+try:
+    from . import _C_cuda  # noqa: F401  (registers the CUDA kernels, when built)
+except ImportError:
+    _C_cuda = None
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if _C is not None:
+
+    @torch.library.register_fake("fastattn::fwd")
+    def _fwd_fake(q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
+        B, Hq, Nq, _ = q.shape
+        out = q.new_empty(B, Nq, Hq, v.shape[-1]).transpose(1, 2)  # (B, Hq, Nq, Dv)
+        lse = q.new_empty(B, Hq, Nq, dtype=lse_dtype(q.dtype))
+        return out, lse
+
+    @torch.library.register_fake("fastattn::bwd")
+    def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    @torch.library.register_fake("fastattn::varlen_fwd")
+    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                         dropout_p, rng_state):
+        total_q, Hq, _ = q.shape
+        out = q.new_empty(total_q, Hq, v.shape[-1])  # (total_q, Hq, Dv)
+        lse = q.new_empty(Hq, total_q, dtype=lse_dtype(q.dtype))
+        return out, lse
+
+    @torch.library.register_fake("fastattn::varlen_bwd")
+    def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, scale, dropout_p, rng_state):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """out, lse = fwd(...); backward calls the bwd op (lse is not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
+        out, lse = torch.ops.fastattn.fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state)
+        ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, attn_mask, rng_state = ctx.saved_tensors
+        grad_q, grad_k, grad_v = torch.ops.fastattn.bwd(
+            grad_out, q, k, v, out, lse, attn_mask, ctx.causal, ctx.scale, ctx.dropout_p, rng_state)
+        return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+class VarlenAttentionFunction(torch.autograd.Function):
+    """Packed-sequence counterpart of AttentionFunction."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
+                rng_state):
+        out, lse = torch.ops.fastattn.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 causal, scale, dropout_p, rng_state)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
+        ctx.args = (max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
+        max_seqlen_q, max_seqlen_k, causal, scale, dropout_p = ctx.args
+        grad_q, grad_k, grad_v = torch.ops.fastattn.varlen_bwd(
+            grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+            dropout_p, rng_state)
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None

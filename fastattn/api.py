@@ -1,0 +1,236 @@
+"""Public functions: fastattn.attention, scaled_dot_product_attention, varlen_attention.
+
+Each validates its inputs (errors name the argument and the expected shape or
+dtype), picks a backend through fastattn.dispatch, draws the dropout seed from
+torch's default generator, and calls the autograd Function of fastattn._ops
+(or the plain reference).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import dispatch, reference
+from ._ops import AttentionFunction, VarlenAttentionFunction
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------
+def _check_tensor(t, name: str, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_qkv(q, k, v, layout_q: str, layout_k: str, layout_v: str, head_axis: int, len_axis: int) -> None:
+    _check_tensor(q, "q", len(layout_q.split(",")), layout_q)
+    _check_tensor(k, "k", len(layout_k.split(",")), layout_k)
+    _check_tensor(v, "v", len(layout_v.split(",")), layout_v)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must have the same dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on the same device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k head dim {k.shape[-1]} must equal q head dim {q.shape[-1]} (q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)})")
+    if v.shape[len_axis] != k.shape[len_axis]:
+        raise ValueError(f"k and v must have the same sequence length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if v.shape[head_axis] != k.shape[head_axis]:
+        raise ValueError(f"k and v must have the same number of heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    hq, hkv = q.shape[head_axis], k.shape[head_axis]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"the number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
+
+
+def _check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0 or math.isnan(dropout_p):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)
+
+
+def _check_mask(attn_mask, q, shape) -> Optional[torch.Tensor]:
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True = may attend) or floating point (added to the logits), "
+                        f"got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on {q.device} like q, got {attn_mask.device}")
+    try:
+        torch.broadcast_shapes(attn_mask.shape, shape)
+        ok = attn_mask.dim() <= len(shape) and torch.broadcast_shapes(attn_mask.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"(B, Hq, Nq, Nk) = {tuple(shape)}")
+    if attn_mask.requires_grad:
+        raise ValueError("attn_mask requires grad, but fastattn does not compute gradients for the mask; "
+                         "pass attn_mask.detach()")
+    return attn_mask
+
+
+def _resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+def _draw_rng_state(device: torch.device) -> torch.Tensor:
+    """(seed, offset) for the counter-based dropout, from torch's default generator."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, scale: Optional[float] = None,
+              backend: str = "auto", return_lse: bool = False):
+    """Fused attention ``softmax(q kᵀ · scale + mask) v``.
+
+    Args:
+        q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv). Hq must be a
+            multiple of Hkv (grouped-query / multi-query attention, K/V not copied).
+            float32, float64, bfloat16 or float16, all the same dtype; any strides.
+        causal: query i sees keys j <= i (top-left aligned, as torch's SDPA).
+        attn_mask: bool (True = may attend) or float (added to the logits),
+            broadcastable to (B, Hq, Nq, Nk). May be combined with ``causal``.
+        dropout_p: probability of dropping an attention weight (rescaled by 1/(1-p)).
+        scale: logit scale, default 1/sqrt(D).
+        backend: "auto" or one of ``fastattn.available_backends()``.
+        return_lse: also return the log-sum-exp of the scaled logits.
+
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype; with return_lse also lse (B, Hq, Nq),
+        float32 (float64 for float64 inputs), natural log, -inf where a row sees
+        no key (such rows give zeros).
+    """
+    _check_qkv(q, k, v, "(B, Hq, Nq, D)", "(B, Hkv, Nk, D)", "(B, Hkv, Nk, Dv)", head_axis=1, len_axis=2)
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"q, k, v batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    dropout_p = _check_dropout(dropout_p)
+    B, Hq, Nq, D = q.shape
+    attn_mask = _check_mask(attn_mask, q, (B, Hq, Nq, k.shape[2]))
+    scale = _resolve_scale(scale, D)
+    name = dispatch.choose_backend(backend, q.device, q.dtype, D, has_mask=attn_mask is not None,
+                                   dropout=dropout_p > 0)
+    rng_state = _draw_rng_state(q.device) if dropout_p > 0 else None
+    if name == "reference":
+        return reference.attention_reference(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             scale=scale, rng_state=rng_state, return_lse=return_lse)
+    out, lse = AttentionFunction.apply(q, k, v, attn_mask, bool(causal), scale, dropout_p, rng_state)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and results).
+
+    query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev); at least 3-D
+    (a 3-D input has one head). Hq != Hkv needs ``enable_gqa=True``, as in torch.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 3:
+            raise ValueError(f"{name} must be at least 3-D (..., L, E), got shape {tuple(t.shape)}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(f"query, key, value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal cannot both be set (as in torch's scaled_dot_product_attention)")
+    if query.dim() >= 4 and query.shape[-3] != key.shape[-3] and not enable_gqa:
+        raise ValueError(f"query has {query.shape[-3]} heads but key has {key.shape[-3]}: pass enable_gqa=True "
+                         f"for grouped-query attention")
+    batch_shape = query.shape[:-3] if query.dim() >= 4 else query.shape[:-2]
+    for name, t in (("key", key), ("value", value)):
+        if t.shape[:len(batch_shape)] != batch_shape:
+            raise ValueError(f"{name} batch dims {tuple(t.shape[:len(batch_shape)])} differ from query's "
+                             f"{tuple(batch_shape)}")
+
+    def to4d(t):  # (..., H, N, E) -> (B, H, N, E)
+        if t.dim() == 3:
+            return t.unsqueeze(1)  # (B, 1, N, E)
+        return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+
+    q, k, v = to4d(query), to4d(key), to4d(value)
+    mask = attn_mask
+    if mask is not None and query.dim() != 4:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        full = (*query.shape[:-1], key.shape[-2])  # (..., [Hq,] L, S)
+        try:
+            mask = mask.expand(full)
+        except RuntimeError:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"{tuple(full)}") from None
+        mask = mask.unsqueeze(1) if query.dim() == 3 else mask.reshape(-1, *mask.shape[-3:])
+    out = attention(q, k, v, causal=is_causal, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     dropout_p: float = 0.0, scale: Optional[float] = None, backend: str = "auto",
+                     return_lse: bool = False):
+    """Attention over packed variable-length sequences (flash-attention's varlen convention).
+
+    Args:
+        q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) prefix sums of the sequence
+            lengths, starting at 0 and ending at total_q / total_k.
+        max_seqlen_q, max_seqlen_k: the longest sequence lengths (upper bounds).
+        causal: top-left aligned within each sequence.
+    Returns:
+        out (total_q, Hq, Dv); with return_lse also lse (Hq, total_q).
+    """
+    _check_qkv(q, k, v, "(total_q, Hq, D)", "(total_k, Hkv, D)", "(total_k, Hkv, Dv)", head_axis=1, len_axis=0)
+    dropout_p = _check_dropout(dropout_p)
+    batch = None
+    for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                     ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+            got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise TypeError(f"{name} must be a 1-D int32 tensor (batch + 1,) of prefix sums, got {got}")
+        if batch is not None and cu.numel() - 1 != batch:
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {batch + 1} and "
+                             f"{cu.numel()}")
+        batch = cu.numel() - 1
+        values = cu.tolist()
+        if values[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {values[0]}")
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name} must be non-decreasing prefix sums, got {values}")
+        if values[-1] != total:
+            raise ValueError(f"{name}[-1] = {values[-1]} must equal the number of packed tokens ({total})")
+        longest = max((b - a for a, b in zip(values, values[1:])), default=0)
+        if not isinstance(max_len, int) or longest > max_len:
+            raise ValueError(f"max_seqlen_{name[-1]} = {max_len} is smaller than the longest sequence ({longest})")
+    scale = _resolve_scale(scale, q.shape[-1])
+    name = dispatch.choose_backend(backend, q.device, q.dtype, q.shape[-1], dropout=dropout_p > 0, varlen=True)
+    rng_state = _draw_rng_state(q.device) if dropout_p > 0 else None
+    if name == "reference":
+        return reference.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                                    dropout_p=dropout_p, scale=scale, rng_state=rng_state,
+                                                    return_lse=return_lse)
+    cu_q = cu_seqlens_q.to(device=q.device).contiguous()
+    cu_k = cu_seqlens_k.to(device=q.device).contiguous()
+    out, lse = VarlenAttentionFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k),
+                                             bool(causal), scale, dropout_p, rng_state)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,62 @@
+"""``python -m fastattn.info``: versions, built extensions, and what each backend supports."""
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+
+def collect() -> dict:
+    import fastattn
+    from fastattn import _ops, dispatch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    info = {
+        "fastattn": fastattn.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "platform": platform.platform(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "extensions": {
+            "cpu (fastattn._C)": "built" if _ops._C is not None else f"missing ({_ops._C_IMPORT_ERROR})",
+            "cuda (fastattn._C_cuda)": "built" if _ops._C_cuda is not None else "not built",
+            "triton kernels": "not yet available (Triton issue)",
+        },
+        "cpu_simd": _ops._C.cpu_simd() if _ops._C is not None else None,
+        "openmp": bool(_ops._C.openmp) if _ops._C is not None else None,
+        "threads": torch.get_num_threads(),
+        "available_backends": dispatch.available_backends(),
+        "capabilities": {name: cap for name, cap in dispatch.CAPABILITIES.items()},
+    }
+    return info
+
+
+def main() -> None:
+    info = collect()
+    for key in ("fastattn", "python", "torch", "torch_cuda", "triton", "platform", "cuda_device"):
+        print(f"{key:>12}: {info[key]}")
+    print("  extensions:")
+    for name, state in info["extensions"].items():
+        print(f"    {name:<26} {state}")
+    print(f"{'cpu simd':>12}: {info['cpu_simd']}  (OpenMP: {info['openmp']}, threads: {info['threads']})")
+    print(f"{'backends':>12}: {', '.join(info['available_backends'])}  (auto picks the first that supports a call)")
+    print("  support:")
+    for name, cap in info["capabilities"].items():
+        dtypes = ", ".join(str(d).replace("torch.", "") for d in cap.dtypes)
+        head = "any" if cap.max_head_dim is None else f"<= {cap.max_head_dim}"
+        feats = [f for f in ("masks", "dropout", "varlen") if getattr(cap, f)]
+        mem = "O(N) memory" if cap.fused else "O(N^2) memory"
+        print(f"    {name:<10} devices={'/'.join(cap.devices)}  dtypes={dtypes}  head_dim={head}  "
+              f"{', '.join(feats)}, causal, GQA; {mem}")
+
+
+if __name__ == "__main__":
+    main()

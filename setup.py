@@ -1,0 +1,95 @@
+"""Build script for fastattn's C++/CUDA extensions (metadata lives in pyproject.toml).
+
+Extensions, each with one switch:
+  fastattn._C       CPU kernels + op schemas; always built (-O3, OpenMP, baseline ISA:
+                    AVX2/FMA paths are chosen at run time, never -march=native).
+  fastattn._C_cuda  CUDA kernels from csrc/cuda/*.cu. FASTATTN_CUDA=1 forces it (and
+                    fails loudly if torch has no CUDA or nvcc is missing), FASTATTN_CUDA=0
+                    skips it; by default it is built when torch has CUDA and nvcc is found.
+                    Architectures from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"); MAX_JOBS
+                    caps parallel compile jobs.
+The Triton kernels in csrc/triton/ are Python sources shipped as fastattn.triton_kernels.
+Build offline and without isolation, against the torch you run with:
+    pip install --no-build-isolation .
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def rel(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def openmp_flags():
+    if sys.platform == "darwin":  # Apple clang: OpenMP through libomp, if present
+        return ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
+    return ["-fopenmp"], ["-fopenmp"]
+
+
+def cpu_extension():
+    omp_compile, omp_link = openmp_flags()
+    return cpp_extension.CppExtension(
+        name="fastattn._C",
+        sources=["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp"),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", *omp_compile]},
+        extra_link_args=omp_link,
+    )
+
+
+def cuda_wheel_include_dirs():
+    """CUDA library headers that pip-installed CUDA wheels keep under site-packages/nvidia/*/include."""
+    import site
+
+    dirs = []
+    for base in site.getsitepackages() + [site.getusersitepackages()]:
+        dirs += glob.glob(os.path.join(base, "nvidia", "*", "include"))
+    return sorted(set(dirs))
+
+
+def cuda_extension():
+    """The CUDA extension per FASTATTN_CUDA, or None when it is not built."""
+    import torch
+
+    switch = os.environ.get("FASTATTN_CUDA", "").strip()
+    sources = rel("csrc/cuda/*.cu")
+    has_torch_cuda = torch.version.cuda is not None
+    nvcc = cpp_extension.CUDA_HOME and shutil.which(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    if switch == "0":
+        return None
+    if switch == "1" and not (has_torch_cuda and nvcc):
+        raise RuntimeError(
+            "FASTATTN_CUDA=1 but the CUDA extension cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, nvcc={'found' if nvcc else 'not found (set CUDA_HOME)'}"
+        )
+    if not (has_torch_cuda and nvcc):
+        return None
+    if not sources:
+        print("fastattn: no CUDA kernels in csrc/cuda yet; building the CPU extension only", file=sys.stderr)
+        return None
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return cpp_extension.CUDAExtension(
+        name="fastattn._C_cuda",
+        sources=sources + rel("csrc/cuda/*.cpp"),
+        include_dirs=[os.path.join(ROOT, "csrc")] + cuda_wheel_include_dirs(),
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+    )
+
+
+ext_modules = [cpu_extension()]
+cuda_ext = cuda_extension()
+if cuda_ext is not None:
+    ext_modules.append(cuda_ext)
+
+setup(
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
