@@ -68,9 +68,9 @@ inline acc_t load_as(const src_t* p) {
   return static_cast<acc_t>(*p);
 }
 
-// Left operand, M x K, into ceil(M / MR) row panels: dst[p][k][r] (zero padded rows).
+// Left operand, M x K, times `scale`, into ceil(M / MR) row panels: dst[p][k][r] (zero padded rows).
 template <typename acc_t, typename src_t>
-void pack_a(const src_t* src, int64_t rs, int64_t cs, int M, int K, acc_t* dst) {
+void pack_a(const src_t* src, int64_t rs, int64_t cs, int M, int K, acc_t* dst, acc_t scale = acc_t(1)) {
   for (int p = 0; p < M; p += MR) {
     const int mr = std::min(MR, M - p);
     acc_t* panel = dst + static_cast<int64_t>(p) * K;
@@ -78,11 +78,11 @@ void pack_a(const src_t* src, int64_t rs, int64_t cs, int M, int K, acc_t* dst) 
     if (cs == 1) {  // rows are contiguous: read each row once, write strided
       for (int r = 0; r < mr; ++r) {
         const src_t* row = src + (p + r) * rs;
-        for (int k = 0; k < K; ++k) panel[k * MR + r] = load_as<acc_t>(row + k);
+        for (int k = 0; k < K; ++k) panel[k * MR + r] = load_as<acc_t>(row + k) * scale;
       }
     } else {
       for (int k = 0; k < K; ++k)
-        for (int r = 0; r < mr; ++r) panel[k * MR + r] = load_as<acc_t>(src + (p + r) * rs + k * cs);
+        for (int r = 0; r < mr; ++r) panel[k * MR + r] = load_as<acc_t>(src + (p + r) * rs + k * cs) * scale;
     }
   }
 }
@@ -287,20 +287,21 @@ FASTATTN_AVX2 inline float hmax_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// x[j] = x[j] * c + bias[j] (bias may be null); returns max_j x[j].
-FASTATTN_AVX2 inline float scale_bias_max_avx2(float* x, int n, float c, const float* bias) {
-  const __m256 vc = _mm256_set1_ps(c);
+// x[j] += bias[j] when there is a bias; returns max_j x[j].
+FASTATTN_AVX2 inline float add_bias_max_avx2(float* x, int n, const float* bias) {
   __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int j = 0;
   for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + j), vc);
-    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
-    _mm256_storeu_ps(x + j, v);
+    __m256 v = _mm256_loadu_ps(x + j);
+    if (bias) {
+      v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+      _mm256_storeu_ps(x + j, v);
+    }
     vmax = _mm256_max_ps(vmax, v);
   }
   float m = hmax_avx2(vmax);
   for (; j < n; ++j) {
-    x[j] = x[j] * c + (bias ? bias[j] : 0.0f);
+    if (bias) x[j] += bias[j];
     m = std::max(m, x[j]);
   }
   return m;
@@ -338,16 +339,16 @@ FASTATTN_AVX2 inline void scale_bias_exp2_avx2(float* x, int n, float c, const f
 #endif
 
 template <typename acc_t>
-acc_t scale_bias_max(acc_t* x, int n, acc_t c, const acc_t* bias) {
+acc_t add_bias_max(acc_t* x, int n, const acc_t* bias) {
 #if FASTATTN_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     static const bool avx2 = cpu_has_avx2_fma();
-    if (avx2) return scale_bias_max_avx2(x, n, c, bias);
+    if (avx2) return add_bias_max_avx2(x, n, bias);
   }
 #endif
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   for (int j = 0; j < n; ++j) {
-    x[j] = x[j] * c + (bias ? bias[j] : acc_t(0));
+    if (bias) x[j] += bias[j];
     m = std::max(m, x[j]);
   }
   return m;

@@ -61,7 +61,6 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
     Scratch<acc_t> q_pack(packed_a_size(kChunkQ, D)), k_pack(packed_b_size(D, kBlockK)),
         v_pack(packed_b_size(kBlockK, Dv)), scores(kBlockQ * kBlockK),
         o_acc(static_cast<int64_t>(kChunkQ) * Dv), row_max(kChunkQ), row_sum(kChunkQ), bias(kBlockK);
-    std::vector<LeftOperand<acc_t>> q_left;
     for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
       const auto [b, h, q0, q1] = tasks[t];
       const int64_t hk = h / group, nk = p.len_k(b);
@@ -70,11 +69,10 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
       const scalar_t* vh = v + p.base_k(p.v, b, hk);
       const int64_t segment = b * p.heads_q + h;
 
-      q_left.clear();  // one left operand per query micro-block (packed only if it must be)
+      // Q is packed pre-multiplied by scale * log2(e): the scores come out of the GEMM in base-2 units.
       for (int64_t qs = q0; qs < q1; qs += kBlockQ)
-        q_left.push_back(left_operand(qh + qs * p.q.n, p.q.n, p.q.d,
-                                      static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs)), D,
-                                      q_pack.get() + (qs - q0) * D));
+        pack_a(qh + qs * p.q.n, p.q.n, p.q.d, static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs)), D,
+               q_pack.get() + (qs - q0) * D, c);
       std::fill(o_acc.get(), o_acc.get() + (q1 - q0) * Dv, acc_t(0));
       std::fill(row_max.get(), row_max.get() + (q1 - q0), kNegInf);
       std::fill(row_sum.get(), row_sum.get() + (q1 - q0), acc_t(0));
@@ -92,7 +90,7 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
           const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs));
           if (p.causal && kb > qs + bq - 1) continue;  // whole block above the diagonal
           acc_t* s = scores.get();
-          gemm(bq, bk, D, q_left[(qs - q0) / kBlockQ], k_pack.get(), s, kBlockK, false);  // S = Q Kᵀ
+          gemm_packed(bq, bk, D, q_pack.get() + (qs - q0) * D, k_pack.get(), s, kBlockK, false);  // S = c Q Kᵀ
 
           for (int r = 0; r < bq; ++r) {
             const int64_t i = qs + r, row = qs - q0 + r;
@@ -108,7 +106,7 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
               bias_row = bias.get();
             }
             const acc_t m_old = row_max[row];
-            const acc_t m_new = std::max(m_old, scale_bias_max(x, n, c, bias_row));
+            const acc_t m_new = std::max(m_old, add_bias_max(x, n, bias_row));
             const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;  // all masked so far: exp2(-inf) = 0
             const acc_t alpha = std::exp2(m_old - m_use);
             row_sum[row] = row_sum[row] * alpha + exp2_sum(x, n, m_use);
