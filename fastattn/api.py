@@ -144,7 +144,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same signature and results).
 
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev); at least 3-D
-    (a 3-D input has one head). Hq != Hkv needs ``enable_gqa=True``, as in torch.
+    (a 3-D input has one head). Hq != Hkv needs ``enable_gqa=True``, as in torch. A mask
+    together with ``is_causal=True`` applies both, as torch does.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -153,10 +154,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise ValueError(f"{name} must be at least 3-D (..., L, E), got shape {tuple(t.shape)}")
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(f"query, key, value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
-    if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask and is_causal cannot both be set (as in torch's scaled_dot_product_attention)")
     if query.dim() >= 4 and query.shape[-3] != key.shape[-3] and not enable_gqa:
-        raise ValueError(f"query has {query.shape[-3]} heads but key has {key.shape[-3]}: pass enable_gqa=True "
+        # RuntimeError, the type torch raises here, so that code catching torch's error keeps working
+        raise RuntimeError(f"query has {query.shape[-3]} heads but key has {key.shape[-3]}: pass enable_gqa=True "
                          f"for grouped-query attention")
     batch_shape = query.shape[:-3] if query.dim() >= 4 else query.shape[:-2]
     for name, t in (("key", key), ("value", value)):
