@@ -1,0 +1,11 @@
+"""fastattn's benchmark suite: ``python -m benchmarks --help``.
+
+    core.py     cases, the FLOP formula, the candidates (fastattn, torch SDPA, naive PyTorch, ...), timers
+    memory.py   extra peak memory of one call (fresh subprocess on CPU, CUDA allocator stats on GPU)
+    suites.py   the registry of benchmark suites ("attention", "memory"; end-to-end models later)
+    config.py   the config dataclass and the quick / full presets
+    report.py   table, targets, JSON / CSV, plots
+    __main__.py the command line: ``main(argv=None)``
+
+See benchmarks/README.md for what each column means.
+"""

@@ -1,0 +1,277 @@
+"""Output of a run: the printed table, the targets, JSON / CSV files and PNG plots."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .core import DTYPE_SHORT, Case, Row
+
+MIB = 2 ** 20
+
+
+# ---------------------------------------------------------------------------
+# Targets: what the issues promise, checked against the rows of this run
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    text: str  # the promise, in words
+    metric: str  # "speedup_vs_naive" | "speedup_vs_sdpa" (higher is better) | "memory_vs_sdpa" (lower)
+    case: Case
+    mode: str
+    threshold: Optional[float]  # None: reported only (the issue gives no number yet)
+    backend: str = "fastattn:cpu"
+    sdpa_backend: str = "sdpa:flash"  # memory target: torch SDPA's default CPU backend
+
+
+_BASE = Case(4, 12, 512, 64)
+TARGETS = [
+    Target("forward >= 3x faster than the naive PyTorch reference", "speedup_vs_naive", _BASE, "fwd", 3.0),
+    Target("forward+backward >= 1.5x faster than the naive PyTorch reference", "speedup_vs_naive", _BASE,
+           "fwd_bwd", 1.5),
+    Target("extra peak memory of forward+backward <= 1.5x torch SDPA's (flash)", "memory_vs_sdpa",
+           Case(1, 8, 8192, 64), "fwd_bwd", 1.5),
+]
+# A later issue's shapes, against the fastest torch SDPA backend that runs them
+# (on CPU the default, flash; math where flash cannot, e.g. dropout). No thresholds yet.
+for _case in (Case(8, 12, 128, 64), _BASE, Case(1, 12, 2048, 64), Case(1, 16, 2048, 128, causal=True),
+              Case(4, 12, 512, 64, dropout_p=0.1), Case(4, 12, 512, 64, key_padding=True)):
+    for _mode in (("fwd_bwd",) if _case.dropout_p else ("fwd", "fwd_bwd")):
+        TARGETS.append(Target("speed against torch SDPA (later issue)", "speedup_vs_sdpa", _case, _mode, None))
+
+
+@dataclass
+class TargetResult:
+    target: Target
+    value: Optional[float]
+    status: str  # "PASS", "MISS", "info", "not measured"
+
+    def as_dict(self) -> dict:
+        t = self.target
+        return {"text": t.text, "metric": t.metric, "case": t.case.label, "mode": t.mode, "backend": t.backend,
+                "threshold": t.threshold, "value": self.value, "status": self.status}
+
+
+def _find(rows, case: Case, mode: str, backend: str, suite: Optional[str] = None) -> Optional[Row]:
+    for row in rows:
+        if row.case == case and row.mode == mode and row.backend == backend and suite in (None, row.suite):
+            return row
+    return None
+
+
+def _memory(rows, case: Case, backend: str) -> Optional[int]:
+    for suite in ("memory", "attention"):  # the memory suite's figure first
+        row = _find(rows, case, "fwd_bwd", backend, suite)
+        if row is not None and row.extra_peak_bytes:
+            return row.extra_peak_bytes
+    return None
+
+
+def evaluate_targets(rows: list, targets: list = TARGETS) -> list:
+    results = []
+    for t in targets:
+        value = None
+        if t.metric == "memory_vs_sdpa":
+            ours, theirs = _memory(rows, t.case, t.backend), _memory(rows, t.case, t.sdpa_backend)
+            value = ours / theirs if ours and theirs else None
+        else:
+            row = _find(rows, t.case, t.mode, t.backend, "attention")
+            value = getattr(row, t.metric) if row is not None else None
+        if value is None:
+            status = "not measured"
+        elif t.threshold is None:
+            status = "info"
+        elif t.metric == "memory_vs_sdpa":
+            status = "PASS" if value <= t.threshold else "MISS"
+        else:
+            status = "PASS" if value >= t.threshold else "MISS"
+        results.append(TargetResult(t, value, status))
+    return results
+
+
+def format_targets(results: list) -> str:
+    measured = [r for r in results if r.status != "not measured"]
+    if not measured:
+        return "targets: none of the target rows ran (they are CPU, float32 rows of the quick default)"
+    lines = ["targets (measured in this run; speedups are time(other) / time(fastattn))"]
+    for r in results:
+        t = r.target
+        if t.metric == "memory_vs_sdpa":
+            what = f"{t.backend} / {t.sdpa_backend} extra peak"
+        elif t.metric == "speedup_vs_naive":
+            what = f"{t.backend} vs naive"
+        else:
+            what = f"{t.backend} vs best SDPA"
+        value = "—" if r.value is None else f"{r.value:.2f}x"
+        bound = "" if t.threshold is None else (f" (need <= {t.threshold:g}x)" if t.metric == "memory_vs_sdpa"
+                                                  else f" (need >= {t.threshold:g}x)")
+        lines.append(f"  [{r.status:^12}] {t.case.label:<34} {t.mode:<8} {what:<38} {value:>7}{bound}  "
+                     f"{t.text}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------
+def flops_unit(device_type: str) -> tuple:
+    return ("TFLOP/s", 1e12) if device_type == "cuda" else ("GFLOP/s", 1e9)
+
+
+def _num(x, fmt: str, width: int) -> str:
+    return f"{'—':>{width}}" if x is None else f"{x:{width}{fmt}}"
+
+
+def format_table(rows: list, device_type: str) -> str:
+    unit, scale = flops_unit(device_type)
+    lines = []
+    speed = [r for r in rows if r.suite != "memory"]
+    header = (f"  {'mode':<8} {'backend':<18} {'time ms':>9} {unit:>8} {'extra MiB':>9} {'x naive':>7} "
+              f"{'x SDPA':>7} {'max err':>8} {'reps':>4}  note")
+    current = None
+    for r in speed:
+        if r.case != current:
+            current = r.case
+            scopes = {x.err_scope for x in speed if x.case == r.case and x.err_scope}
+            scope = f"   (max err on {', '.join(sorted(scopes))} of the output)" if scopes else ""
+            lines += ["", f"{r.suite}: {r.case.label}{scope}", header]
+        if r.time_s is None:
+            lines.append(f"  {r.mode:<8} {r.backend:<18} {'—':>9} {'':>8} {'':>9} {'':>7} {'':>7} {'':>8} {'':>4}  "
+                         f"{r.note}")
+            continue
+        lines.append(
+            f"  {r.mode:<8} {r.backend:<18} {r.time_s * 1e3:9.2f} "
+            f"{_num(r.flops_per_s and r.flops_per_s / scale, '.1f', 8)} "
+            f"{_num(r.extra_peak_bytes and r.extra_peak_bytes / MIB, '.1f', 9)} "
+            f"{_num(r.speedup_vs_naive, '.2f', 7)} {_num(r.speedup_vs_sdpa, '.2f', 7)} "
+            f"{_num(r.max_abs_err, '.1e', 8)} {_num(r.reps, 'd', 4)}  {r.note}".rstrip())
+    mem = [r for r in rows if r.suite == "memory"]
+    if mem:
+        lines += ["", "memory: extra peak memory of one forward+backward (inputs excluded, outputs and grads included)",
+                  f"  {'case':<34} {'backend':<18} {'extra MiB':>10} {'x sdpa:flash':>12}  note"]
+        for r in mem:
+            sdpa = _find(mem, r.case, "fwd_bwd", "sdpa:flash")
+            ratio = (r.extra_peak_bytes / sdpa.extra_peak_bytes
+                     if sdpa is not None and sdpa.extra_peak_bytes and r.extra_peak_bytes is not None else None)
+            lines.append(f"  {r.case.label:<34} {r.backend:<18} "
+                         f"{_num(r.extra_peak_bytes and r.extra_peak_bytes / MIB, '.1f', 10)} "
+                         f"{_num(ratio, '.2f', 12)}  {r.note}".rstrip())
+    return "\n".join(lines).lstrip("\n")
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+def write_json(path: Path, meta: dict, rows: list, targets: list) -> None:
+    payload = {"meta": meta, "rows": [r.as_dict() for r in rows], "targets": [t.as_dict() for t in targets]}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: list) -> None:
+    dicts = [r.as_dict() for r in rows]
+    if not dicts:
+        path.write_text("")
+        return
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dicts[0]))
+        writer.writeheader()
+        writer.writerows(dicts)
+
+
+# ---------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------
+def _series_key(case: Case) -> tuple:
+    return (case.head_dim, case.causal, case.variant, case.dtype)
+
+
+def _series_title(key: tuple) -> str:
+    d, causal, variant, dtype = key
+    return f"D={d}{' causal' if causal else ''} {variant} {DTYPE_SHORT[dtype]}"
+
+
+def _series_with_seqlens(rows: list) -> dict:
+    """{series key: rows} for series measured at 2 or more sequence lengths."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(_series_key(r.case), []).append(r)
+    return {k: v for k, v in groups.items() if len({r.case.seqlen for r in v}) >= 2}
+
+
+def _seqlen_axis(ax, seqlens: set) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(seqlens))
+    ax.set_xticklabels([str(n) for n in sorted(seqlens)], fontsize=7)
+    from matplotlib.ticker import NullLocator
+
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def plot(rows: list, stem: Path, device_type: str) -> list:
+    """speed-vs-N and memory-vs-N PNGs next to the JSON; returns their paths ([] if nothing to draw)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unit, scale = flops_unit(device_type)
+    written = []
+    speed = [r for r in rows if r.suite == "attention" and r.time_s is not None]
+    series = _series_with_seqlens(speed)
+    modes = [m for m in ("fwd", "bwd", "fwd_bwd") if any(r.mode == m for r in speed)]
+    if series and modes:
+        fig, axes = plt.subplots(len(series), len(modes), figsize=(5 * len(modes), 3.6 * len(series)),
+                                 squeeze=False)
+        for i, (key, srows) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
+            for j, mode in enumerate(modes):
+                ax = axes[i][j]
+                for backend in dict.fromkeys(r.backend for r in srows):
+                    pts = sorted((r.case.seqlen, r.flops_per_s / scale) for r in srows
+                                 if r.backend == backend and r.mode == mode)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=backend)
+                _seqlen_axis(ax, {r.case.seqlen for r in srows})
+                varies = len({(r.case.batch, r.case.heads) for r in srows}) > 1  # e.g. tokens held constant
+                ax.set_title(f"{mode}: {_series_title(key)}{' (B, H vary with N)' if varies else ''}", fontsize=9)
+                ax.set_xlabel("sequence length N")
+                ax.set_ylabel(unit)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = stem.parent / (stem.name + "-speed.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    # memory: the memory suite (fixed B, H, D) and, per series, the attention rows' training steps
+    mem_groups = {}
+    for r in rows:
+        if r.extra_peak_bytes is None or r.mode != "fwd_bwd":
+            continue
+        key = ("memory suite",) if r.suite == "memory" else ("attention",) + _series_key(r.case)
+        mem_groups.setdefault(key, []).append(r)
+    mem_groups = {k: v for k, v in mem_groups.items() if len({r.case.seqlen for r in v}) >= 2}
+    if mem_groups:
+        fig, axes = plt.subplots(1, len(mem_groups), figsize=(5.5 * len(mem_groups), 4), squeeze=False)
+        for ax, (key, mrows) in zip(axes[0], sorted(mem_groups.items(), key=lambda kv: str(kv[0]))):
+            for backend in dict.fromkeys(r.backend for r in mrows):
+                pts = sorted((r.case.seqlen, r.extra_peak_bytes / MIB) for r in mrows if r.backend == backend)
+                ax.plot(*zip(*pts), marker="o", label=backend)
+            c = mrows[0].case
+            title = (f"one fwd+bwd, B={c.batch} H={c.heads} D={c.head_dim} {DTYPE_SHORT[c.dtype]}"
+                     if key[0] == "memory suite" else f"fwd+bwd rows: {_series_title(key[1:])}")
+            ax.set_title(title, fontsize=9)
+            _seqlen_axis(ax, {r.case.seqlen for r in mrows})
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length N")
+            ax.set_ylabel("extra peak memory (MiB)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = stem.parent / (stem.name + "-memory.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+

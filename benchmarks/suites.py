@@ -1,0 +1,271 @@
+"""The registry of benchmark suites, and the two that exist so far.
+
+A suite is a function ``(cfg: BenchConfig, ctx: RunContext) -> list[Row]`` registered by
+name; ``python -m benchmarks --suites a,b`` runs them in order and reports every row
+together. End-to-end model suites (BERT, a later issue) register here the same way::
+
+    @register_suite("bert")
+    def bert_suite(cfg, ctx):
+        ...
+        return rows
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import core, memory
+from .config import BenchConfig, attention_cases, device_defaults, memory_cases
+from .core import Case, Row
+
+SUITES: dict = {}
+
+
+def register_suite(name: str):
+    def decorate(fn: Callable):
+        SUITES[name] = fn
+        return fn
+
+    return decorate
+
+
+# ---------------------------------------------------------------------------
+# Shared run state
+# ---------------------------------------------------------------------------
+class Progress:
+    """tqdm when importable, else one printed line per step (to stderr, like tqdm)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.count, self.bar = total, desc, 0, None
+        self.enabled = enabled
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def step(self, label: str) -> None:
+        """Announce the step about to run."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=True)
+        elif self.enabled:
+            print(f"[{self.desc} {self.count + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def done(self) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# Left out unless --full or --backends names them: the fastattn fallback is the same
+# materialised O(N²) math as "naive" and would add a minute to the quick default.
+SLOW_BY_DEFAULT = ("fastattn:reference",)
+
+
+@dataclass
+class RunContext:
+    device: torch.device
+    candidates: list  # core.Candidate, already filtered by --backends
+    reps: int
+    warmup: int
+    case_budget_s: Optional[float]
+    clock: object  # core.WallClock or core.CudaEventClock; None with the do_bench timer
+
+
+def make_context(cfg: BenchConfig) -> RunContext:
+    device = cfg.resolved_device()
+    defaults = device_defaults(device)
+    if cfg.timer == "do_bench" and device.type != "cuda":
+        raise SystemExit("--timer do_bench needs a CUDA device")
+    clock = None
+    if cfg.timer != "do_bench":
+        clock = core.CudaEventClock(device) if device.type == "cuda" else core.WallClock()
+    budget = cfg.case_budget_s if cfg.case_budget_s is not None else defaults["case_budget_s"]
+    candidates = core.select_candidates(device, cfg.backends)
+    if cfg.backends is None and not cfg.full:
+        candidates = [c for c in candidates if c.name not in SLOW_BY_DEFAULT]
+    return RunContext(device=device, candidates=candidates,
+                      reps=cfg.reps or defaults["reps"],
+                      warmup=cfg.warmup if cfg.warmup is not None else defaults["warmup"],
+                      case_budget_s=budget or None,  # 0: no budget
+                      clock=clock)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:160]
+
+
+def _skip_reason(cand: core.Candidate, case: Case, device: torch.device, train: bool) -> Optional[str]:
+    try:
+        reason = cand.why_unsupported(case, device)
+    except Exception as e:  # a checker that breaks must not stop the run
+        reason = _first_line(e)
+    if reason:
+        return f"unsupported: {reason}"
+    need = core.estimated_extra_bytes(cand, case, train)
+    if need > 0.8 * core.free_memory_bytes(device):
+        return f"skipped: needs ~{need / 2**30:.1f} GiB (O(N^2) memory)"
+    return None
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------
+# attention: time, throughput, memory, speedups and error of every candidate on every case
+# ---------------------------------------------------------------------------
+def run_attention_case(case: Case, modes: tuple, ctx: RunContext, cfg: BenchConfig,
+                       log: Callable[[str], None] = print) -> list:
+    """All rows of one case: every candidate in ``ctx.candidates`` x every mode in ``modes``."""
+    device = ctx.device
+    train = any(m in core.TRAIN_MODES for m in modes)
+    inputs = core.make_inputs(case, device, cfg.seed)
+    ref = None
+    if case.dropout_p == 0 and core.attention_reference is not None:
+        ref = core.reference_slice(case, inputs)  # the dropout mask differs per backend: no check there
+    notes, errors, prepared, kinds = {}, {}, {}, {}  # kinds: {name: {"fwd", "train"}} that ran in warm-up
+    for cand in ctx.candidates:
+        reason = _skip_reason(cand, case, device, train)
+        if reason:
+            notes[cand.name] = reason
+            continue
+        try:
+            p = cand.prepare(case, inputs)
+            with warnings.catch_warnings(record=True) as caught:  # SDPA says why it has no kernel
+                warnings.simplefilter("always")
+                try:
+                    out = core.run_forward(p)  # tells whether it runs at all; the first forward warm-up
+                except RuntimeError as e:
+                    why = [str(w.message).split(" (Triggered")[0] for w in caught]
+                    if "No available kernel" in str(e) and why:
+                        notes[cand.name] = "unsupported: " + " ".join(dict.fromkeys(why))[:160]
+                        continue
+                    raise
+            if ref is not None:
+                errors[cand.name] = ref.max_abs_err(p.to_bhnd(out))
+            del out
+            for _ in range(ctx.warmup - 1 if "fwd" in modes else 0):
+                core.run_forward(p)
+        except Exception as e:  # unsupported combination, out of memory, ...
+            notes[cand.name] = f"failed: {_first_line(e)}"
+            _release(device)
+            continue
+        prepared[cand.name], kinds[cand.name] = p, {"fwd"}
+        try:
+            for _ in range(ctx.warmup if train else 0):
+                core.run_train_step(p)
+            kinds[cand.name].add("train")
+        except Exception as e:  # a forward that has no backward for this case
+            notes[cand.name] = f"backward failed: {_first_line(e)}"
+            _release(device)
+    # extra peak memory, one call per (candidate, forward / training step)
+    peaks = {}
+    if cfg.row_memory:
+        for name in prepared:
+            for kind in (["fwd"] if "fwd" in modes else []) + (["fwd_bwd"] if train and "train" in kinds[name] else []):
+                job = memory.MemoryJob(name, case, kind, str(device), memory.threads_for_children())
+                res = memory.measure(job)
+                if res["error"]:
+                    log(f"  memory of {name} {kind} on {case.label}: {res['error']}")
+                peaks[(name, kind)] = res["extra_peak_bytes"]
+        _release(device)
+    # time: candidates round-robin within each repetition
+    try:
+        if ctx.clock is None:
+            timings = core.time_with_do_bench(prepared, modes, kinds)
+        else:
+            timings = core.time_interleaved(prepared, modes, ctx.clock, ctx.reps, cfg.min_reps,
+                                            ctx.case_budget_s, kinds)
+    except Exception as e:  # e.g. out of memory on a GPU once every candidate holds its buffers
+        log(f"  timing {case.label} failed: {_first_line(e)}")
+        timings = {}
+        notes.update({name: f"failed while timing: {_first_line(e)}" for name in prepared})
+    rows = []
+    for mode in modes:
+        flops = core.attention_flops(case, mode)
+        naive = timings.get(("naive", mode), {}).get("median_s")
+        sdpa = [t["median_s"] for (name, m), t in timings.items() if m == mode and name.startswith("sdpa:")]
+        best_sdpa = min(sdpa) if sdpa else None
+        for cand in ctx.candidates:
+            row = Row("attention", case, mode, cand.name, note=notes.get(cand.name, ""))
+            t = timings.get((cand.name, mode))
+            if t is not None:
+                row.time_s, row.reps = t["median_s"], t["reps"]
+                row.flops_per_s = flops / t["median_s"]
+                row.speedup_vs_naive = naive / t["median_s"] if naive else None
+                row.speedup_vs_sdpa = best_sdpa / t["median_s"] if best_sdpa else None
+                row.extra_peak_bytes = peaks.get((cand.name, "fwd" if mode == "fwd" else "fwd_bwd"))
+                row.max_abs_err = errors.get(cand.name)
+                if ref is not None and row.max_abs_err is not None:
+                    row.err_scope = ref.scope
+            rows.append(row)
+    del prepared, inputs, ref
+    _release(device)
+    return rows
+
+
+@register_suite("attention")
+def attention_suite(cfg: BenchConfig, ctx: RunContext) -> list:
+    cases = attention_cases(cfg, ctx.device)
+    progress = Progress(len(cases), "attention", cfg.progress)
+    rows = []
+    try:
+        for case, modes in cases:
+            progress.step(f"{case.label} {'/'.join(modes)}")
+            rows += run_attention_case(case, modes, ctx, cfg, log=progress.write)
+            progress.done()
+    finally:
+        progress.close()
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# memory: extra peak of one forward+backward per backend, over N
+# ---------------------------------------------------------------------------
+@register_suite("memory")
+def memory_suite(cfg: BenchConfig, ctx: RunContext) -> list:
+    cases = memory_cases(cfg, ctx.device)
+    jobs = [(case, cand) for case in cases for cand in ctx.candidates]
+    progress = Progress(len(jobs), "memory", cfg.progress)
+    rows = []
+    try:
+        for case, cand in jobs:
+            progress.step(f"{cand.name} {case.label}")
+            row = Row("memory", case, "fwd_bwd", cand.name)
+            reason = _skip_reason(cand, case, ctx.device, train=True)
+            if reason:
+                row.note = reason
+            else:
+                res = memory.measure(memory.MemoryJob(cand.name, case, "fwd_bwd", str(ctx.device),
+                                                      memory.threads_for_children()))
+                row.extra_peak_bytes = res["extra_peak_bytes"]
+                if res["error"]:
+                    row.note = f"failed: {res['error']}"
+                elif res["method"] not in memory.EXACT_METHODS:
+                    row.note = res["method"]
+            rows.append(row)
+            progress.done()
+    finally:
+        progress.close()
+    return rows

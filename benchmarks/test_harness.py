@@ -1,0 +1,84 @@
+"""Smoke tests of the benchmark program itself (tiny shapes; seconds on a CPU).
+
+Run with ``pytest benchmarks/``; CI's ``pytest tests/`` does not collect them.
+"""
+import json
+
+import pytest
+import torch
+
+from benchmarks import core, report
+from benchmarks.__main__ import config_from_args, main, run
+from benchmarks.config import BenchConfig, attention_cases, memory_cases
+
+
+def test_flop_formula_is_written_out():
+    case = core.Case(2, 3, 128, 64)
+    fwd = 4 * 2 * 3 * 128 * 128 * 64
+    assert core.attention_flops(case, "fwd") == fwd
+    assert core.attention_flops(case, "bwd") == 2.5 * fwd
+    assert core.attention_flops(case, "fwd_bwd") == 3.5 * fwd
+    assert core.attention_flops(core.Case(2, 3, 128, 64, causal=True), "fwd") == fwd / 2
+
+
+def test_naive_matches_reference():
+    case = core.Case(2, 4, 33, 16, kv_heads=2, causal=True, key_padding=True)
+    inputs = core.make_inputs(case, torch.device("cpu"))
+    p = core.get_candidate("naive", torch.device("cpu")).prepare(case, inputs)
+    assert core.reference_slice(case, inputs).max_abs_err(core.run_forward(p)) < 1e-5
+
+
+def test_reference_slice_limits_the_check():
+    case = core.Case(3, 4, 64, 8, kv_heads=2)
+    inputs = core.make_inputs(case, torch.device("cpu"))
+    ref = core.reference_slice(case, inputs, max_matrix_bytes=64 * 64 * 8 * 2)  # one k/v head's group
+    assert (ref.batches, ref.q_heads, ref.scope) == (1, 2, "b<1 h<2")
+
+
+def test_quick_preset_has_the_target_shapes():
+    cases = [c for c, _ in attention_cases(BenchConfig(), torch.device("cpu"))]
+    assert core.Case(4, 12, 512, 64) in cases
+    assert core.Case(1, 16, 2048, 128, causal=True) in cases
+    assert core.Case(1, 8, 8192, 64) in memory_cases(BenchConfig(), torch.device("cpu"))
+
+
+def test_full_sweep_holds_tokens_constant():
+    cases = [c for c, _ in attention_cases(BenchConfig(full=True), torch.device("cpu"))]
+    assert {c.batch * c.seqlen for c in cases} == {16384}
+    assert {c.seqlen for c in cases} == {128 * 2 ** i for i in range(8)}
+
+
+def test_cli_parses_every_flag():
+    cfg = config_from_args(["--seqlens", "128,256", "--heads", "2", "--head-dims", "32", "--batch", "1",
+                            "--backends", "sdpa,naive", "--dtype", "float32", "--causal", "both",
+                            "--modes", "fwd,fwd_bwd", "--reps", "2", "--no-plot", "--variants", "plain,gqa"])
+    cases = attention_cases(cfg, torch.device("cpu"))
+    assert len(cases) == 2 * 2 * 2 and all(m == ("fwd", "fwd_bwd") for _, m in cases)
+
+
+@pytest.mark.parametrize("plot", [False, True])
+def test_tiny_run_writes_files(tmp_path, plot):
+    if plot:
+        pytest.importorskip("matplotlib")
+    cfg = BenchConfig(shapes=[(1, 2, 64, 16), (1, 2, 128, 16)], backends=["sdpa", "naive"], reps=2, min_reps=1,
+                      warmup=1, memory_seqlens=[64, 128], out=tmp_path, plot=plot, progress=False)
+    result = run(cfg, echo=lambda *a: None)
+    data = json.loads(result.files[0].read_text())
+    timed = [r for r in data["rows"] if r["suite"] == "attention" and r["time_s"] is not None]
+    assert timed and all(r["flops_per_s"] > 0 and r["max_abs_err"] < 1e-4 for r in timed)
+    assert all(r["extra_peak_bytes"] is not None for r in data["rows"] if r["suite"] == "memory")
+    assert result.files[1].read_text().startswith("suite,case,")
+    assert any(str(f).endswith("-speed.png") for f in result.files) == plot
+
+
+def test_main_returns_zero(tmp_path):
+    assert main(["--shapes", "1x2x64x16", "--backends", "naive", "--reps", "1", "--min-reps", "1",
+                 "--suites", "attention", "--no-row-memory", "--no-plot", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+
+
+def test_targets_are_computed_not_hard_coded():
+    case = report.TARGETS[0].case
+    rows = [core.Row("attention", case, "fwd", "fastattn:cpu", time_s=1.0, speedup_vs_naive=2.0)]
+    result = report.evaluate_targets(rows)[0]
+    assert (result.value, result.status) == (2.0, "MISS")
