@@ -50,6 +50,21 @@ void set_dropout(AttnParams& p, double dropout_p, const std::optional<at::Tensor
   p.offset = static_cast<uint64_t>(state.data_ptr<int64_t>()[1]);
 }
 
+// Allocates the gradients (laid out like q, k, v), records every stride, runs the kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(AttnParams& p, Strides (*strides)(const at::Tensor&),
+                                                       const at::Tensor& grad_out, const at::Tensor& q,
+                                                       const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& out, const at::Tensor& lse) {
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  p.out = strides(out);
+  p.grad_out = strides(grad_out);
+  p.grad_q = strides(grad_q);
+  p.grad_k = strides(grad_k);
+  p.grad_v = strides(grad_v);
+  flash_bwd_cpu(p, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v};
+}
+
 void check_dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   CHECK_ARG(q.dim() == 4, "q must be 4-D (B, Hq, Nq, D), got shape ", q.sizes());
   CHECK_ARG(k.dim() == 4, "k must be 4-D (B, Hkv, Nk, D), got shape ", k.sizes());
@@ -133,14 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
             "lse must be a contiguous (B, Hq, Nq) tensor of dtype ", lse_dtype(q));
   AttnParams p = dense_params(q, k, v, attn_mask, causal, scale);
   set_dropout(p, dropout_p, rng_state);
-  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
-  p.out = strides4(out);
-  p.grad_out = strides4(grad_out);
-  p.grad_q = strides4(grad_q);
-  p.grad_k = strides4(grad_k);
-  p.grad_v = strides4(grad_v);
-  flash_bwd_cpu(p, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v);
-  return {grad_q, grad_k, grad_v};
+  return run_bwd(p, strides4, grad_out, q, k, v, out, lse);
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -219,14 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   CHECK_ARG(lse.scalar_type() == lse_dtype(q) && lse.is_contiguous() &&
                 lse.sizes() == at::IntArrayRef({q.size(1), q.size(0)}),
             "lse must be a contiguous (Hq, total_q) tensor of dtype ", lse_dtype(q));
-  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
-  p.out = strides3(out);
-  p.grad_out = strides3(grad_out);
-  p.grad_q = strides3(grad_q);
-  p.grad_k = strides3(grad_k);
-  p.grad_v = strides3(grad_v);
-  flash_bwd_cpu(p, grad_out, q, k, v, out, lse, grad_q, grad_k, grad_v);
-  return {grad_q, grad_k, grad_v};
+  return run_bwd(p, strides3, grad_out, q, k, v, out, lse);
 }
 
 }  // namespace
