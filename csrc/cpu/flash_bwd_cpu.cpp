@@ -25,8 +25,8 @@ namespace fastattn {
 namespace cpu {
 namespace {
 
-constexpr int kBlockQ = 48;   // query rows per tile (a multiple of MR)
-constexpr int kBlockK = 96;   // keys per tile (a multiple of MR, NR and 4)
+constexpr int kBlockQ = 48;    // query rows per tile (a multiple of MR)
+constexpr int kBlockK = 128;   // keys per tile (a multiple of NR and 4)
 
 struct BwdTask {
   int64_t b, hk, kv0, kv1, chunk;
