@@ -465,3 +465,22 @@ def test_reference_backend_matches_reference():
     q, k, v = make_qkv(2, 4, 2, 9, 11, 16, dtype=torch.float64, requires_grad=False)
     out = fastattn.attention(q, k, v, causal=True, backend="reference")
     assert_close("out", out, attention_reference(q, k, v, causal=True), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Key padding: kernels may skip key blocks the mask hides completely and trim hidden block tails
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask_shape", ["B11N", "BH1N"])
+def test_right_padding_whole_blocks_hidden(backend, mask_shape, causal):
+    """Right-padded keys (BERT batches) long enough to hide whole key blocks, and a padded tail inside a block."""
+    device = require(backend, dtype=torch.float64, head_dim=32, has_mask=True)
+    B, Hq, Hkv, N = 3, 4, 2, 600
+    q, k, v = make_qkv(B, Hq, Hkv, N, N, 32, dtype=torch.float64, device=device)
+    lengths = [600, 300, 5]  # no padding; half the keys; all but the first 5
+    keep = torch.zeros(B, Hq if mask_shape == "BH1N" else 1, 1, N, dtype=torch.bool, device=device)
+    for b, n in enumerate(lengths):
+        keep[b, ..., :n] = True
+    if mask_shape == "BH1N":
+        keep[1, 1, :, 200:] = False  # one head of sequence 1 sees fewer keys
+    check_attention(backend, q, k, v, causal=causal, attn_mask=keep)

@@ -43,6 +43,7 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = dropout ? static_cast<acc_t>(1.0 / (1.0 - p.dropout_p)) : acc_t(1);
   const bool shared_mask_row = p.mask != nullptr && p.mask_strides.n == 0;
+  const bool same_mask_row_all_heads = shared_mask_row && p.mask_strides.h == 0;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t rows = p.total_rows();
 
@@ -100,15 +101,20 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
       acc_t* dq_chunk = dq_acc.data() + chunk * rows * D;
 
       for (int64_t kb = kv0; kb < kv1; kb += kBlockK) {
-        const int bk = static_cast<int>(std::min<int64_t>(kBlockK, kv1 - kb));
+        const int bk_full = static_cast<int>(std::min<int64_t>(kBlockK, kv1 - kb));
+        std::fill(dk_acc.get(), dk_acc.get() + bk_full * D, acc_t(0));
+        std::fill(dv_acc.get(), dv_acc.get() + bk_full * Dv, acc_t(0));
+        // A key-padding mask, the same for every query and head, is read once per block:
+        // keys past the last visible one are left out (their dK, dV stay 0).
+        int bk = bk_full;
+        if (same_mask_row_all_heads) bk = fill_mask_bias(p, b, 0, 0, kb, bk_full, bias.get());
         pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, kt_pack.get());  // Kᵀ: (D x bk)
         pack_b(kh + kb * p.k.n, p.k.n, p.k.d, bk, D, k_pack.get());   // K:  (bk x D)
         pack_b(vh + kb * p.v.n, p.v.d, p.v.n, Dv, bk, vt_pack.get());  // Vᵀ: (Dv x bk)
-        std::fill(dk_acc.get(), dk_acc.get() + bk * D, acc_t(0));
-        std::fill(dv_acc.get(), dv_acc.get() + bk * Dv, acc_t(0));
 
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          if (shared_mask_row && !fill_mask_bias(p, b, h, 0, kb, bk, bias.get())) continue;  // all keys hidden
+        for (int64_t h = hk * group; bk > 0 && h < (hk + 1) * group; ++h) {
+          if (shared_mask_row && !same_mask_row_all_heads && fill_mask_bias(p, b, h, 0, kb, bk, bias.get()) == 0)
+            continue;  // all keys hidden
           const scalar_t* qh = q + p.base_q(p.q, b, h);
           const scalar_t* gh = dout + p.base_q(p.grad_out, b, h);
           const int64_t segment = b * p.heads_q + h;
@@ -160,7 +166,7 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
 
         scalar_t* dkh = dk + p.base_k(p.grad_k, b, hk);
         scalar_t* dvh = dv + p.base_k(p.grad_v, b, hk);
-        for (int r = 0; r < bk; ++r) {
+        for (int r = 0; r < bk_full; ++r) {
           for (int d = 0; d < D; ++d)
             dkh[(kb + r) * p.grad_k.n + d * p.grad_k.d] = static_cast<scalar_t>(scale * dk_acc[r * D + d]);
           for (int d = 0; d < Dv; ++d)

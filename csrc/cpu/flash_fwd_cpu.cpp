@@ -79,10 +79,10 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
 
       const int64_t kv_end = p.causal ? std::min(nk, q1) : nk;  // top-left causal: key j <= query i
       for (int64_t kb = 0; kb < kv_end; kb += kBlockK) {
-        const int bk = static_cast<int>(std::min<int64_t>(kBlockK, kv_end - kb));
-        // A mask broadcast over queries gives one bias row for the whole chunk,
-        // and a key block it hides completely is skipped.
-        if (shared_mask_row && !fill_mask_bias(p, b, h, 0, kb, bk, bias.get())) continue;
+        int bk = static_cast<int>(std::min<int64_t>(kBlockK, kv_end - kb));
+        // A mask broadcast over queries (key padding) gives one bias row for the whole chunk;
+        // a key block it hides completely is skipped, a hidden tail is trimmed off.
+        if (shared_mask_row && (bk = fill_mask_bias(p, b, h, 0, kb, bk, bias.get())) == 0) continue;
         pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, k_pack.get());  // Kᵀ: (D x bk)
         pack_b(vh + kb * p.v.n, p.v.n, p.v.d, bk, Dv, v_pack.get());  // V: (bk x Dv)
 

@@ -15,18 +15,19 @@ namespace cpu {
 
 // bias[c] = additive logit bias of key kb + c for query row (b, h, i), in base-2
 // units (float masks are scaled by log2(e); a False in a bool mask gives -inf).
-// Returns false when every key of the row segment is masked out (bias all -inf).
+// Returns 1 + the index of the last visible key (0: every key of the segment is masked out),
+// so that a caller can trim a block whose tail is hidden (right padding) or skip it.
 template <typename acc_t>
-bool fill_mask_bias(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t kb, int n, acc_t* bias) {
+int fill_mask_bias(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t kb, int n, acc_t* bias) {
   const auto& s = p.mask_strides;
   const int64_t base = b * s.b + h * s.h + i * s.n + kb * s.d;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t log2e = static_cast<acc_t>(1.4426950408889634);
-  bool any = false;
+  int visible_end = 0;
   auto fill = [&](auto* m, auto to_bias) {
     for (int c = 0; c < n; ++c) {
       bias[c] = to_bias(m[base + c * s.d]);
-      any |= bias[c] != kNegInf;
+      if (bias[c] != kNegInf) visible_end = c + 1;
     }
   };
   switch (p.mask_dtype) {
@@ -48,7 +49,7 @@ bool fill_mask_bias(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_
     default:
       TORCH_CHECK(false, "fastattn: unsupported attn_mask dtype ", p.mask_dtype);
   }
-  return any;
+  return visible_end;
 }
 
 #if FASTATTN_X86
