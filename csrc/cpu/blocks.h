@@ -115,13 +115,13 @@ inline int64_t packed_b_size(int K, int N) { return round_up(N, NR) * K; }
 // GEMM on packed operands: C[M x N] (+)= A[M x K] * B[K x N], C row-major with ldc.
 // ---------------------------------------------------------------------------
 template <typename acc_t>
-void ukernel_generic(int K, const acc_t* a, int64_t a_rs, int64_t a_ks, const acc_t* b, acc_t* c, int64_t ldc,
-                     int mr, int nr, bool accumulate) {
+void ukernel_generic(int K, const acc_t* a, int64_t a_rs, int64_t a_ks, const acc_t* b, int64_t b_ks, acc_t* c,
+                     int64_t ldc, int mr, int nr, bool accumulate) {
   acc_t tile[MR][NR] = {};
   for (int64_t k = 0; k < K; ++k) {
     for (int r = 0; r < mr; ++r) {
       const acc_t ar = a[r * a_rs + k * a_ks];
-      for (int j = 0; j < NR; ++j) tile[r][j] += ar * b[k * NR + j];
+      for (int j = 0; j < NR; ++j) tile[r][j] += ar * b[k * b_ks + j];
     }
   }
   for (int r = 0; r < mr; ++r)
@@ -131,8 +131,10 @@ void ukernel_generic(int K, const acc_t* a, int64_t a_rs, int64_t a_ks, const ac
 #if FASTATTN_X86
 // A element (r, k) is read at a[r * a_rs + k * a_ks]: a packed panel has (a_rs, a_ks) = (1, MR);
 // a row-major matrix (e.g. the probabilities P, used where they were computed) has (lda, 1).
-FASTATTN_AVX2 inline void ukernel_avx2(int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b, float* c,
-                                       int64_t ldc, int mr, int nr, bool accumulate) {
+// B element (k, j) is read at b[k * b_ks + j]: b_ks = NR for a packed panel, the row stride
+// for a row-major B read in place.
+FASTATTN_AVX2 inline void ukernel_avx2(int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ks,
+                                       float* c, int64_t ldc, int mr, int nr, bool accumulate) {
   // Rows past mr (a partial panel of a row-major A) re-read row 0; their results are discarded.
   const float* a0 = a;
   const float* a1 = a + (mr > 1 ? a_rs : 0);
@@ -157,7 +159,7 @@ FASTATTN_AVX2 inline void ukernel_avx2(int K, const float* a, int64_t a_rs, int6
     c40 = _mm256_fmadd_ps(ar, b0, c40), c41 = _mm256_fmadd_ps(ar, b1, c41);
     ar = _mm256_broadcast_ss(a5 + ak);
     c50 = _mm256_fmadd_ps(ar, b0, c50), c51 = _mm256_fmadd_ps(ar, b1, c51);
-    b += NR;
+    b += b_ks;
   }
   alignas(32) float tile[MR][NR];
   const __m256 rows[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
@@ -177,17 +179,19 @@ FASTATTN_AVX2 inline void ukernel_avx2(int K, const float* a, int64_t a_rs, int6
 }
 #endif
 
-// C[M x N] (+)= A[M x K] * B[K x N]: B packed by pack_b, A element (r, k) at a[r * a_rs + k * a_ks].
+// C[M x N] (+)= A[M x K] * B[K x N]. A element (r, k) at a[r * a_rs + k * a_ks] (a packed A:
+// panel i at a + i * K). B packed by pack_b (b_ks = NR, panel j at b + j * K) or row-major read
+// in place (b_ks = its row stride, N a multiple of NR).
 template <typename acc_t>
-void gemm(int M, int N, int K, const acc_t* a, int64_t a_rs, int64_t a_ks, bool a_packed, const acc_t* bp, acc_t* c,
-          int64_t ldc, bool accumulate) {
+void gemm(int M, int N, int K, const acc_t* a, int64_t a_rs, int64_t a_ks, bool a_packed, const acc_t* b,
+          int64_t b_ks, bool b_packed, acc_t* c, int64_t ldc, bool accumulate) {
   if (K == 0) {
     if (!accumulate)
       for (int r = 0; r < M; ++r) std::fill(c + r * ldc, c + r * ldc + N, acc_t(0));
     return;
   }
-  // A packed panel i starts at i * K; a row-major A's row i at i * a_rs.
   auto a_at = [&](int i) { return a + (a_packed ? static_cast<int64_t>(i) * K : i * a_rs); };
+  auto b_at = [&](int j) { return b + (b_packed ? static_cast<int64_t>(j) * K : j); };
 #if FASTATTN_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     static const bool avx2 = cpu_has_avx2_fma();
@@ -195,34 +199,21 @@ void gemm(int M, int N, int K, const acc_t* a, int64_t a_rs, int64_t a_ks, bool 
       // Column panels outer: one B panel (K x 16) stays in L1 while the A rows stream.
       for (int j = 0; j < N; j += NR)
         for (int i = 0; i < M; i += MR)
-          ukernel_avx2(K, a_at(i), a_rs, a_ks, bp + static_cast<int64_t>(j) * K, c + i * ldc + j, ldc,
-                       std::min(MR, M - i), std::min(NR, N - j), accumulate);
+          ukernel_avx2(K, a_at(i), a_rs, a_ks, b_at(j), b_ks, c + i * ldc + j, ldc, std::min(MR, M - i),
+                       std::min(NR, N - j), accumulate);
       return;
     }
   }
 #endif
   for (int j = 0; j < N; j += NR)
     for (int i = 0; i < M; i += MR)
-      ukernel_generic<acc_t>(K, a_at(i), a_rs, a_ks, bp + static_cast<int64_t>(j) * K, c + i * ldc + j, ldc,
-                             std::min(MR, M - i), std::min(NR, N - j), accumulate);
+      ukernel_generic<acc_t>(K, a_at(i), a_rs, a_ks, b_at(j), b_ks, c + i * ldc + j, ldc, std::min(MR, M - i),
+                             std::min(NR, N - j), accumulate);
 }
 
-// A packed by pack_a.
-template <typename acc_t>
-void gemm_packed(int M, int N, int K, const acc_t* ap, const acc_t* bp, acc_t* c, int64_t ldc, bool accumulate) {
-  gemm(M, N, K, ap, 1, MR, true, bp, c, ldc, accumulate);
-}
-
-// A read in place: element (r, k) at a[r * a_rs + k * a_ks]. Fast when one of the two
-// strides is 1 (a row-major block, or the transpose of one: Pᵀ read from P).
-template <typename acc_t>
-void gemm_strided_a(int M, int N, int K, const acc_t* a, int64_t a_rs, int64_t a_ks, const acc_t* bp, acc_t* c,
-                    int64_t ldc, bool accumulate) {
-  gemm(M, N, K, a, a_rs, a_ks, false, bp, c, ldc, accumulate);
-}
-
-// The left operand of a block product: used in place when it already is in the
-// accumulation type with unit stride along K, packed (and converted) otherwise.
+// The operands of a block product: used in place when they already are in the
+// accumulation type with unit stride where the micro-kernel streams, packed (and
+// converted) otherwise.
 template <typename acc_t>
 struct LeftOperand {
   const acc_t* ptr;
@@ -230,18 +221,48 @@ struct LeftOperand {
   bool packed;
 };
 
+template <typename acc_t>
+struct RightOperand {
+  const acc_t* ptr;
+  int64_t ks;
+  bool packed;
+};
+
+template <typename acc_t>
+LeftOperand<acc_t> packed_left(const acc_t* panels) { return {panels, 1, MR, true}; }
+
+// A read in place: element (r, k) at a[r * rs + k * ks] (fast when rs or ks is 1, e.g. Pᵀ read from P).
+template <typename acc_t>
+LeftOperand<acc_t> strided_left(const acc_t* a, int64_t rs, int64_t ks) { return {a, rs, ks, false}; }
+
+template <typename acc_t>
+RightOperand<acc_t> packed_right(const acc_t* panels) { return {panels, NR, true}; }
+
+// M x K block X[r * rs + c * cs]: in place when possible, else packed into pack_buffer.
 template <typename acc_t, typename src_t>
 LeftOperand<acc_t> left_operand(const src_t* src, int64_t rs, int64_t cs, int M, int K, acc_t* pack_buffer) {
   if constexpr (std::is_same_v<acc_t, src_t>) {
-    if (cs == 1) return {src, rs, 1, false};
+    if (cs == 1) return strided_left(src, rs, 1);
   }
   pack_a(src, rs, cs, M, K, pack_buffer);
-  return {pack_buffer, 1, MR, true};
+  return packed_left<acc_t>(pack_buffer);
+}
+
+// K x N block X[k * rs + c * cs]: in place when its rows are unit-stride and N is a whole
+// number of panels, else packed into pack_buffer.
+template <typename acc_t, typename src_t>
+RightOperand<acc_t> right_operand(const src_t* src, int64_t rs, int64_t cs, int K, int N, acc_t* pack_buffer) {
+  if constexpr (std::is_same_v<acc_t, src_t>) {
+    if (cs == 1 && N % NR == 0) return {src, rs, false};
+  }
+  pack_b(src, rs, cs, K, N, pack_buffer);
+  return packed_right<acc_t>(pack_buffer);
 }
 
 template <typename acc_t>
-void gemm(int M, int N, int K, const LeftOperand<acc_t>& a, const acc_t* bp, acc_t* c, int64_t ldc, bool accumulate) {
-  gemm(M, N, K, a.ptr, a.rs, a.ks, a.packed, bp, c, ldc, accumulate);
+void gemm(int M, int N, int K, const LeftOperand<acc_t>& a, const RightOperand<acc_t>& b, acc_t* c, int64_t ldc,
+          bool accumulate) {
+  gemm(M, N, K, a.ptr, a.rs, a.ks, a.packed, b.ptr, b.ks, b.packed, c, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------

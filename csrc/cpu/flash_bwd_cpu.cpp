@@ -55,10 +55,12 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
       const scalar_t* o = out + p.base_q(p.out, b, h);
       const scalar_t* g = dout + p.base_q(p.grad_out, b, h);
       for (int64_t i = 0; i < p.len_q(b); ++i) {
+        const scalar_t* oi = o + i * p.out.n;
+        const scalar_t* gi = g + i * p.grad_out.n;
+        const int64_t od = p.out.d, gd = p.grad_out.d;
         acc_t acc = 0;
-        for (int d = 0; d < Dv; ++d)
-          acc += static_cast<acc_t>(o[i * p.out.n + d * p.out.d]) *
-                 static_cast<acc_t>(g[i * p.grad_out.n + d * p.grad_out.d]);
+#pragma omp simd reduction(+ : acc)
+        for (int d = 0; d < Dv; ++d) acc += static_cast<acc_t>(oi[d * od]) * static_cast<acc_t>(gi[d * gd]);
         const int64_t row = p.row_index(b, h, i);
         delta[row] = acc;
         lse2[row] = lse[row] == kNegInf ? std::numeric_limits<acc_t>::infinity() : lse[row] * acc_t(kLog2e);
@@ -109,7 +111,7 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
         int bk = bk_full;
         if (same_mask_row_all_heads) bk = fill_mask_bias(p, b, 0, 0, kb, bk_full, bias.get());
         pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, kt_pack.get());  // Kᵀ: (D x bk)
-        pack_b(kh + kb * p.k.n, p.k.n, p.k.d, bk, D, k_pack.get());   // K:  (bk x D)
+        const auto k_right = right_operand(kh + kb * p.k.n, p.k.n, p.k.d, bk, D, k_pack.get());  // K: (bk x D)
         pack_b(vh + kb * p.v.n, p.v.d, p.v.n, Dv, bk, vt_pack.get());  // Vᵀ: (Dv x bk)
 
         for (int64_t h = hk * group; bk > 0 && h < (hk + 1) * group; ++h) {
@@ -122,13 +124,13 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
           for (int64_t qs = p.causal ? kb / kBlockQ * kBlockQ : 0; qs < nq; qs += kBlockQ) {
             const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, nq - qs));
             const auto q_left = left_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_a.get());
-            pack_b(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_b.get());
+            const auto q_right = right_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_b.get());
             const auto do_left = left_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_a.get());
-            pack_b(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_b.get());
+            const auto do_right = right_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_b.get());
             acc_t* pr = probs.get();
             acc_t* dpr = dprobs.get();
-            gemm(bq, bk, D, q_left, kt_pack.get(), pr, kBlockK, false);     // S  = Q Kᵀ
-            gemm(bq, bk, Dv, do_left, vt_pack.get(), dpr, kBlockK, false);  // dP = dO Vᵀ
+            gemm(bq, bk, D, q_left, packed_right(kt_pack.get()), pr, kBlockK, false);     // S  = Q Kᵀ
+            gemm(bq, bk, Dv, do_left, packed_right(vt_pack.get()), dpr, kBlockK, false);  // dP = dO Vᵀ
 
             for (int r = 0; r < bq; ++r) {
               const int64_t i = qs + r, row = p.row_index(b, h, i);
@@ -157,9 +159,9 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
               std::fill(dx + n, dx + bk, acc_t(0));
             }
             // Pᵀ and dSᵀ are read in place, as the transposes of the row-major tiles.
-            gemm_strided_a(bk, Dv, bq, pr, 1, kBlockK, do_b.get(), dv_acc.get(), Dv, true);  // dV += (P Z)ᵀ dO
-            gemm_strided_a(bk, D, bq, dpr, 1, kBlockK, q_b.get(), dk_acc.get(), D, true);    // dK += dSᵀ Q
-            gemm_strided_a(bq, D, bk, dpr, kBlockK, 1, k_pack.get(), dq_chunk + p.row_index(b, h, qs) * D, D,
+            gemm(bk, Dv, bq, strided_left(pr, 1, kBlockK), do_right, dv_acc.get(), Dv, true);  // dV += (P Z)ᵀ dO
+            gemm(bk, D, bq, strided_left(dpr, 1, kBlockK), q_right, dk_acc.get(), D, true);    // dK += dSᵀ Q
+            gemm(bq, D, bk, strided_left(dpr, kBlockK, 1), k_right, dq_chunk + p.row_index(b, h, qs) * D, D,
                            true);  // dQ += dS K
           }
         }
@@ -183,6 +185,7 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
       scalar_t* dqh = dq + p.base_q(p.grad_q, b, h);
       for (int64_t i = 0; i < p.len_q(b); ++i) {
         const acc_t* src = dq_acc.data() + p.row_index(b, h, i) * D;
+#pragma omp simd
         for (int d = 0; d < D; ++d) {
           acc_t sum = 0;
           for (int64_t ch = 0; ch < chunks; ++ch) sum += src[ch * rows * D + d];

@@ -84,13 +84,14 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
         // a key block it hides completely is skipped, a hidden tail is trimmed off.
         if (shared_mask_row && (bk = fill_mask_bias(p, b, h, 0, kb, bk, bias.get())) == 0) continue;
         pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, k_pack.get());  // Kᵀ: (D x bk)
-        pack_b(vh + kb * p.v.n, p.v.n, p.v.d, bk, Dv, v_pack.get());  // V: (bk x Dv)
+        const auto v_right = right_operand(vh + kb * p.v.n, p.v.n, p.v.d, bk, Dv, v_pack.get());  // V: (bk x Dv)
 
         for (int64_t qs = q0; qs < q1; qs += kBlockQ) {
           const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs));
           if (p.causal && kb > qs + bq - 1) continue;  // whole block above the diagonal
           acc_t* s = scores.get();
-          gemm_packed(bq, bk, D, q_pack.get() + (qs - q0) * D, k_pack.get(), s, kBlockK, false);  // S = c Q Kᵀ
+          gemm(bq, bk, D, packed_left(q_pack.get() + (qs - q0) * D), packed_right(k_pack.get()), s, kBlockK,
+               false);  // S = c Q Kᵀ
 
           for (int r = 0; r < bq; ++r) {
             const int64_t i = qs + r, row = qs - q0 + r;
@@ -118,7 +119,7 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
               for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
           }
-          gemm_strided_a(bq, Dv, bk, s, kBlockK, 1, v_pack.get(), o_acc.get() + (qs - q0) * Dv, Dv, true);  // O += P V
+          gemm(bq, Dv, bk, strided_left(s, kBlockK, 1), v_right, o_acc.get() + (qs - q0) * Dv, Dv, true);  // O += P V
         }
       }
 
