@@ -69,7 +69,6 @@ def _check_mask(attn_mask, q, shape) -> Optional[torch.Tensor]:
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask must be on {q.device} like q, got {attn_mask.device}")
     try:
-        torch.broadcast_shapes(attn_mask.shape, shape)
         ok = attn_mask.dim() <= len(shape) and torch.broadcast_shapes(attn_mask.shape, shape) == torch.Size(shape)
     except RuntimeError:
         ok = False

@@ -2,11 +2,13 @@
 // register-blocked GEMM micro-kernel, and the vectorised softmax row passes.
 //
 // Every block product of the forward and backward passes (S = Q Kᵀ, O += P V,
-// dV += Pᵀ dO, dP = dO Vᵀ, dK += dSᵀ Q, dQ += dS K) is one call of
-// gemm_packed(): the left operand is packed into row panels of MR rows and the
-// right one into column panels of NR columns (BLIS-style), which also converts
-// bf16/fp16 to the float accumulation type and turns any stride pattern
-// (transposes, non-contiguous inputs) into unit-stride streams.
+// dV += Pᵀ dO, dP = dO Vᵀ, dK += dSᵀ Q, dQ += dS K) is one call of gemm() on a
+// LeftOperand and a RightOperand. An operand that is already float with a unit
+// stride where the micro-kernel streams is read in place (P, Pᵀ and dS always,
+// float Q/K/V/dO rows usually); any other is packed BLIS-style into row panels
+// of MR rows (left) or column panels of NR columns (right), which also converts
+// bf16/fp16 to the float accumulation type and turns transposes and
+// non-contiguous inputs into unit-stride streams.
 //
 // SIMD: the float micro-kernel and the exp2 passes have an AVX2+FMA version
 // chosen at run time (function-level target attributes, so the library itself
