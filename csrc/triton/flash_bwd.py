@@ -1,0 +1,215 @@
+"""Backward flash-attention kernels: preprocess, dK/dV, dQ (FlashAttention-2's split).
+
+With P = softmax(S) recomputed from the saved lse, Pd = dropout(P) and
+delta_i = rowsum(dO_i ∘ O_i):
+    dV = Pdᵀ dO        dP = dropout(dO Vᵀ)        dS = P ∘ (dP - delta)
+    dK = scale · dSᵀ Q            dQ = scale · dS K
+Two kernels, each owning its output so nothing needs atomics and the result is
+deterministic: ``_attn_bwd_dkdv`` (one program per key block and K/V head, looping
+over the q heads of its GQA group and over the query blocks) and ``_attn_bwd_dq``
+(one program per query block and q head, looping over key blocks). Both
+recompute q·kᵀ; that is the price of no atomics (FA2/Triton-tutorial style).
+"""
+import triton
+import triton.language as tl
+
+from .dropout import dropout_keep_tile
+from .flash_fwd import sequence_bounds
+from .tiles import key_block_visible, visible_scores
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, GradOut, Delta, CuSeqlensQ,
+                         stride_ob, stride_oh, stride_on, stride_od,
+                         stride_gb, stride_gh, stride_gn, stride_gd,
+                         stride_lb, stride_lh, stride_ln,
+                         num_heads_q, dense_seqlen_q, head_dim_v,
+                         IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """delta = rowsum(dO ∘ O) in fp32, laid out like lse. Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // num_heads_q
+    off_h = pid_bh % num_heads_q
+    q_start, seqlen_q = sequence_bounds(CuSeqlensQ, off_b, dense_seqlen_q, IS_VARLEN)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + (q_start + rows)[:, None] * stride_on
+                + offs_dv[None, :] * stride_od, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(GradOut + off_b * stride_gb + off_h * stride_gh + (q_start + rows)[:, None] * stride_gn
+                 + offs_dv[None, :] * stride_gd, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Delta + off_b * stride_lb + off_h * stride_lh + (q_start + rows) * stride_ln, tl.sum(o * do, axis=1),
+             mask=rows < seqlen_q)
+
+
+@triton.jit
+def _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln):
+    """lse in the log2 domain (0 where the row sees nothing, so exp2(-inf - 0) = 0) and delta of ``rows``."""
+    ok = rows < seqlen_q
+    lse = tl.load(Lse + lse_off + rows * stride_ln, mask=ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+    delta = tl.load(Delta + lse_off + rows * stride_ln, mask=ok, other=0.0)
+    return lse2, delta
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ, CuSeqlensK,
+                   stride_qb, stride_qh, stride_qn, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_gb, stride_gh, stride_gn, stride_gd,
+                   stride_lb, stride_lh, stride_ln,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
+                   num_heads_q, num_heads_k, group, dense_seqlen_q, dense_seqlen_k, head_dim, head_dim_v,
+                   scale, qk_scale, seed, rng_offset, drop_threshold, drop_scale,
+                   seqlen_bucket,  # only an autotuning key
+                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of one key block of one (batch, K/V head). Grid (cdiv(max_seqlen_k, BLOCK_N), B * Hkv).
+
+    Shapes as in _attn_fwd; GradK/GradV like K/V (summed over the q heads of the group in fp32).
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // num_heads_k
+    off_hk = pid_bh % num_heads_k
+    q_start, seqlen_q = sequence_bounds(CuSeqlensQ, off_b, dense_seqlen_q, IS_VARLEN)
+    k_start, seqlen_k = sequence_bounds(CuSeqlensK, off_b, dense_seqlen_k, IS_VARLEN)
+
+    start_n = pid_n * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)  # key positions inside the sequence
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    col_ok = cols < seqlen_k
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + (k_start + cols)[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + (k_start + cols)[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vd, mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+
+    lo = 0
+    if CAUSAL:  # query blocks above the diagonal never see this key block
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    hi = tl.where(start_n < seqlen_k, seqlen_q, 0)
+    for g in range(0, group):  # the q heads sharing this K/V head (GQA); no atomics
+        off_h = off_hk * group + g
+        mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+        visit = True
+        if MASK_ROW:  # a fully masked key block contributes nothing for this head
+            visit = key_block_visible(mask_base, cols, seqlen_k, stride_mn, MASK_KIND)
+        if visit:
+            segment = off_b * num_heads_q + off_h
+            q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qn
+            do_base = GradOut + off_b * stride_gb + off_h * stride_gh + q_start * stride_gn
+            lse_off = off_b * stride_lb + off_h * stride_lh + q_start * stride_ln
+            for start_m in range(lo, hi, BLOCK_M):
+                rows = start_m + offs_m
+                row_ok = rows < seqlen_q
+                q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                            mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)  # (M, D)
+                do = tl.load(do_base + rows[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
+                             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)  # (M, Dv)
+                lse2, delta = _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln)
+                qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (M, N)
+                s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
+                                   CAUSAL, MASK_KIND, MASK_ROW)
+                p = tl.math.exp2(s - lse2[:, None])  # (M, N) probabilities
+                dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (M, N) = dO Vᵀ
+                if DROPOUT:
+                    keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
+                    pd = tl.where(keep, p * drop_scale, 0.0)
+                    dp = tl.where(keep, dp * drop_scale, 0.0)
+                else:
+                    pd = p
+                dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+
+    dk = dk * scale
+    tl.store(GradK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + cols)[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(GradK.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(GradV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + cols)[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvd, dv.to(GradV.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlensK,
+                 stride_qb, stride_qh, stride_qn, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_gb, stride_gh, stride_gn, stride_gd,
+                 stride_lb, stride_lh, stride_ln,
+                 stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+                 stride_mb, stride_mh, stride_mm, stride_mn,
+                 num_heads_q, group, dense_seqlen_q, dense_seqlen_k, head_dim, head_dim_v,
+                 scale, qk_scale, seed, rng_offset, drop_threshold, drop_scale,
+                 seqlen_bucket,  # only an autotuning key
+                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ of one query block of one (batch, q head). Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // num_heads_q
+    off_h = pid_bh % num_heads_q
+    off_hk = off_h // group
+    q_start, seqlen_q = sequence_bounds(CuSeqlensQ, off_b, dense_seqlen_q, IS_VARLEN)
+    k_start, seqlen_k = sequence_bounds(CuSeqlensK, off_b, dense_seqlen_k, IS_VARLEN)
+
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < seqlen_q
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + (q_start + rows)[:, None] * stride_qn
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
+    do = tl.load(GradOut + off_b * stride_gb + off_h * stride_gh + (q_start + rows)[:, None] * stride_gn
+                 + offs_dv[None, :] * stride_gd, mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
+    lse2, delta = _row_stats(Lse, Delta, off_b * stride_lb + off_h * stride_lh + q_start * stride_ln, rows,
+                             seqlen_q, stride_ln)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+    segment = off_b * num_heads_q + off_h
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+    hi = tl.where(start_m < seqlen_q, hi, 0)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        visit = True
+        if MASK_ROW:
+            visit = key_block_visible(mask_base, cols, seqlen_k, stride_mn, MASK_KIND)
+        if visit:
+            col_ok = cols < seqlen_k
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)  # (N, D)
+            vt = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                         mask=col_ok[None, :] & (offs_dv[:, None] < head_dim_v), other=0.0)  # (Dv, N)
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+            s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
+                               CAUSAL, MASK_KIND, MASK_ROW)
+            p = tl.math.exp2(s - lse2[:, None])
+            dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+            if DROPOUT:
+                keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
+                dp = tl.where(keep, dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+
+    dq = dq * scale
+    tl.store(GradQ + off_b * stride_dqb + off_h * stride_dqh + (q_start + rows)[:, None] * stride_dqn
+             + offs_d[None, :] * stride_dqd, dq.to(GradQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < head_dim))

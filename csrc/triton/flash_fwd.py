@@ -1,0 +1,118 @@
+"""Forward flash-attention kernel: out = softmax(q kᵀ · scale + mask) v, and the row log-sum-exp.
+
+One program computes BLOCK_M query rows of one (batch, q head): it streams the
+key/value blocks through an online softmax in the log2 domain (``exp2``, scale
+folded into ``qk_scale``), so nothing of size N x N is stored. The lse it writes
+(natural log, fp32) is all the backward needs to recompute the probabilities.
+
+Layout-agnostic: every tensor comes with its strides (any strides, stride 0
+for broadcast); dense calls index (batch, head, row, col), varlen calls
+(IS_VARLEN) read each sequence's start and length from cu_seqlens and index
+packed rows with a zero batch stride. GQA/MQA read K/V head ``h // group``.
+Head dims are padded to BLOCK_D (a power of two >= 16) by masked loads.
+"""
+import triton
+import triton.language as tl
+
+from .dropout import dropout_keep_tile
+from .tiles import key_block_visible, visible_scores
+
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def sequence_bounds(CuSeqlens, off_b, dense_len, IS_VARLEN: tl.constexpr):
+    """(start row in the packed tensor, length) of sequence ``off_b``; (0, dense_len) for dense inputs."""
+    if IS_VARLEN:
+        start = tl.load(CuSeqlens + off_b).to(tl.int64)
+        length = (tl.load(CuSeqlens + off_b + 1) - tl.load(CuSeqlens + off_b)).to(tl.int32)
+    else:
+        start = tl.zeros((), dtype=tl.int64)
+        length = dense_len + tl.zeros((), dtype=tl.int32)
+    return start, length
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
+              stride_qb, stride_qh, stride_qn, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_ob, stride_oh, stride_on, stride_od,
+              stride_lb, stride_lh, stride_ln,
+              stride_mb, stride_mh, stride_mm, stride_mn,
+              num_heads_q, group, dense_seqlen_q, dense_seqlen_k, head_dim, head_dim_v,
+              qk_scale, seed, rng_offset, drop_threshold, drop_scale,
+              seqlen_bucket,  # only an autotuning key
+              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+              IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq).
+
+    Q (B, Hq, Nq, D) or packed (total_q, Hq, D); K, V likewise with Hkv heads;
+    Out like Q with Dv; Lse (B, Hq, Nq) or (Hq, total_q) fp32; Mask (B, Hq, Nq, Nk)
+    with stride-0 broadcast dims (uint8 for bool); qk_scale = scale * log2(e).
+    """
+    tl.static_assert(BLOCK_D >= 16)
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)  # int64: batch/head offsets can pass 2**31 elements
+    off_b = pid_bh // num_heads_q
+    off_h = pid_bh % num_heads_q
+    off_hk = off_h // group
+    q_start, seqlen_q = sequence_bounds(CuSeqlensQ, off_b, dense_seqlen_q, IS_VARLEN)
+    k_start, seqlen_k = sequence_bounds(CuSeqlensK, off_b, dense_seqlen_k, IS_VARLEN)
+
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)  # query positions inside the sequence
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh + (q_start + rows)[:, None] * stride_qn
+              + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=(rows[:, None] < seqlen_q) & (offs_d[None, :] < head_dim), other=0.0)
+    k_base = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    v_base = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+    segment = off_b * num_heads_q + off_h  # dropout counter word 2
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s - m_i)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+
+    hi = seqlen_k
+    if CAUSAL:  # key blocks right of the diagonal are never visible: not visited
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+    hi = tl.where(start_m < seqlen_q, hi, 0)  # programs past a short varlen sequence do nothing
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        visit = True
+        if MASK_ROW:  # key-padding style mask: a block with no visible key is skipped
+            visit = key_block_visible(mask_base, cols, seqlen_k, stride_mn, MASK_KIND)
+        if visit:
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                         mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)  # (D, N)
+            qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)
+            s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
+                               CAUSAL, MASK_KIND, MASK_ROW)
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:  # the normaliser l_i counts every probability; only the output is dropped
+                keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v), other=0.0)  # (N, Dv)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            m_i = m_new
+
+    empty = l_i == 0.0  # no visible key: output 0, lse -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    row_ok = rows < seqlen_q
+    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + (q_start + rows)[:, None] * stride_on
+              + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    tl.store(Lse + off_b * stride_lb + off_h * stride_lh + (q_start + rows) * stride_ln, lse, mask=row_ok)

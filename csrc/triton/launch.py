@@ -1,0 +1,245 @@
+"""Launchers: shape the grid, allocate outputs and call the Triton kernels.
+
+``attn_fwd`` / ``attn_bwd`` serve dense (B, H, N, D) inputs and
+``varlen_fwd`` / ``varlen_bwd`` packed (total, H, D) ones, with the signatures of
+the ``torch.ops.fastattn`` ops (see fastattn/_ops.py), which call them.
+
+Kernel modules are imported on first use, because ``@triton.jit`` reads
+TRITON_INTERPRET when it decorates: with TRITON_INTERPRET=1 set before the
+first call, the kernels run in Triton's interpreter on CPU tensors (how the
+tests run without a GPU) with one fixed block size; on a GPU they are autotuned.
+
+fp32 inputs: tl.dot follows torch's matmul setting. With the default
+``torch.get_float32_matmul_precision() == "highest"`` it multiplies in exact
+IEEE fp32; with "high"/"medium" (or ``torch.backends.cuda.matmul.allow_tf32``)
+it uses TF32 tensor cores (10-bit mantissa inputs, about 3x faster on Hopper).
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+
+from . import autotune as cfg
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+class _Kernels:
+    """The four kernels, plain (interpreter) or autotuned (GPU), built once on first use."""
+
+    def __init__(self):
+        from . import flash_bwd, flash_fwd
+
+        self.interpret = cfg.interpreting()
+        self.preprocess = flash_bwd._attn_bwd_preprocess
+        if self.interpret:
+            self.fwd, self.dkdv, self.dq = flash_fwd._attn_fwd, flash_bwd._attn_bwd_dkdv, flash_bwd._attn_bwd_dq
+        else:
+            # resident fp32 tiles: fwd holds q and acc; dkdv holds k, v, dk, dv; dq holds q, do, dq
+            self.fwd = cfg.autotuned(flash_fwd._attn_fwd, cfg.FWD_SPACE, "M", 2)
+            self.dkdv = cfg.autotuned(flash_bwd._attn_bwd_dkdv, cfg.BWD_DKDV_SPACE, "N", 4)
+            self.dq = cfg.autotuned(flash_bwd._attn_bwd_dq, cfg.BWD_DQ_SPACE, "M", 3)
+
+
+_kernels: Optional[_Kernels] = None
+
+
+def kernels() -> _Kernels:
+    global _kernels
+    if _kernels is None:
+        _kernels = _Kernels()
+    return _kernels
+
+
+def _fixed_blocks(k: _Kernels) -> dict:
+    return {"BLOCK_M": cfg.INTERPRET_BLOCK_M, "BLOCK_N": cfg.INTERPRET_BLOCK_N} if k.interpret else {}
+
+
+def _grid(blocks_along: int, block_key: str, programs: int, k: _Kernels):
+    if k.interpret:
+        return (triton.cdiv(blocks_along, cfg.INTERPRET_BLOCK_M if block_key == "BLOCK_M"
+                            else cfg.INTERPRET_BLOCK_N), programs)
+    return lambda meta: (triton.cdiv(blocks_along, meta[block_key]), programs)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """"ieee" (exact) or "tf32" for fp32 inputs, following torch's float32 matmul precision."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _check_inputs(q, k, v, where: str) -> None:
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"fastattn triton {where}: q must be float16, bfloat16 or float32, got {q.dtype}")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        raise ValueError(f"fastattn triton {where}: head dims up to {MAX_HEAD_DIM} are supported, got "
+                         f"D={q.shape[-1]}, Dv={v.shape[-1]}")
+    if not cfg.interpreting() and q.device.type != "cuda":
+        raise ValueError(f"fastattn triton {where}: q must be a CUDA tensor (or set TRITON_INTERPRET=1 to run "
+                         f"the kernels in Triton's CPU interpreter), got {q.device}")
+
+
+def _dropout_args(dropout_p: float, rng_state: Optional[torch.Tensor]) -> tuple:
+    """(seed, offset, threshold, 1/(1-p)) as the kernels take them; the Philox convention of csrc/philox.h."""
+    if dropout_p <= 0.0:
+        return 0, 0, 0, 1.0
+    if rng_state is None or rng_state.numel() != 2:
+        raise ValueError("fastattn triton: dropout_p > 0 needs rng_state, an int64 (seed, offset) tensor of shape (2,)")
+    seed, offset = (int(x) for x in rng_state.tolist())
+    seed = seed & 0xFFFFFFFFFFFFFFFF
+    if seed >= 2**63:  # passed as a signed int64 with the same bits
+        seed -= 2**64
+    threshold = min(int(math.floor(dropout_p * 4294967296.0 + 0.5)), 0xFFFFFFFF)  # as dropout_threshold
+    return seed, offset & 0xFFFFFFFF, threshold, 1.0 / (1.0 - dropout_p)
+
+
+def _mask_args(attn_mask: Optional[torch.Tensor], q: torch.Tensor, B: int, Hq: int, Nq: int, Nk: int) -> tuple:
+    """(mask tensor, its 4 strides, MASK_KIND, MASK_ROW) for the kernels.
+
+    The mask is expanded (a view, stride 0 on broadcast dims, nothing copied) to
+    (B, Hq, Nq, Nk); bool masks are read through a uint8 view. MASK_ROW marks a mask
+    that does not depend on the query (e.g. key padding (B, 1, 1, Nk)): one row per key block.
+    """
+    if attn_mask is None:
+        return q, (0, 0, 0, 0), 0, False
+    mask = attn_mask.expand(B, Hq, Nq, Nk)  # (B, Hq, Nq, Nk) view
+    kind = 1 if mask.dtype == torch.bool else 2
+    if kind == 1:
+        mask = mask.view(torch.uint8)
+    strides = tuple(mask.stride())
+    return mask, strides, kind, (strides[2] == 0 or Nq == 1)
+
+
+def _dense_strides(t: torch.Tensor) -> tuple:
+    return tuple(t.stride())
+
+
+def _varlen_strides(t: torch.Tensor) -> tuple:
+    """(total, H, D) seen as (batch, head, row, col) with a zero batch stride (rows start at cu_seqlens)."""
+    return (0, t.stride(1), t.stride(0), t.stride(2))
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+def _forward(q, k, v, out, lse, strides, lse_strides, mask_args, cu_q, cu_k, batch, Hq, Hkv, Nq, Nk, max_q,
+             causal, scale, dropout_p, rng_state):
+    kern = kernels()
+    mask, mask_strides, mask_kind, mask_row = mask_args
+    seed, offset, threshold, drop_scale = _dropout_args(dropout_p, rng_state)
+    D, Dv = q.shape[-1], v.shape[-1]
+    sq, sk, sv, so = strides
+    varlen = cu_q is not None
+    kern.fwd[_grid(max_q, "BLOCK_M", batch * Hq, kern)](
+        q, k, v, out, lse, mask, cu_q if varlen else q, cu_k if varlen else q,
+        *sq, *sk, *sv, *so, *lse_strides, *mask_strides,
+        Hq, Hq // Hkv, Nq, Nk, D, Dv,
+        scale * 1.4426950408889634, seed, offset, threshold, drop_scale,
+        cfg.seqlen_bucket(max(max_q, Nk)),
+        CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
+        DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(q.dtype),
+        BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **_fixed_blocks(kern))
+
+
+def attn_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides ->
+    out (B, Hq, Nq, Dv) (stored (B, Nq, Hq, Dv)), lse (B, Hq, Nq) fp32."""
+    _check_inputs(q, k, v, "fwd")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty(B, Nq, Hq, Dv, dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, Hq, Nq, Dv)
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    _forward(q, k, v, out, lse, tuple(_dense_strides(t) for t in (q, k, v, out)), lse.stride(),
+             _mask_args(attn_mask, q, B, Hq, Nq, Nk), None, None, B, Hq, Hkv, Nq, Nk, Nq,
+             causal, scale, dropout_p, rng_state)
+    return out, lse
+
+
+def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
+               rng_state):
+    """q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); cu_seqlens int32 (batch + 1,) ->
+    out (total_q, Hq, Dv), lse (Hq, total_q) fp32."""
+    _check_inputs(q, k, v, "varlen_fwd")
+    total_q, Hq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    batch = cu_seqlens_q.numel() - 1
+    out = torch.empty(total_q, Hq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(Hq, total_q, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or batch <= 0 or max_seqlen_q <= 0:
+        lse.fill_(float("-inf"))
+        return out.zero_(), lse
+    lse_strides = (0, lse.stride(0), lse.stride(1))
+    _forward(q, k, v, out, lse, tuple(_varlen_strides(t) for t in (q, k, v, out)), lse_strides,
+             (q, (0, 0, 0, 0), 0, False), cu_seqlens_q, cu_seqlens_k, batch, Hq, Hkv, 0, 0, max_seqlen_q,
+             causal, scale, dropout_p, rng_state)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, layout, lse_strides, mask_args, cu_q, cu_k, batch, Hq, Hkv,
+              Nq, Nk, max_q, max_k, causal, scale, dropout_p, rng_state):
+    kern = kernels()
+    strides = _dense_strides if layout == "dense" else _varlen_strides
+    sq, sk, sv, so, sg, sdq, sdk, sdv = (strides(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
+    mask, mask_strides, mask_kind, mask_row = mask_args
+    seed, offset, threshold, drop_scale = _dropout_args(dropout_p, rng_state)
+    D, Dv = q.shape[-1], v.shape[-1]
+    varlen = cu_q is not None
+    cu_q_arg, cu_k_arg = (cu_q, cu_k) if varlen else (q, q)
+
+    delta = torch.empty_like(lse)  # rowsum(dO ∘ O), laid out like lse
+    bm = cfg.PREPROCESS_BLOCK_M
+    kern.preprocess[(triton.cdiv(max_q, bm), batch * Hq)](
+        out, grad_out, delta, cu_q_arg, *so, *sg, *lse_strides, Hq, Nq, Dv,
+        IS_VARLEN=varlen, BLOCK_M=bm, BLOCK_DV=cfg.head_block(Dv))
+
+    common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
+                  DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(q.dtype),
+                  BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **_fixed_blocks(kern))
+    scalars = (scale, scale * 1.4426950408889634, seed, offset, threshold, drop_scale,
+               cfg.seqlen_bucket(max(max_q, max_k)))
+    kern.dkdv[_grid(max_k, "BLOCK_N", batch * Hkv, kern)](
+        q, k, v, grad_out, lse, delta, dk, dv, mask, cu_q_arg, cu_k_arg,
+        *sq, *sk, *sv, *sg, *lse_strides, *sdk, *sdv, *mask_strides,
+        Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, **common)
+    kern.dq[_grid(max_q, "BLOCK_M", batch * Hq, kern)](
+        q, k, v, grad_out, lse, delta, dq, mask, cu_q_arg, cu_k_arg,
+        *sq, *sk, *sv, *sg, *lse_strides, *sdq, *mask_strides,
+        Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, **common)
+
+
+def attn_bwd(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state):
+    """Gradients of attn_fwd: (dq, dk, dv) shaped like (and dtype of) q, k, v."""
+    _check_inputs(q, k, v, "bwd")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if Nq == 0 or Nk == 0 or B == 0 or Hq == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    _backward(grad_out, q, k, v, out, lse, dq, dk, dv, "dense", lse.stride(),
+              _mask_args(attn_mask, q, B, Hq, Nq, Nk), None, None, B, Hq, Hkv, Nq, Nk, Nq, Nk,
+              causal, scale, dropout_p, rng_state)
+    return dq, dk, dv
+
+
+def varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+               scale, dropout_p, rng_state):
+    """Gradients of varlen_fwd: (dq, dk, dv) shaped like q, k, v (packed)."""
+    _check_inputs(q, k, v, "varlen_bwd")
+    Hq, Hkv = q.shape[1], k.shape[1]
+    batch = cu_seqlens_q.numel() - 1
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if q.shape[0] == 0 or k.shape[0] == 0 or batch <= 0 or max_seqlen_q <= 0 or max_seqlen_k <= 0:
+        return dq, dk, dv
+    _backward(grad_out, q, k, v, out, lse, dq, dk, dv, "varlen", (0, lse.stride(0), lse.stride(1)),
+              (q, (0, 0, 0, 0), 0, False), cu_seqlens_q, cu_seqlens_k, batch, Hq, Hkv, 0, 0,
+              max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, rng_state)
+    return dq, dk, dv
