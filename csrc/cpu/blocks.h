@@ -182,18 +182,19 @@ FASTATTN_AVX2 inline void ukernel_avx2(int K, const float* a, int64_t a_rs, int6
 #endif
 
 // C[M x N] (+)= A[M x K] * B[K x N]. A element (r, k) at a[r * a_rs + k * a_ks] (a packed A:
-// panel i at a + i * K). B packed by pack_b (b_ks = NR, panel j at b + j * K) or row-major read
-// in place (b_ks = its row stride, N a multiple of NR).
+// panel i at a + i * K). B packed by pack_b (b_ks = NR, panel j at b + j * b_depth, b_depth >= K
+// the number of rows it was packed with: the product may use only its first K rows) or
+// row-major read in place (b_ks = its row stride, N a multiple of NR).
 template <typename acc_t>
 void gemm(int M, int N, int K, const acc_t* a, int64_t a_rs, int64_t a_ks, bool a_packed, const acc_t* b,
-          int64_t b_ks, bool b_packed, acc_t* c, int64_t ldc, bool accumulate) {
+          int64_t b_ks, bool b_packed, int64_t b_depth, acc_t* c, int64_t ldc, bool accumulate) {
   if (K == 0) {
     if (!accumulate)
       for (int r = 0; r < M; ++r) std::fill(c + r * ldc, c + r * ldc + N, acc_t(0));
     return;
   }
   auto a_at = [&](int i) { return a + (a_packed ? static_cast<int64_t>(i) * K : i * a_rs); };
-  auto b_at = [&](int j) { return b + (b_packed ? static_cast<int64_t>(j) * K : j); };
+  auto b_at = [&](int j) { return b + (b_packed ? j * b_depth : j); };
 #if FASTATTN_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     static const bool avx2 = cpu_has_avx2_fma();
@@ -228,6 +229,7 @@ struct RightOperand {
   const acc_t* ptr;
   int64_t ks;
   bool packed;
+  int64_t depth;  // packed: rows it was packed with (0: as many as the product uses)
 };
 
 template <typename acc_t>
@@ -238,7 +240,7 @@ template <typename acc_t>
 LeftOperand<acc_t> strided_left(const acc_t* a, int64_t rs, int64_t ks) { return {a, rs, ks, false}; }
 
 template <typename acc_t>
-RightOperand<acc_t> packed_right(const acc_t* panels) { return {panels, NR, true}; }
+RightOperand<acc_t> packed_right(const acc_t* panels, int64_t depth = 0) { return {panels, NR, true, depth}; }
 
 // M x K block X[r * rs + c * cs]: in place when possible, else packed into pack_buffer.
 template <typename acc_t, typename src_t>
@@ -255,16 +257,16 @@ LeftOperand<acc_t> left_operand(const src_t* src, int64_t rs, int64_t cs, int M,
 template <typename acc_t, typename src_t>
 RightOperand<acc_t> right_operand(const src_t* src, int64_t rs, int64_t cs, int K, int N, acc_t* pack_buffer) {
   if constexpr (std::is_same_v<acc_t, src_t>) {
-    if (cs == 1 && N % NR == 0) return {src, rs, false};
+    if (cs == 1 && N % NR == 0) return {src, rs, false, 0};
   }
   pack_b(src, rs, cs, K, N, pack_buffer);
-  return packed_right<acc_t>(pack_buffer);
+  return packed_right<acc_t>(pack_buffer, K);
 }
 
 template <typename acc_t>
 void gemm(int M, int N, int K, const LeftOperand<acc_t>& a, const RightOperand<acc_t>& b, acc_t* c, int64_t ldc,
           bool accumulate) {
-  gemm(M, N, K, a.ptr, a.rs, a.ks, a.packed, b.ptr, b.ks, b.packed, c, ldc, accumulate);
+  gemm(M, N, K, a.ptr, a.rs, a.ks, a.packed, b.ptr, b.ks, b.packed, b.depth ? b.depth : K, c, ldc, accumulate);
 }
 
 // ---------------------------------------------------------------------------

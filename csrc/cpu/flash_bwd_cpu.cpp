@@ -127,16 +127,19 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
             const auto q_right = right_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_b.get());
             const auto do_left = left_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_a.get());
             const auto do_right = right_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_b.get());
+            // On the diagonal only the keys up to the tile's last row matter (whole panels).
+            const int bk_tile = p.causal ? static_cast<int>(std::min<int64_t>(bk, round_up(qs + bq - kb, NR))) : bk;
             acc_t* pr = probs.get();
             acc_t* dpr = dprobs.get();
-            gemm(bq, bk, D, q_left, packed_right(kt_pack.get()), pr, kBlockK, false);     // S  = Q Kᵀ
-            gemm(bq, bk, Dv, do_left, packed_right(vt_pack.get()), dpr, kBlockK, false);  // dP = dO Vᵀ
+            gemm(bq, bk_tile, D, q_left, packed_right(kt_pack.get()), pr, kBlockK, false);     // S  = Q Kᵀ
+            gemm(bq, bk_tile, Dv, do_left, packed_right(vt_pack.get()), dpr, kBlockK, false);  // dP = dO Vᵀ
 
             for (int r = 0; r < bq; ++r) {
               const int64_t i = qs + r, row = p.row_index(b, h, i);
               acc_t* x = pr + static_cast<int64_t>(r) * kBlockK;
               acc_t* dx = dpr + static_cast<int64_t>(r) * kBlockK;
-              const int n = p.causal ? static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(bk, i - kb + 1))) : bk;
+              const int n =
+                  p.causal ? static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(bk_tile, i - kb + 1))) : bk;
               const acc_t* bias_row = nullptr;
               if (p.mask && n > 0) {
                 if (!shared_mask_row) fill_mask_bias(p, b, h, i, kb, n, bias.get());
@@ -155,13 +158,13 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
               } else {
                 for (int j = 0; j < n; ++j) dx[j] = x[j] * (dx[j] - di);  // dS
               }
-              std::fill(x + n, x + bk, acc_t(0));
-              std::fill(dx + n, dx + bk, acc_t(0));
+              std::fill(x + n, x + bk_tile, acc_t(0));
+              std::fill(dx + n, dx + bk_tile, acc_t(0));
             }
             // Pᵀ and dSᵀ are read in place, as the transposes of the row-major tiles.
-            gemm(bk, Dv, bq, strided_left(pr, 1, kBlockK), do_right, dv_acc.get(), Dv, true);  // dV += (P Z)ᵀ dO
-            gemm(bk, D, bq, strided_left(dpr, 1, kBlockK), q_right, dk_acc.get(), D, true);    // dK += dSᵀ Q
-            gemm(bq, D, bk, strided_left(dpr, kBlockK, 1), k_right, dq_chunk + p.row_index(b, h, qs) * D, D,
+            gemm(bk_tile, Dv, bq, strided_left(pr, 1, kBlockK), do_right, dv_acc.get(), Dv, true);  // dV += (P Z)ᵀ dO
+            gemm(bk_tile, D, bq, strided_left(dpr, 1, kBlockK), q_right, dk_acc.get(), D, true);    // dK += dSᵀ Q
+            gemm(bq, D, bk_tile, strided_left(dpr, kBlockK, 1), k_right, dq_chunk + p.row_index(b, h, qs) * D, D,
                            true);  // dQ += dS K
           }
         }

@@ -89,16 +89,19 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
         for (int64_t qs = q0; qs < q1; qs += kBlockQ) {
           const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs));
           if (p.causal && kb > qs + bq - 1) continue;  // whole block above the diagonal
+          // On the diagonal only the keys up to the tile's last row matter: the columns past
+          // them (rounded up to whole micro-kernel panels) are neither computed nor read.
+          const int bk_tile = p.causal ? static_cast<int>(std::min<int64_t>(bk, round_up(qs + bq - kb, NR))) : bk;
           acc_t* s = scores.get();
-          gemm(bq, bk, D, packed_left(q_pack.get() + (qs - q0) * D), packed_right(k_pack.get()), s, kBlockK,
+          gemm(bq, bk_tile, D, packed_left(q_pack.get() + (qs - q0) * D), packed_right(k_pack.get()), s, kBlockK,
                false);  // S = c Q Kᵀ
 
           for (int r = 0; r < bq; ++r) {
             const int64_t i = qs + r, row = qs - q0 + r;
             acc_t* x = s + static_cast<int64_t>(r) * kBlockK;
-            const int n = p.causal ? static_cast<int>(std::min<int64_t>(bk, i - kb + 1)) : bk;
+            const int n = p.causal ? static_cast<int>(std::min<int64_t>(bk_tile, i - kb + 1)) : bk;
             if (n <= 0) {
-              std::fill(x, x + bk, acc_t(0));
+              std::fill(x, x + bk_tile, acc_t(0));
               continue;
             }
             const acc_t* bias_row = nullptr;
@@ -112,14 +115,14 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
             const acc_t alpha = std::exp2(m_old - m_use);
             row_sum[row] = row_sum[row] * alpha + exp2_sum(x, n, m_use);
             row_max[row] = m_new;
-            std::fill(x + n, x + bk, acc_t(0));
+            std::fill(x + n, x + bk_tile, acc_t(0));
             if (dropout) apply_dropout_keep(p, threshold, segment, i, kb, n, x);
             if (alpha != acc_t(1)) {
               acc_t* o = o_acc.get() + row * Dv;
               for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
           }
-          gemm(bq, Dv, bk, strided_left(s, kBlockK, 1), v_right, o_acc.get() + (qs - q0) * Dv, Dv, true);  // O += P V
+          gemm(bq, Dv, bk_tile, strided_left(s, kBlockK, 1), v_right, o_acc.get() + (qs - q0) * Dv, Dv, true);  // O += P V
         }
       }
 
