@@ -1,0 +1,343 @@
+"""fastattn.nn.MultiheadAttention: torch.nn.MultiheadAttention on the fused kernel.
+
+A subclass of ``torch.nn.MultiheadAttention`` with the same constructor, the same
+parameters (so the same ``state_dict`` keys) and the same ``forward``; only the
+attention itself changes: ``fastattn.attention`` instead of torch's
+``F.multi_head_attention_forward``. Padding masks, attention masks, causal hints,
+``add_bias_kv`` and ``add_zero_attn`` all become one bool or float mask for the
+kernel; the weights asked for with ``need_weights=True`` are recomputed from the
+log-sum-exp the kernel returns (one extra ``q kᵀ``, no second softmax pass).
+
+Where results differ from torch's on purpose:
+  * a query row that may see no key gives a zero output and zero weights
+    (torch's SDPA path gives zeros too; its ``need_weights=True`` path gives NaN);
+  * dropout uses fastattn's counter-based RNG, so dropped positions differ from
+    torch's (same rate, same 1/(1-p) rescaling, the same draw for out and weights);
+  * invalid shapes raise ValueError/TypeError naming the argument (torch: AssertionError).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import api
+from ..reference import dropout_keep_mask
+
+
+def _keep_torch_fused_encoder_off(module, args):
+    """No-op forward pre-hook. ``torch.nn.TransformerEncoderLayer`` skips its fused C++
+    inference path (which would read our weights and run torch's own attention, never
+    calling this module) whenever a submodule has a hook; this hook is there for that."""
+    return None
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """Drop-in for ``torch.nn.MultiheadAttention`` whose attention runs on ``fastattn.attention``.
+
+    Args (as torch's): embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+    add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None, dtype=None.
+    Parameters and ``state_dict`` keys are torch's (``in_proj_weight`` or
+    ``q/k/v_proj_weight``, ``in_proj_bias``, ``bias_k``, ``bias_v``, ``out_proj.*``), so
+    ``load_state_dict`` works both ways with ``strict=True``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
+                 vdim: Optional[int] = None, batch_first: bool = False, device=None, dtype=None) -> None:
+        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
+                         add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first,
+                         device=device, dtype=dtype)
+        self.register_forward_pre_hook(_keep_torch_fused_encoder_off)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.MultiheadAttention) -> "MultiheadAttention":
+        """A fastattn module sharing ``module``'s parameters (the very same Parameter objects,
+        so optimizers keep working) and its training mode."""
+        if not isinstance(module, torch.nn.MultiheadAttention):
+            raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        new = cls(module.embed_dim, module.num_heads, dropout=module.dropout,
+                  bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
+                  add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
+                  batch_first=module.batch_first, device="meta", dtype=module.out_proj.weight.dtype)
+        for name, param in module._parameters.items():  # replaces the meta placeholders
+            new._parameters[name] = param
+        new.out_proj = module.out_proj
+        new.train(module.training)
+        return new
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False):
+        """Same arguments and results as ``torch.nn.MultiheadAttention.forward``.
+
+        Shapes (E = embed_dim, N batch, L target length, S source length; (N, L, E) when batch_first):
+            query (L, N, E) or unbatched (L, E); key (S, N, kdim); value (S, N, vdim).
+            key_padding_mask: (N, S) or (S,); bool (True = ignore the key) or float (added).
+            attn_mask: (L, S) or (N * num_heads, L, S); bool (True = may not attend) or float (added).
+            is_causal: hint that attn_mask is the causal mask (needs attn_mask, as in torch).
+        Returns:
+            attn_output (L, N, E) (or (N, L, E) / (L, E)); attn_weights (N, L, S) averaged over heads,
+            (N, num_heads, L, S) per head ((L, S) / (num_heads, L, S) unbatched), or None without need_weights.
+        """
+        q_in, k_in, v_in, kpm, mask, batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                               "module method `generate_square_subsequent_mask` to create this mask.")
+        if batched and not self.batch_first:
+            q_in, k_in, v_in = (t.transpose(0, 1) for t in (q_in, k_in, v_in))  # (N, L|S, E), views
+        elif not batched:
+            q_in, k_in, v_in = (t.unsqueeze(0) for t in (q_in, k_in, v_in))  # (1, L|S, E)
+            kpm = kpm.unsqueeze(0) if kpm is not None else None  # (1, S)
+        B, L, _ = q_in.shape
+        H, E = self.num_heads, self.embed_dim
+        D = E // H
+
+        q, k, v = self._in_projection(q_in, k_in, v_in)  # (N, L, E), (N, S, E), (N, S, E)
+        extra_keys = 0
+        if self.bias_k is not None and self.bias_v is not None:
+            k = torch.cat([k, self.bias_k.expand(B, 1, E)], dim=1)  # (N, S + 1, E)
+            v = torch.cat([v, self.bias_v.expand(B, 1, E)], dim=1)
+            extra_keys += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, 1, E)], dim=1)  # (N, S' + 1, E)
+            v = torch.cat([v, v.new_zeros(B, 1, E)], dim=1)
+            extra_keys += 1
+        S = k.shape[1]
+        q = q.view(B, L, H, D).transpose(1, 2)  # (N, H, L, D), a view
+        k = k.view(B, S, H, D).transpose(1, 2)  # (N, H, S, D)
+        v = v.view(B, S, H, D).transpose(1, 2)  # (N, H, S, D)
+
+        # torch's rule for the causal hint: SDPA gets is_causal (attn_mask dropped) when there is no key
+        # padding mask and no weights are asked for. Without extra keys the hint means the mask *is* the
+        # causal one, so we use causal=True (faster, same result) in the other cases too.
+        causal = bool(is_causal) and (extra_keys == 0 or (kpm is None and not need_weights))
+        if causal:
+            mask = None
+        mask = _merge_masks(mask, kpm, B, H, L, S - extra_keys, q.dtype)
+        if mask is not None and extra_keys:
+            # the appended keys are visible to every query: pad with "attend" (True / 0.0)
+            mask = F.pad(mask, (0, extra_keys), value=True if mask.dtype == torch.bool else 0.0)
+
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            out, lse, rng_state = _attention_with_rng_state(q, k, v, causal, mask, dropout_p)
+        else:
+            out, lse, rng_state = api.attention(q, k, v, causal=causal, attn_mask=mask, dropout_p=dropout_p), None, None
+
+        out = out.transpose(1, 2).reshape(B, L, E)  # (N, L, H, D) -> (N, L, E); the kernel writes it this way
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        if not batched:
+            out = out.squeeze(0)  # (L, E)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)  # (L, N, E)
+        if not need_weights:
+            return out, None
+
+        weights = attention_weights_from_lse(q, k, lse, causal=causal, attn_mask=mask)  # (N, H, L, S)
+        if dropout_p > 0:
+            keep = dropout_keep_mask(rng_state, dropout_p, H, L, S, batch=B, device=q.device)
+            weights = weights * keep / (1.0 - dropout_p)
+        weights = weights.to(q.dtype)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)  # (N, L, S)
+        if not batched:
+            weights = weights.squeeze(0)
+        return out, weights
+
+    # ------------------------------------------------------------------------------------------
+    def _in_projection(self, query, key, value):
+        """q, k, v = the three input projections of (N, L|S, E|kdim|vdim) inputs."""
+        E = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            if query is key and key is value:  # self-attention: one matmul
+                qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (N, L, 3E)
+                return qkv[..., :E], qkv[..., E:2 * E], qkv[..., 2 * E:]
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.is_nested:
+                raise ValueError(
+                    f"fastattn.nn.MultiheadAttention does not take nested tensors ({name}); pass a padded tensor "
+                    f"and key_padding_mask (for torch.nn.TransformerEncoder: enable_nested_tensor=False, which "
+                    f"fastattn.nn.replace_attention sets)")
+        layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be batched 3-D {layout} or unbatched 2-D (L, E), got shape "
+                             f"{tuple(query.shape)}")
+        batched = query.dim() == 3
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.dim() != query.dim():
+                raise ValueError(f"{name} must be {query.dim()}-D like query, got shape {tuple(t.shape)}")
+            if t.shape[-1] != width:
+                raise ValueError(f"{name} must have last dim {width} ({'embed_dim' if name == 'query' else name[0] + 'dim'}),"
+                                 f" got shape {tuple(t.shape)}")
+        seq_axis = 1 if (self.batch_first and batched) else 0
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"key and value must have the same batch and sequence dims, got key {tuple(key.shape)}, "
+                             f"value {tuple(value.shape)}")
+        if batched and query.shape[1 - seq_axis] != key.shape[1 - seq_axis]:
+            raise ValueError(f"query and key batch sizes differ: query {tuple(query.shape)}, key {tuple(key.shape)} "
+                             f"(layout {layout})")
+        N = query.shape[1 - seq_axis] if batched else None
+        L, S = query.shape[seq_axis], key.shape[seq_axis]
+        for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if m is not None and not isinstance(m, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
+            if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+                raise TypeError(f"{name} must be bool or floating point, got {m.dtype}")
+        if key_padding_mask is not None:
+            expected = (N, S) if batched else (S,)
+            if tuple(key_padding_mask.shape) != expected:
+                raise ValueError(f"key_padding_mask must have shape {'(N, S)' if batched else '(S,)'} = {expected}, "
+                                 f"got {tuple(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            three_d = (N * self.num_heads if batched else self.num_heads, L, S)
+            if tuple(attn_mask.shape) not in ((L, S), three_d):
+                raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)} or "
+                                 f"({'N * num_heads' if batched else 'num_heads'}, L, S) = {three_d}, "
+                                 f"got {tuple(attn_mask.shape)}")
+        if (key_padding_mask is not None and attn_mask is not None
+                and key_padding_mask.dtype != attn_mask.dtype):
+            warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for "
+                          "both instead.", stacklevel=3)  # torch's own warning
+        if attn_mask is not None:
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask.view(N if batched else 1, self.num_heads, L, S)  # (N, H, L, S)
+            else:
+                attn_mask = attn_mask.view(1, 1, L, S)
+        return query, key, value, key_padding_mask, attn_mask, batched
+
+
+def _merge_masks(attn_mask, key_padding_mask, B, H, L, S, dtype):
+    """One kernel mask, broadcastable to (B, H, L, S), from torch's two.
+
+    attn_mask: (1|B, 1|H, L, S), torch convention (bool True = may NOT attend; float added);
+    key_padding_mask: (B, S), same convention. Returns None, a bool mask (True = may attend,
+    when both are bool; keeps the kernel's key-padding fast path) or a float mask in ``dtype``
+    (bool parts become -inf where masked, as torch's ``_canonical_mask`` does).
+    """
+    kpm = key_padding_mask.view(B, 1, 1, S) if key_padding_mask is not None else None  # (B, 1, 1, S)
+    masks = [m for m in (attn_mask, kpm) if m is not None]
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        keep = ~masks[0]
+        for m in masks[1:]:
+            keep = keep & ~m  # (B|1, H|1, L|1, S)
+        return keep
+    total = None
+    for m in masks:
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
+        total = m if total is None else total + m
+    return total
+
+
+def _attention_with_rng_state(q, k, v, causal, mask, dropout_p):
+    """fastattn.attention(..., return_lse=True) and the (seed, offset) its dropout used.
+
+    fastattn.attention draws its dropout seed from torch's default generator; to rebuild the
+    dropout mask of the returned weights we replay that one draw and check that it accounts for
+    everything the call consumed (so a change in how seeds are drawn fails loudly, not silently).
+    """
+    if dropout_p == 0:
+        out, lse = api.attention(q, k, v, causal=causal, attn_mask=mask, return_lse=True)
+        return out, lse, None
+    before = torch.get_rng_state()
+    out, lse = api.attention(q, k, v, causal=causal, attn_mask=mask, dropout_p=dropout_p, return_lse=True)
+    after = torch.get_rng_state()
+    torch.set_rng_state(before)
+    rng_state = api._draw_rng_state(q.device)
+    replayed = torch.equal(torch.get_rng_state(), after)
+    torch.set_rng_state(after)
+    if not replayed:
+        raise RuntimeError("fastattn.nn.MultiheadAttention: could not recover the dropout seed of "
+                           "fastattn.attention, so need_weights=True with dropout cannot return its weights")
+    return out, lse, rng_state
+
+
+class _ProbsFromLSE(torch.autograd.Function):
+    """probs = exp(scores - lse), where lse = logsumexp(scores) was saved by the fused kernel.
+
+    Forward skips the softmax's max and sum passes; backward is the softmax's:
+    dscores = probs * (dprobs - sum(dprobs * probs)). Rows with lse = -inf (no visible key) are 0.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, lse):
+        probs = torch.exp(scores - lse.unsqueeze(-1))
+        probs = probs.masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        (probs,) = ctx.saved_tensors
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True))
+        return grad_scores, None
+
+
+def attention_weights_from_lse(q, k, lse, *, causal: bool = False, attn_mask: Optional[torch.Tensor] = None,
+                               scale: Optional[float] = None) -> torch.Tensor:
+    """The softmax probabilities of an attention call, rebuilt from its log-sum-exp.
+
+    q (B, H, L, D), k (B, H, S, D), lse (B, H, L) as returned by ``fastattn.attention(...,
+    return_lse=True)``; attn_mask and causal as given to that call (kernel convention: bool True =
+    may attend). Returns (B, H, L, S) in lse's dtype (float32, float64 for float64), differentiable
+    with respect to q and k; without dropout.
+    """
+    D = q.shape[-1]
+    scale = api._resolve_scale(scale, D)
+    cdt = lse.dtype
+    scores = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale  # (B, H, L, S)
+    L, S = scores.shape[-2:]
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(cdt)
+    if causal:
+        hidden = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)  # key j > query i
+        scores = scores.masked_fill(hidden, float("-inf"))
+    return _ProbsFromLSE.apply(scores, lse.detach())
+
+
+def replace_attention(model: torch.nn.Module) -> int:
+    """Swap every ``torch.nn.MultiheadAttention`` inside ``model`` for fastattn's, in place.
+
+    Parameters are shared, not copied (optimizers keep working); a module used in several places
+    is swapped once and stays shared. Subclasses of torch's module are left alone (their forward
+    may differ). ``torch.nn.TransformerEncoder``s whose layers were swapped get
+    ``use_nested_tensor = False`` (their inference path would hand the layers nested tensors).
+    Returns the number of modules swapped.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if type(model) is torch.nn.MultiheadAttention:
+        raise TypeError("replace_attention swaps submodules in place and cannot replace the module it is given; "
+                        "use fastattn.nn.MultiheadAttention.from_torch(module) for a single module")
+    swapped = {}  # id(torch module) -> fastattn module
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.MultiheadAttention:
+                if id(child) not in swapped:
+                    swapped[id(child)] = MultiheadAttention.from_torch(child)
+                setattr(parent, name, swapped[id(child)])
+    for module in model.modules():
+        if isinstance(module, torch.nn.TransformerEncoder) and any(
+                isinstance(getattr(layer, "self_attn", None), MultiheadAttention) for layer in module.layers):
+            module.use_nested_tensor = False
+    return len(swapped)
