@@ -1,0 +1,170 @@
+"""HuggingFace transformers backend: ``attn_implementation="fastattn"``.
+
+    from fastattn.integrations import huggingface
+    huggingface.register()                                    # returns "fastattn"
+    model = AutoModel.from_pretrained(path, attn_implementation="fastattn")
+    model.set_attn_implementation("fastattn")                 # or switch an existing model
+
+``register`` adds two entries to transformers' registries under the same name:
+  * the attention function (``AttentionInterface``): transformers calls it with
+    query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D) and wants (B, Lq, Hq, Dv) back;
+  * the mask function (``AttentionMaskInterface``): the ``sdpa`` one, which builds a
+    bool (B, 1, Lq, Lk) mask (True = may attend) or None where causality alone is
+    enough. Without it transformers hands a custom implementation ``attention_mask=None``
+    and padding would be silently ignored.
+
+The attention function runs ``fastattn.attention`` (GQA without repeating K/V, dropout
+with fastattn's RNG) or, for sequences packed into one row (padding-free training,
+``position_ids`` restarting, or flash-attention style ``cu_seq_lens_q/k`` kwargs),
+``fastattn.varlen_attention``. Results equal the ``sdpa`` implementation's.
+transformers is imported only by this module (``pip install fastattn[hf]``).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from .. import api
+
+NAME = "fastattn"
+
+
+def register(name: str = NAME) -> str:
+    """Register fastattn as attention implementation ``name`` in transformers; returns ``name``."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"name must be a non-empty string without '/' (which transformers reads as a hub "
+                         f"kernel repository), got {name!r}")
+    try:
+        from transformers import AttentionInterface
+    except ImportError as e:
+        raise ImportError("fastattn.integrations.huggingface needs transformers with AttentionInterface "
+                          "(>= 4.48): pip install 'fastattn[hf]'") from e
+    AttentionInterface.register(name, attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        # transformers before the mask interface (< 4.53): models build their own 4-D masks and
+        # pass them to every implementation, so there is nothing to register.
+        return name
+    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
+    return name
+
+
+def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, **kwargs):
+    """transformers attention function on fastattn.
+
+    Args:
+        module: the calling attention layer (its ``is_causal`` is the default for ``is_causal``).
+        query: (B, Hq, Lq, D); key: (B, Hkv, Lk, D); value: (B, Hkv, Lk, Dv), Hq % Hkv == 0.
+        attention_mask: None, bool (B|1, 1|Hq, Lq, Lk) (True = may attend) or float (added).
+        dropout: attention dropout probability (transformers passes 0 in eval mode).
+        scaling: logit scale (default 1/sqrt(D)).
+        is_causal: overrides ``module.is_causal``; used only when there is no mask, as in ``sdpa``.
+        kwargs: ``position_ids`` / ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``,
+            ``max_length_k`` select the packed (varlen) path; ``position_bias`` (an additive bias
+            that needs no gradient) is folded into the mask; ``softcap`` and attention sinks
+            (``s_aux``) are not supported.
+    Returns:
+        (attn_output (B, Lq, Hq, Dv), None): fastattn computes no attention weights.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attn_implementation='fastattn' does not support softcap (logit soft-capping); "
+                         "use attn_implementation='eager' for this model")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise ValueError("attn_implementation='fastattn' does not support attention sinks (s_aux); "
+                         "use attn_implementation='eager' for this model")
+    if kwargs.get("output_attentions", False):
+        warnings.warn("attn_implementation='fastattn' does not return attention weights "
+                      "(output_attentions=True); use attn_implementation='eager' to get them", stacklevel=2)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.shape[-1] > kv_len:
+        attention_mask = attention_mask[..., :kv_len]  # masks built for a longer (static) cache
+
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:
+        attention_mask, is_causal = _fold_position_bias(position_bias, attention_mask, is_causal, q_len, kv_len)
+
+    packed = _packed_sequences(query, key, attention_mask, is_causal, kwargs)
+    if packed is not None:
+        cu_q, cu_k, max_q, max_k = packed
+        out = api.varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),  # (total, H, D) views
+                                   value[0].transpose(0, 1), cu_q, cu_k, max_q, max_k, causal=is_causal,
+                                   dropout_p=dropout, scale=scaling)  # (total_q, Hq, Dv)
+        return out.unsqueeze(0), None  # (1, Lq, Hq, Dv)
+
+    # As sdpa: the causal flag only without a mask and outside single-token decoding.
+    causal = bool(is_causal and attention_mask is None and q_len > 1)
+    if causal and kv_len > q_len:
+        # prefill into an empty static cache: top-left causal never reaches the keys past q_len
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = api.attention(query, key, value, causal=causal, attn_mask=attention_mask, dropout_p=dropout,
+                        scale=scaling)  # (B, Hq, Lq, Dv), stored as (B, Lq, Hq, Dv)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _fold_position_bias(position_bias, attention_mask, is_causal, q_len, kv_len):
+    """An additive (B|1, H, Lq, Lk) bias merged into one float mask (sdpa does the same)."""
+    if position_bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError("attn_implementation='fastattn' does not compute gradients for position_bias (a learned "
+                         "additive attention bias); use attn_implementation='sdpa' to train this model")
+    bias = position_bias.detach()
+    if attention_mask is None:
+        if is_causal and q_len > 1:
+            hidden = torch.ones(q_len, kv_len, dtype=torch.bool, device=bias.device).triu(1)  # key j > query i
+            bias = bias.masked_fill(hidden, float("-inf"))
+        return bias, False
+    if attention_mask.dtype == torch.bool:
+        return bias.masked_fill(~attention_mask, float("-inf")), False
+    return bias + attention_mask, False
+
+
+def _packed_sequences(query, key, attention_mask, is_causal, kwargs):
+    """(cu_seqlens_q, cu_seqlens_k, max_q, max_k) when several sequences are packed into one row, else None.
+
+    Packing is read from flash-attention style kwargs (cu_seq_lens_q/k, max_length_q/k) or from
+    ``position_ids`` that restart. It is used only where the mask transformers built agrees (the
+    block-diagonal, causal or not, pattern of those sequences), or, without a mask, when the
+    cu_seq_lens kwargs say so explicitly; anything else (sliding windows, a cache, padding) keeps
+    the dense path with the mask, which is always correct.
+    """
+    B, _, q_len, _ = query.shape
+    if B != 1 or q_len < 2 or key.shape[2] != q_len:
+        return None
+    explicit = [kwargs.get(n) for n in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if all(x is not None for x in explicit):
+        cu_q, cu_k, max_q, max_k = explicit
+        if not torch.equal(cu_q.cpu(), cu_k.cpu()):
+            return None  # different query/key packing: only the mask can describe it
+        cu = cu_q.to(device=query.device, dtype=torch.int32)
+        if attention_mask is not None and not _mask_is_block_diagonal(attention_mask, cu, q_len, is_causal):
+            return None
+        return cu, cu, int(max_q), int(max_k)
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is None or position_ids is None or position_ids.shape[-1] != q_len:
+        return None
+    pos = position_ids.reshape(-1, q_len)[0]
+    # a sequence starts where the position does not follow the previous one (transformers' rule)
+    restarts = torch.nonzero(torch.diff(pos) != 1).flatten() + 1
+    if restarts.numel() == 0:
+        return None  # one sequence: the dense path
+    cu = torch.cat([restarts.new_zeros(1), restarts, restarts.new_tensor([q_len])])
+    cu = cu.to(device=query.device, dtype=torch.int32)  # (num_sequences + 1,)
+    if not _mask_is_block_diagonal(attention_mask, cu, q_len, is_causal):
+        return None
+    max_len = int(cu.diff().max())
+    return cu, cu, max_len, max_len
+
+
+def _mask_is_block_diagonal(attention_mask, cu, length, causal) -> bool:
+    if attention_mask.dtype != torch.bool or attention_mask.shape != (1, 1, length, length):
+        return False
+    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff())  # (length,)
+    expected = seq[:, None] == seq[None, :]  # (L, L) same sequence
+    if causal:
+        expected = expected.tril()
+    return torch.equal(attention_mask[0, 0], expected.to(attention_mask.device))

@@ -1,0 +1,332 @@
+"""attn_implementation="fastattn" in HuggingFace transformers against the "sdpa" implementation.
+
+Tiny randomly initialised models built from configs (no downloads): BERT and RoBERTa with
+padding, a Llama-style decoder with grouped-query attention (padded, packed into one row,
+generating with a cache). The same weights run once with "sdpa" and once with "fastattn";
+logits / hidden states and the parameter gradients must agree to float32 rounding, and a spy
+on fastattn's dispatch checks that the fused kernel (dense or varlen) served every layer.
+Needs transformers (`pip install fastattn[hf]`); without it the module is skipped, saying so.
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install fastattn[hf])")
+
+import fastattn  # noqa: E402
+from fastattn import api, dispatch  # noqa: E402
+from fastattn.integrations import huggingface as fhf  # noqa: E402
+
+# float32 models: sdpa and fastattn round differently; errors measured ~3e-7 for hidden states
+# of magnitude ~1-3 and ~1e-6 for gradients; the tolerances leave ~10x room.
+OUT_ATOL, OUT_RTOL = 5e-6, 1e-5
+GRAD_ATOL, GRAD_RTOL = 2e-5, 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    assert fhf.register() == "fastattn"
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """What fastattn ran during the test: dispatch choices and which entry point (dense or varlen)."""
+    record = {"backends": [], "dense": [], "varlen": []}
+    real_choose, real_attention, real_varlen = dispatch.choose_backend, api.attention, api.varlen_attention
+
+    def choose(*a, **k):
+        name = real_choose(*a, **k)
+        record["backends"].append(name)
+        return name
+
+    def attention(*a, **k):
+        record["dense"].append(k)
+        return real_attention(*a, **k)
+
+    def varlen(*a, **k):
+        record["varlen"].append(k)
+        return real_varlen(*a, **k)
+
+    monkeypatch.setattr(dispatch, "choose_backend", choose)
+    monkeypatch.setattr(api, "attention", attention)
+    monkeypatch.setattr(api, "varlen_attention", varlen)
+    return record
+
+
+def assert_fused(calls, n):
+    assert len(calls["backends"]) == n, f"expected {n} fastattn calls, got {len(calls['backends'])}"
+    assert "reference" not in calls["backends"], calls["backends"]
+
+
+def twin(model_cls, config, device):
+    """(sdpa model, fastattn model) with the same random weights."""
+    torch.manual_seed(0)
+    config._attn_implementation = "sdpa"
+    sdpa = model_cls(config).to(device)
+    ours = copy.deepcopy(sdpa)
+    ours.set_attn_implementation("fastattn")
+    assert ours.config._attn_implementation == "fastattn" and sdpa.config._attn_implementation == "sdpa"
+    return sdpa, ours
+
+
+def close(name, a, b, atol=OUT_ATOL, rtol=OUT_RTOL):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def compare_grads(sdpa, ours):
+    named = dict(sdpa.named_parameters())
+    checked = 0
+    for n, p in ours.named_parameters():
+        ref = named[n].grad
+        if ref is None:
+            assert p.grad is None, n
+            continue
+        close(f"grad {n}", p.grad, ref, GRAD_ATOL, GRAD_RTOL)
+        checked += 1
+    assert checked > 0
+
+
+def test_import_fastattn_does_not_import_transformers():
+    code = "import sys, fastattn, fastattn.nn; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_register_adds_attention_and_mask_functions():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    assert AttentionInterface._global_mapping["fastattn"] is fhf.attention_forward
+    # the mask function is what makes transformers build padding masks for us at all
+    assert AttentionMaskInterface._global_mapping["fastattn"] is AttentionMaskInterface._global_mapping["sdpa"]
+    assert fhf.register("fastattn_custom") == "fastattn_custom"
+    with pytest.raises(ValueError, match="without '/'"):
+        fhf.register("org/kernel")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders with padding
+# ---------------------------------------------------------------------------------------------
+def encoder_config(kind):
+    common = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                  max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if kind == "bert":
+        return transformers.BertModel, transformers.BertConfig(**common)
+    return transformers.RobertaModel, transformers.RobertaConfig(**common, pad_token_id=1)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_encoder_with_padding_matches_sdpa(kind, padding, op_device, calls):
+    model_cls, config = encoder_config(kind)
+    sdpa, ours = twin(model_cls, config, op_device)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 99, (3, 13), generator=g).to(op_device)
+    mask = torch.ones(3, 13, dtype=torch.long, device=op_device)
+    for row, n in ((1, 9), (2, 4)):
+        if padding == "right":
+            mask[row, n:] = 0
+        else:
+            mask[row, :13 - n] = 0
+    sdpa.train(), ours.train()  # dropout is 0: train mode to get gradients through everything
+    ref = sdpa(ids, attention_mask=mask).last_hidden_state
+    out = ours(ids, attention_mask=mask).last_hidden_state
+    assert_fused(calls, config.num_hidden_layers)
+    assert all(k["attn_mask"] is not None and k["attn_mask"].dtype == torch.bool for k in calls["dense"])
+    close("last_hidden_state", out, ref)
+    weight = torch.randn(ref.shape, generator=g).to(op_device)
+    (ref * weight).sum().backward()
+    (out * weight).sum().backward()
+    compare_grads(sdpa, ours)
+
+
+def test_encoder_without_padding_passes_no_mask(op_device, calls):
+    model_cls, config = encoder_config("bert")
+    sdpa, ours = twin(model_cls, config, op_device)
+    ids = torch.randint(3, 99, (2, 10)).to(op_device)
+    with torch.no_grad():
+        close("out", ours(ids).last_hidden_state, sdpa(ids).last_hidden_state)
+    assert_fused(calls, 2)
+    assert all(k["attn_mask"] is None and not k["causal"] for k in calls["dense"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama-style decoder with grouped-query attention
+# ---------------------------------------------------------------------------------------------
+def llama_config(**overrides):
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, attention_dropout=0.0)
+    kw.update(overrides)
+    return transformers.LlamaConfig(**kw)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_llama_gqa_matches_sdpa(padding, op_device, calls):
+    config = llama_config()
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 128, (3, 11), generator=g).to(op_device)
+    mask = torch.ones(3, 11, dtype=torch.long, device=op_device)
+    if padding == "left":
+        mask[1, :3], mask[2, :6] = 0, 0
+    elif padding == "right":
+        mask[1, 8:], mask[2, 5:] = 0, 0
+    sdpa.train(), ours.train()
+    ref = sdpa(ids, attention_mask=mask, labels=ids, use_cache=False)
+    out = ours(ids, attention_mask=mask, labels=ids, use_cache=False)
+    assert_fused(calls, config.num_hidden_layers)
+    for k in calls["dense"]:  # no padding: the kernel's causal flag, no mask tensor
+        assert (k["attn_mask"] is None and k["causal"]) if padding == "none" else k["attn_mask"] is not None
+    valid = mask.bool()  # fully padded query rows are not compared (sdpa gives them no defined meaning)
+    close("logits", out.logits[valid], ref.logits[valid])
+    if padding == "none":
+        ref.loss.backward()
+        out.loss.backward()
+        compare_grads(sdpa, ours)
+
+
+def test_llama_gqa_does_not_repeat_kv(op_device, monkeypatch):
+    """K/V reach the kernel with Hkv heads (grouped-query attention without copies)."""
+    config = llama_config()
+    _, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    shapes = []
+    real = api.attention
+    monkeypatch.setattr(api, "attention", lambda q, k, v, **kw: shapes.append((q.shape, k.shape)) or real(q, k, v, **kw))
+    with torch.no_grad():
+        ours(torch.randint(0, 128, (2, 7)).to(op_device))
+    assert shapes and all(q[1] == 4 and k[1] == 2 for q, k in shapes)
+
+
+def test_llama_packed_sequences_use_varlen(op_device, calls):
+    """Padding-free batch: three sequences in one row, position_ids restarting. Same logits as sdpa
+    (whose mask is block-diagonal) and as running each sequence alone; fastattn runs varlen."""
+    config = llama_config()
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    lengths = [5, 3, 6]
+    ids = torch.randint(0, 128, (1, sum(lengths))).to(op_device)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(op_device)
+    sdpa.train(), ours.train()
+    ref = sdpa(ids, position_ids=pos, labels=ids, use_cache=False)
+    out = ours(ids, position_ids=pos, labels=ids, use_cache=False)
+    assert_fused(calls, config.num_hidden_layers)
+    assert len(calls["varlen"]) == config.num_hidden_layers and not calls["dense"]
+    close("packed logits", out.logits, ref.logits)
+    start = 0
+    with torch.no_grad():
+        for n in lengths:
+            alone = sdpa(ids[:, start:start + n], use_cache=False).logits
+            close(f"sequence at {start}", out.logits[:, start:start + n], alone)
+            start += n
+    ref.loss.backward()
+    out.loss.backward()
+    compare_grads(sdpa, ours)
+
+
+def test_llama_flash_style_cu_seqlens_kwargs(op_device, calls):
+    """cu_seq_lens_q/k + max_length_q/k (DataCollatorWithFlattening(return_flash_attn_kwargs=True))."""
+    config = llama_config()
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    lengths = [4, 7]
+    ids = torch.randint(0, 128, (1, 11)).to(op_device)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(op_device)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=op_device)
+    with torch.no_grad():
+        ref = sdpa(ids, position_ids=pos, use_cache=False).logits
+        out = ours(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
+                   max_length_k=7).logits
+    assert len(calls["varlen"]) == config.num_hidden_layers
+    close("logits", out, ref)
+
+
+def test_llama_sliding_window_mask_stays_dense(op_device, calls):
+    """A packed row whose mask is not plain block-diagonal (here: a sliding window) keeps the dense
+    masked path, which is always right."""
+    config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=3)
+    sdpa, ours = twin(transformers.MistralForCausalLM, config, op_device)
+    ids = torch.randint(0, 128, (1, 12)).to(op_device)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]], device=op_device)
+    with torch.no_grad():
+        ref, out = sdpa(ids, position_ids=pos, use_cache=False).logits, ours(ids, position_ids=pos,
+                                                                              use_cache=False).logits
+    assert not calls["varlen"] and len(calls["dense"]) == 1
+    close("logits", out, ref)
+
+
+def test_llama_generate_with_cache(op_device, calls):
+    config = llama_config()
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    ids = torch.randint(0, 128, (2, 6)).to(op_device)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding, as for generation
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        ref, out = sdpa.generate(ids, **kw), ours.generate(ids, **kw)
+    assert torch.equal(out, ref)
+    assert "reference" not in calls["backends"] and len(calls["backends"]) == 6 * config.num_hidden_layers
+
+
+def test_llama_dropout_in_training(op_device, calls):
+    config = llama_config(attention_dropout=0.5)
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    ids = torch.randint(0, 128, (2, 9)).to(op_device)
+    ours.eval(), sdpa.eval()
+    with torch.no_grad():
+        e1, e2, r = ours(ids).logits, ours(ids).logits, sdpa(ids).logits
+    assert torch.equal(e1, e2)
+    close("eval logits", e1, r)
+    assert all(k["dropout_p"] == 0.0 for k in calls["dense"])
+    calls["dense"].clear()
+    ours.train()
+    t1, t2 = ours(ids).logits, ours(ids).logits
+    assert all(k["dropout_p"] == 0.5 for k in calls["dense"]) and len(calls["dense"]) == 4
+    assert not torch.allclose(t1, e1) and not torch.allclose(t1, t2)
+    t1.sum().backward()
+
+
+def test_from_pretrained_with_fastattn(tmp_path, op_device, calls):
+    config = llama_config()
+    sdpa, _ = twin(transformers.LlamaForCausalLM, config, op_device)
+    sdpa.save_pretrained(tmp_path)
+    ours = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="fastattn").to(op_device)
+    assert ours.config._attn_implementation == "fastattn"
+    ids = torch.randint(0, 128, (2, 8)).to(op_device)
+    with torch.no_grad():
+        close("logits", ours(ids).logits, sdpa(ids).logits)
+    assert_fused(calls, config.num_hidden_layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The function itself: position_bias and clear errors
+# ---------------------------------------------------------------------------------------------
+class _Layer(torch.nn.Module):
+    is_causal = False
+
+
+def test_position_bias_folded_into_the_mask():
+    q, k, v = (torch.randn(2, 4, 5, 8, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    mask = torch.rand(2, 1, 5, 5) < 0.7
+    mask[..., 0] = True
+    out, w = fhf.attention_forward(_Layer(), q, k, v, mask, position_bias=bias)
+    assert w is None and out.shape == (2, 5, 4, 8)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~mask, float("-inf")))
+    close("out", out, ref.transpose(1, 2), 1e-10, 1e-10)
+    with pytest.raises(ValueError, match="does not compute gradients for position_bias"):
+        fhf.attention_forward(_Layer(), q, k, v, mask, position_bias=bias.clone().requires_grad_())
+
+
+def test_unsupported_features_raise():
+    q = k = v = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="softcap"):
+        fhf.attention_forward(_Layer(), q, k, v, None, softcap=30.0)
+    with pytest.raises(ValueError, match="attention sinks"):
+        fhf.attention_forward(_Layer(), q, k, v, None, s_aux=torch.zeros(2))
+    with pytest.warns(UserWarning, match="output_attentions"):
+        fhf.attention_forward(_Layer(), q, k, v, None, output_attentions=True)
+    with pytest.raises(ValueError, match="multiple of the number of k/v heads"):
+        fhf.attention_forward(_Layer(), torch.randn(1, 3, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4),
+                              None)
