@@ -6,14 +6,17 @@ Extensions, each with one switch:
   fastattn._C_cuda  CUDA kernels from csrc/cuda/*.cu. FASTATTN_CUDA=1 forces it (and
                     fails loudly if torch has no CUDA or nvcc is missing), FASTATTN_CUDA=0
                     skips it; by default it is built when torch has CUDA and nvcc is found.
-                    Architectures from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"); MAX_JOBS
-                    caps parallel compile jobs.
+                    Architectures from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"; the kernels
+                    need sm80+); MAX_JOBS caps parallel compile jobs, NVCC_THREADS the threads
+                    of each nvcc. FASTATTN_CUDA_HEAD_DIMS (e.g. "64,128"; default: all that
+                    csrc/cuda/generate_kernels.py writes) builds a subset of the kernels.
 The Triton kernels in csrc/triton/ are Python sources shipped as fastattn.triton_kernels.
 Build offline and without isolation, against the torch you run with:
     pip install --no-build-isolation .
 """
 import glob
 import os
+import re
 import shutil
 import sys
 
@@ -40,7 +43,7 @@ def cpu_extension():
         name="fastattn._C",
         sources=["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp"),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", *omp_compile]},
+        extra_compile_args={"cxx": ["-O3", *omp_compile]},  # -std: torch's own (c++20 since torch 2.10)
         extra_link_args=omp_link,
     )
 
@@ -76,12 +79,41 @@ def cuda_extension():
         print("fastattn: no CUDA kernels in csrc/cuda yet; building the CPU extension only", file=sys.stderr)
         return None
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    sources, head_dims = cuda_kernel_sources(sources)
+    defines = [f"-DFASTATTN_CUDA_HDIM{d}" for d in head_dims]  # which head dims attention_cuda.cpp dispatches
+    nvcc_threads = os.environ.get("NVCC_THREADS", "").strip()
+    nvcc_flags = ["-O3", "--use_fast_math", *defines]
+    if nvcc_threads:
+        nvcc_flags += ["--threads", nvcc_threads]
     return cpp_extension.CUDAExtension(
         name="fastattn._C_cuda",
         sources=sources + rel("csrc/cuda/*.cpp"),
         include_dirs=[os.path.join(ROOT, "csrc")] + cuda_wheel_include_dirs(),
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": ["-O3", *defines], "nvcc": nvcc_flags},
     )
+
+
+def cuda_kernel_sources(sources):
+    """The .cu files to build and their head dims, per FASTATTN_CUDA_HEAD_DIMS (default: all)."""
+    def head_dim(path):
+        m = re.search(r"_hdim(\d+)_", os.path.basename(path))
+        return int(m.group(1)) if m else None
+
+    available = sorted({head_dim(s) for s in sources} - {None})
+    wanted = os.environ.get("FASTATTN_CUDA_HEAD_DIMS", "").strip()
+    if wanted:
+        try:
+            chosen = sorted({int(x) for x in wanted.replace(";", ",").split(",") if x.strip()})
+        except ValueError:
+            raise RuntimeError(f"FASTATTN_CUDA_HEAD_DIMS={wanted!r}: expected comma-separated integers") from None
+        missing = [d for d in chosen if d not in available]
+        if missing or not chosen:
+            raise RuntimeError(f"FASTATTN_CUDA_HEAD_DIMS={wanted!r}: head dims {missing or chosen} have no kernels; "
+                               f"available: {available}")
+    else:
+        chosen = available
+    kept = [s for s in sources if head_dim(s) is None or head_dim(s) in chosen]
+    return kept, chosen
 
 
 ext_modules = [cpu_extension()]

@@ -16,6 +16,9 @@ Op contract (all backends):
   varlen_fwd / varlen_bwd: the same on packed (total, H, D) tensors with
       cu_seqlens_q / cu_seqlens_k; lse is (Hq, total_q).
   rng_state: int64 (seed, offset) tensor, required when dropout_p > 0.
+  triton_fwd / triton_bwd / triton_varlen_fwd / triton_varlen_bwd: the same
+      contracts, served by the Triton kernels (csrc/triton); OP_PAIRS maps a
+      backend name to its ops.
 """
 from __future__ import annotations
 
@@ -39,50 +42,110 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _fwd_fake(q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
+    B, Hq, Nq, _ = q.shape
+    out = q.new_empty(B, Nq, Hq, v.shape[-1]).transpose(1, 2)  # (B, Hq, Nq, Dv)
+    lse = q.new_empty(B, Hq, Nq, dtype=lse_dtype(q.dtype))
+    return out, lse
+
+
+def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                     dropout_p, rng_state):
+    total_q, Hq, _ = q.shape
+    out = q.new_empty(total_q, Hq, v.shape[-1])  # (total_q, Hq, Dv)
+    lse = q.new_empty(Hq, total_q, dtype=lse_dtype(q.dtype))
+    return out, lse
+
+
+def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     causal, scale, dropout_p, rng_state):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 if _C is not None:
+    torch.library.register_fake("fastattn::fwd", _fwd_fake)
+    torch.library.register_fake("fastattn::bwd", _bwd_fake)
+    torch.library.register_fake("fastattn::varlen_fwd", _varlen_fwd_fake)
+    torch.library.register_fake("fastattn::varlen_bwd", _varlen_bwd_fake)
 
-    @torch.library.register_fake("fastattn::fwd")
-    def _fwd_fake(q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
-        B, Hq, Nq, _ = q.shape
-        out = q.new_empty(B, Nq, Hq, v.shape[-1]).transpose(1, 2)  # (B, Hq, Nq, Dv)
-        lse = q.new_empty(B, Hq, Nq, dtype=lse_dtype(q.dtype))
-        return out, lse
 
-    @torch.library.register_fake("fastattn::bwd")
-    def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+# ---------------------------------------------------------------------------
+# Triton ops. The CPU and CUDA dispatch keys of fwd/bwd/varlen_* belong to the C++
+# kernels, so the Triton kernels get ops of their own with the same schemas. They are
+# custom ops (opaque to torch.compile, traced through the fake kernels above): the
+# launcher reads the dropout seed from the CPU rng_state tensor and picks interpreter
+# or GPU kernels at call time, which triton_op's tracing of the launcher would not allow.
+# The kernel modules are imported on the first call (TRITON_INTERPRET is read then).
+# ---------------------------------------------------------------------------
+# op name -> (launcher in fastattn.triton_kernels.launch, schema as in csrc/ops.cpp)
+_TRITON_OPS = {
+    "triton_fwd": ("attn_fwd", "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float scale, "
+                               "float dropout_p, Tensor? rng_state) -> (Tensor, Tensor)"),
+    "triton_bwd": ("attn_bwd", "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                               "Tensor? attn_mask, bool causal, float scale, float dropout_p, Tensor? rng_state) "
+                               "-> (Tensor, Tensor, Tensor)"),
+    "triton_varlen_fwd": ("varlen_fwd", "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+                                        "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
+                                        "float dropout_p, Tensor? rng_state) -> (Tensor, Tensor)"),
+    "triton_varlen_bwd": ("varlen_bwd", "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                                        "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+                                        "int max_seqlen_k, bool causal, float scale, float dropout_p, "
+                                        "Tensor? rng_state) -> (Tensor, Tensor, Tensor)"),
+}
 
-    @torch.library.register_fake("fastattn::varlen_fwd")
-    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                         dropout_p, rng_state):
-        total_q, Hq, _ = q.shape
-        out = q.new_empty(total_q, Hq, v.shape[-1])  # (total_q, Hq, Dv)
-        lse = q.new_empty(Hq, total_q, dtype=lse_dtype(q.dtype))
-        return out, lse
 
-    @torch.library.register_fake("fastattn::varlen_bwd")
-    def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                         causal, scale, dropout_p, rng_state):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _triton_launcher(launcher: str):
+    def run(*args):
+        from .triton_kernels import launch  # first use: the kernels are decorated now
+
+        return getattr(launch, launcher)(*args)
+    run.__name__ = launcher
+    return run
+
+
+for _name, (_launcher, _schema) in _TRITON_OPS.items():
+    torch.library.custom_op(f"fastattn::{_name}", _triton_launcher(_launcher), mutates_args=(), schema=_schema)
+torch.library.register_fake("fastattn::triton_fwd", _fwd_fake)
+torch.library.register_fake("fastattn::triton_bwd", _bwd_fake)
+torch.library.register_fake("fastattn::triton_varlen_fwd", _varlen_fwd_fake)
+torch.library.register_fake("fastattn::triton_varlen_bwd", _varlen_bwd_fake)
+
+
+class OpPair:
+    """The forward and backward ops (dense and varlen) of one kernel backend."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __getattr__(self, op: str):  # fwd, bwd, varlen_fwd, varlen_bwd
+        return getattr(torch.ops.fastattn, self.prefix + op)
+
+
+# Which ops run a backend: the C++ backends share fwd/bwd (dispatch by device), Triton has its own.
+OP_PAIRS = {"cpu": OpPair(""), "cuda": OpPair(""), "triton": OpPair("triton_")}
 
 
 class AttentionFunction(torch.autograd.Function):
     """out, lse = fwd(...); backward calls the bwd op (lse is not differentiable)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
-        out, lse = torch.ops.fastattn.fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state)
+    def forward(ctx, q, k, v, attn_mask, causal, scale, dropout_p, rng_state, backend="cpu"):
+        out, lse = OP_PAIRS[backend].fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state)
-        ctx.causal, ctx.scale, ctx.dropout_p = causal, scale, dropout_p
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.backend = causal, scale, dropout_p, backend
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, attn_mask, rng_state = ctx.saved_tensors
-        grad_q, grad_k, grad_v = torch.ops.fastattn.bwd(
+        grad_q, grad_k, grad_v = OP_PAIRS[ctx.backend].bwd(
             grad_out, q, k, v, out, lse, attn_mask, ctx.causal, ctx.scale, ctx.dropout_p, rng_state)
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
 class VarlenAttentionFunction(torch.autograd.Function):
@@ -90,11 +153,12 @@ class VarlenAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-                rng_state):
-        out, lse = torch.ops.fastattn.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                 causal, scale, dropout_p, rng_state)
+                rng_state, backend="cpu"):
+        out, lse = OP_PAIRS[backend].varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                causal, scale, dropout_p, rng_state)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
         ctx.args = (max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
+        ctx.backend = backend
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -102,7 +166,7 @@ class VarlenAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
         max_seqlen_q, max_seqlen_k, causal, scale, dropout_p = ctx.args
-        grad_q, grad_k, grad_v = torch.ops.fastattn.varlen_bwd(
+        grad_q, grad_k, grad_v = OP_PAIRS[ctx.backend].varlen_bwd(
             grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
             dropout_p, rng_state)
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None

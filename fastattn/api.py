@@ -132,7 +132,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if name == "reference":
         return reference.attention_reference(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p,
                                              scale=scale, rng_state=rng_state, return_lse=return_lse)
-    out, lse = AttentionFunction.apply(q, k, v, attn_mask, bool(causal), scale, dropout_p, rng_state)
+    out, lse = AttentionFunction.apply(q, k, v, attn_mask, bool(causal), scale, dropout_p, rng_state, name)
     return (out, lse) if return_lse else out
 
 
@@ -231,5 +231,5 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     cu_q = cu_seqlens_q.to(device=q.device).contiguous()
     cu_k = cu_seqlens_k.to(device=q.device).contiguous()
     out, lse = VarlenAttentionFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k),
-                                             bool(causal), scale, dropout_p, rng_state)
+                                             bool(causal), scale, dropout_p, rng_state, name)
     return (out, lse) if return_lse else out

@@ -3,7 +3,7 @@
 Backends:
   "cpu"       fused C++ kernel (csrc/cpu), CPU tensors
   "cuda"      fused CUDA C++ kernel (csrc/cuda), when built         [CUDA issue]
-  "triton"    fused Triton kernel (csrc/triton), when importable    [Triton issue]
+  "triton"    fused Triton kernel (csrc/triton): cuda tensors, or CPU tensors under TRITON_INTERPRET=1
   "reference" plain PyTorch (fastattn/reference.py), any device; O(N^2) memory
 """
 from __future__ import annotations
@@ -38,7 +38,18 @@ _ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CAPABILITIES = {
     "cpu": Capability(devices=("cpu",), dtypes=_ALL_FLOATS, max_head_dim=None),
     "reference": Capability(devices=("any",), dtypes=_ALL_FLOATS, max_head_dim=None, fused=False),
+    # cuda tensors on a GPU; CPU tensors under TRITON_INTERPRET=1 (see backend_devices)
+    "triton": Capability(devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), max_head_dim=256),
 }
+
+
+def backend_devices(backend: str) -> tuple:
+    """Device types whose tensors ``backend`` takes (Triton: "cpu" under its interpreter, read now)."""
+    if backend == "triton":
+        from . import triton_kernels
+
+        return (triton_kernels.device_type(),)
+    return CAPABILITIES[backend].devices
 
 
 def available_backends() -> list:
@@ -46,6 +57,10 @@ def available_backends() -> list:
     names = []
     if _ops._C is not None:
         names.append("cpu")
+    from . import triton_kernels
+
+    if triton_kernels.unavailable_reason() is None:
+        names.append("triton")
     names.append("reference")
     return names
 
@@ -54,12 +69,17 @@ def why_unsupported(backend: str, device: torch.device, dtype: torch.dtype, head
                     has_mask: bool = False, dropout: bool = False, varlen: bool = False) -> Optional[str]:
     """None if ``backend`` can serve the call, else the reason it cannot."""
     if backend not in available_backends():
+        if backend == "triton":
+            from . import triton_kernels
+
+            return f"backend 'triton' is not available in this process: {triton_kernels.unavailable_reason()}"
         if backend in CAPABILITIES or backend in ("cuda", "triton"):
             return f"backend {backend!r} is not available in this process (available: {available_backends()})"
         return f"unknown backend {backend!r}; expected 'auto' or one of {available_backends()}"
     cap = CAPABILITIES[backend]
-    if "any" not in cap.devices and device.type not in cap.devices:
-        return f"backend {backend!r} runs on {cap.devices} tensors, got {device.type}"
+    devices = backend_devices(backend)
+    if "any" not in devices and device.type not in devices:
+        return f"backend {backend!r} runs on {devices} tensors here, got {device.type}"
     if dtype not in cap.dtypes:
         return f"backend {backend!r} does not support dtype {dtype}"
     if cap.max_head_dim is not None and head_dim > cap.max_head_dim:

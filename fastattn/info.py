@@ -7,6 +7,20 @@ import sys
 import torch
 
 
+def _triton_state() -> str:
+    from fastattn import triton_kernels
+    from fastattn.triton_kernels import autotune
+
+    reason = triton_kernels.unavailable_reason()
+    if reason is not None:
+        return f"unavailable ({reason})"
+    if triton_kernels.interpreting():
+        return "interpreter (TRITON_INTERPRET=1): CPU tensors, one fixed block size, slow; for tests"
+    return (f"cuda, autotuned ({len(autotune.FWD_SPACE)} fwd / {len(autotune.BWD_DKDV_SPACE)} dK,dV / "
+            f"{len(autotune.BWD_DQ_SPACE)} dQ configs); fp32 matmuls exact unless "
+            f"torch.set_float32_matmul_precision('high') allows TF32 (now: {torch.get_float32_matmul_precision()})")
+
+
 def collect() -> dict:
     import fastattn
     from fastattn import _ops, dispatch
@@ -28,7 +42,7 @@ def collect() -> dict:
         "extensions": {
             "cpu (fastattn._C)": "built" if _ops._C is not None else f"missing ({_ops._C_IMPORT_ERROR})",
             "cuda (fastattn._C_cuda)": "built" if _ops._C_cuda is not None else "not built",
-            "triton kernels": "not yet available (Triton issue)",
+            "triton kernels": _triton_state(),
         },
         "cpu_simd": _ops._C.cpu_simd() if _ops._C is not None else None,
         "openmp": bool(_ops._C.openmp) if _ops._C is not None else None,
@@ -40,6 +54,8 @@ def collect() -> dict:
 
 
 def main() -> None:
+    from fastattn import dispatch
+
     info = collect()
     for key in ("fastattn", "python", "torch", "torch_cuda", "triton", "platform", "cuda_device"):
         print(f"{key:>12}: {info[key]}")
@@ -54,7 +70,7 @@ def main() -> None:
         head = "any" if cap.max_head_dim is None else f"<= {cap.max_head_dim}"
         feats = [f for f in ("masks", "dropout", "varlen") if getattr(cap, f)]
         mem = "O(N) memory" if cap.fused else "O(N^2) memory"
-        print(f"    {name:<10} devices={'/'.join(cap.devices)}  dtypes={dtypes}  head_dim={head}  "
+        print(f"    {name:<10} devices={'/'.join(dispatch.backend_devices(name))}  dtypes={dtypes}  head_dim={head}  "
               f"{', '.join(feats)}, causal, GQA; {mem}")
 
 

@@ -18,14 +18,21 @@ in float64 from the very same (already rounded) inputs:
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import pytest
 import torch
 
-import fastattn
-from fastattn import dispatch
-from fastattn.reference import attention_reference, varlen_attention_reference
+# Without a GPU the Triton kernels run in Triton's CPU interpreter (tests/test_triton.py). It is
+# switched on here, before any test module imports a kernel (@triton.jit reads it when it
+# decorates), so the whole session agrees on it; an explicit TRITON_INTERPRET=0 is respected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastattn  # noqa: E402
+from fastattn import dispatch  # noqa: E402
+from fastattn.reference import attention_reference, varlen_attention_reference  # noqa: E402
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -54,24 +61,41 @@ GRAD_FLOOR = {torch.bfloat16: 4e-3, torch.float16: 4e-4}
 KNOWN_KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 
 
+# Triton in its CPU interpreter (TRITON_INTERPRET=1, no GPU) runs each kernel program in NumPy:
+# the ~600 generic tests would take hours, so it is tested by tests/test_triton.py (small shapes).
+INTERPRETED_TRITON_REASON = ("triton runs in its CPU interpreter here (TRITON_INTERPRET=1): excluded from the "
+                             "generic backend tests (too slow); tests/test_triton.py covers it on small shapes")
+
+
+def triton_interpreted() -> bool:
+    from fastattn import triton_kernels
+
+    return "triton" in fastattn.available_backends() and triton_kernels.interpreting()
+
+
 def kernel_backends() -> list:
-    """The backends under test: every available one except the plain PyTorch reference."""
-    return [b for b in fastattn.available_backends() if b != "reference"]
+    """The backends under test: every available one except the plain PyTorch reference (and interpreted triton)."""
+    return [b for b in fastattn.available_backends()
+            if b != "reference" and not (b == "triton" and triton_interpreted())]
 
 
 def backend_device(backend: str) -> torch.device:
-    """The device a backend's tensors live on ("cpu" for cpu, "cuda" for cuda/triton)."""
-    cap = dispatch.CAPABILITIES.get(backend)
-    devices = cap.devices if cap is not None else ("cuda",)
+    """The device a backend's tensors live on ("cpu" for cpu, "cuda" for cuda/triton on a GPU)."""
+    devices = dispatch.backend_devices(backend) if backend in dispatch.CAPABILITIES else ("cuda",)
     if "cpu" in devices or "any" in devices:
         return torch.device("cpu")
     return torch.device(devices[0])
 
 
 def kernel_devices() -> list:
-    """Devices on which the torch.ops.fastattn ops have a kernel (one per kernel backend)."""
+    """Devices on which the torch.ops.fastattn fwd/bwd/varlen_* ops have a kernel (one per C++ backend).
+
+    Triton has ops of its own (triton_fwd, ...), tested in tests/test_triton.py.
+    """
     seen = []
     for b in kernel_backends():
+        if b == "triton":
+            continue
         d = backend_device(b)
         if d not in seen:
             seen.append(d)
@@ -94,7 +118,7 @@ def require_op(device: torch.device, *, dtype=torch.float32, head_dim: int = 64,
     """Skip unless some kernel backend on ``device`` can serve the call (tests of torch.ops.fastattn.*)."""
     reasons = []
     for b in kernel_backends():
-        if backend_device(b) != device:
+        if b == "triton" or backend_device(b) != device:  # triton: its own ops, not fwd/bwd
             continue
         reason = dispatch.why_unsupported(b, device, dtype, head_dim, has_mask=has_mask, dropout=dropout,
                                           varlen=varlen)
@@ -115,7 +139,8 @@ def pytest_report_header(config):
     avail = fastattn.available_backends()
     missing = [b for b in KNOWN_KERNEL_BACKENDS if b not in avail]
     return [f"fastattn {fastattn.__version__}: kernel backends under test: {kernel_backends()}; "
-            f"not available here (not tested): {missing or 'none'}; torch threads: {torch.get_num_threads()}"]
+            f"not available here (not tested): {missing or 'none'}; torch threads: {torch.get_num_threads()}"] + (
+        [f"fastattn: {INTERPRETED_TRITON_REASON}"] if triton_interpreted() else [])
 
 
 # --------------------------------------------------------------------------------------------

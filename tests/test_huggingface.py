@@ -18,7 +18,6 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install fastattn[hf])")
 
-import fastattn  # noqa: E402
 from fastattn import api, dispatch  # noqa: E402
 from fastattn.integrations import huggingface as fhf  # noqa: E402
 
@@ -194,7 +193,8 @@ def test_llama_gqa_does_not_repeat_kv(op_device, monkeypatch):
     _, ours = twin(transformers.LlamaForCausalLM, config, op_device)
     shapes = []
     real = api.attention
-    monkeypatch.setattr(api, "attention", lambda q, k, v, **kw: shapes.append((q.shape, k.shape)) or real(q, k, v, **kw))
+    monkeypatch.setattr(api, "attention",
+                        lambda q, k, v, **kw: shapes.append((q.shape, k.shape)) or real(q, k, v, **kw))
     with torch.no_grad():
         ours(torch.randint(0, 128, (2, 7)).to(op_device))
     assert shapes and all(q[1] == 4 and k[1] == 2 for q, k in shapes)

@@ -17,8 +17,7 @@ import torch
 import fastattn
 import fastattn.nn as fnn
 from fastattn import dispatch
-from conftest import (FWD_ATOL, FWD_RTOL, FWD_FLOOR, GRAD_ATOL, GRAD_RTOL, GRAD_FLOOR, assert_close,
-                      assert_within_2x, dtype_id)
+from conftest import FWD_FLOOR, GRAD_FLOOR, assert_close, assert_within_2x, dtype_id
 
 # Looser than the kernel's own tolerances: the projections add float32 matmul rounding of
 # E-wide dot products on top of the attention (measured ~2e-6 / ~1e-5 at these sizes).
@@ -282,6 +281,24 @@ def test_non_contiguous_inputs(op_device, kernel_calls):
     assert_close("weights", o[1], r[1], atol=1e-10, rtol=1e-10)
 
 
+def test_torch_compile_fullgraph(op_device, kernel_calls):
+    """The module traces as one graph (the fastattn ops have fake kernels), with and without weights."""
+    torch.manual_seed(8)
+    ref, ours = make_pair(dict(embed_dim=16, num_heads=4, batch_first=True), op_device, torch.float32)
+    ours.eval()
+    compiled = torch.compile(ours, fullgraph=True)
+    x = torch.randn(2, 9, 16, device=op_device)
+    kpm = torch.zeros(2, 9, dtype=torch.bool, device=op_device)
+    kpm[1, 5:] = True
+    for need_weights in (False, True):
+        o, w = compiled(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+        r, rw = ref(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+        assert_close("compiled out", o, r, atol=MHA_ATOL[torch.float32], rtol=MHA_RTOL[torch.float32])
+        if need_weights:
+            assert_close("compiled weights", w, rw, atol=MHA_ATOL[torch.float32], rtol=MHA_RTOL[torch.float32])
+    assert_fused(kernel_calls)
+
+
 def test_fully_masked_rows_give_zeros(op_device):
     """Documented difference: a query that may see no key gives zeros (torch: zeros without weights,
     NaN with need_weights=True)."""
@@ -353,6 +370,17 @@ def test_dropout_weights_are_the_ones_applied(op_device, kernel_calls):
     assert kept.min() > 0 and abs(rows.mean().item() - 1.0) < 0.1
     out.sum().backward()  # dropout backward runs
     assert m.in_proj_weight.grad is not None and torch.isfinite(m.in_proj_weight.grad).all()
+
+
+def test_dropout_seed_recovery_fails_loudly(monkeypatch):
+    """If fastattn.attention drew its seed differently, the weights could not be rebuilt: error, not wrong weights."""
+    m = fnn.MultiheadAttention(8, 2, dropout=0.5)
+    real = fastattn.api.attention
+    monkeypatch.setattr(fastattn.api, "attention", lambda *a, **k: (torch.rand(1), real(*a, **k))[1])
+    x = torch.randn(4, 2, 8)
+    with pytest.raises(RuntimeError, match="could not recover the dropout seed"):
+        m(x, x, x)
+    m(x, x, x, need_weights=False)  # no weights asked: nothing to rebuild
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,12 +70,77 @@ inline acc_t load_as(const src_t* p) {
   return static_cast<acc_t>(*p);
 }
 
+#if FASTATTN_X86
+FASTATTN_AVX2 inline void transpose8x8_avx2(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]),
+               t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]),
+               t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]),
+               t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+               u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+               u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+               u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// One full row panel (MR x K) of A from float rows, times scale: 8 x 8 register transposes
+// (two rows of padding), each column of MR written with a masked store.
+FASTATTN_AVX2 inline void pack_a_panel_avx2(const float* src, int64_t rs, int K, float* panel, float scale) {
+  static_assert(MR <= 8, "one transposed column of the panel fits one register");
+  const __m256i keep = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+  const __m256 vs = _mm256_set1_ps(scale);
+  int k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 r[8];
+    for (int i = 0; i < MR; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(src + i * rs + k), vs);
+    for (int i = MR; i < 8; ++i) r[i] = _mm256_setzero_ps();
+    transpose8x8_avx2(r);
+    for (int i = 0; i < 8; ++i) _mm256_maskstore_ps(panel + (k + i) * MR, keep, r[i]);
+  }
+  for (; k < K; ++k)
+    for (int i = 0; i < MR; ++i) panel[k * MR + i] = src[i * rs + k] * scale;
+}
+
+// One full column panel (K x NR) of Bᵀ from float rows, B(k, c) = src[c * cs + k] (Kᵀ from K's
+// rows): 8 x 8 register transposes instead of a strided gather.
+FASTATTN_AVX2 inline void pack_b_panel_transposed_avx2(const float* src, int64_t cs, int K, float* panel) {
+  int k = 0;
+  for (; k + 8 <= K; k += 8)
+    for (int half = 0; half < NR; half += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (half + i) * cs + k);
+      transpose8x8_avx2(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * NR + half, r[i]);
+    }
+  for (; k < K; ++k)
+    for (int c = 0; c < NR; ++c) panel[k * NR + c] = src[c * cs + k];
+}
+#endif
+
 // Left operand, M x K, times `scale`, into ceil(M / MR) row panels: dst[p][k][r] (zero padded rows).
 template <typename acc_t, typename src_t>
 void pack_a(const src_t* src, int64_t rs, int64_t cs, int M, int K, acc_t* dst, acc_t scale = acc_t(1)) {
+#if FASTATTN_X86
+  static const bool avx2 = cpu_has_avx2_fma();
+#endif
   for (int p = 0; p < M; p += MR) {
     const int mr = std::min(MR, M - p);
     acc_t* panel = dst + static_cast<int64_t>(p) * K;
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<src_t, float>) {
+      if (avx2 && cs == 1 && mr == MR) {
+        pack_a_panel_avx2(src + p * rs, rs, K, panel, scale);
+        continue;
+      }
+    }
+#endif
     if (mr < MR) std::fill(panel, panel + static_cast<int64_t>(K) * MR, acc_t(0));
     if (cs == 1) {  // rows are contiguous: read each row once, write strided
       for (int r = 0; r < mr; ++r) {
@@ -92,9 +157,20 @@ void pack_a(const src_t* src, int64_t rs, int64_t cs, int M, int K, acc_t* dst, 
 // Right operand, K x N, into ceil(N / NR) column panels: dst[p][k][c] (zero padded columns).
 template <typename acc_t, typename src_t>
 void pack_b(const src_t* src, int64_t rs, int64_t cs, int K, int N, acc_t* dst) {
+#if FASTATTN_X86
+  static const bool avx2 = cpu_has_avx2_fma();
+#endif
   for (int p = 0; p < N; p += NR) {
     const int nr = std::min(NR, N - p);
     acc_t* panel = dst + static_cast<int64_t>(p) * K;
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<src_t, float>) {
+      if (avx2 && rs == 1 && nr == NR) {
+        pack_b_panel_transposed_avx2(src + p * cs, cs, K, panel);
+        continue;
+      }
+    }
+#endif
     if (nr < NR) std::fill(panel, panel + static_cast<int64_t>(K) * NR, acc_t(0));
     if (cs == 1) {  // rows of B contiguous (e.g. V, or Q as the right operand)
       for (int k = 0; k < K; ++k) {

@@ -8,6 +8,8 @@ tiles would not fit in registers/shared memory at large head dims, before any
 is compiled. Under the interpreter (TRITON_INTERPRET=1) one small fixed config
 is used instead: autotuning there would multiply the test time.
 """
+import os
+
 import triton
 
 from . import interpreting  # noqa: F401  (re-exported: launch.py asks it)
@@ -30,6 +32,7 @@ BWD_DKDV_SPACE = [
     (32, 64, 4, 3),
     (32, 32, 4, 2),
     (16, 32, 4, 2),
+    (16, 16, 4, 2),  # head dim 256
 ]
 # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream.
 BWD_DQ_SPACE = [
@@ -37,6 +40,7 @@ BWD_DQ_SPACE = [
     (64, 64, 4, 3),
     (64, 32, 4, 3),
     (32, 32, 4, 2),
+    (16, 32, 4, 2),  # head dim 256
 ]
 PREPROCESS_BLOCK_M = 64
 
@@ -47,6 +51,20 @@ INTERPRET_BLOCK_N = 32
 # Autotuning keys (argument names of the kernels).
 TUNING_KEY = ["seqlen_bucket", "head_dim", "head_dim_v", "CAUSAL", "MASK_KIND", "DROPOUT", "IS_VARLEN",
               "INPUT_PRECISION"]
+
+
+def autotune_enabled() -> bool:
+    """False with FASTATTN_TRITON_AUTOTUNE=0: each kernel then runs one fixed config (``fixed_config``)."""
+    return os.environ.get("FASTATTN_TRITON_AUTOTUNE", "1") != "0"
+
+
+def fixed_config(space, head_dim: int, resident: str, resident_tiles: int) -> tuple:
+    """The config used without autotuning: the first of ``space`` with blocks <= 64 that fits ``head_dim``."""
+    for m, n, warps, stages in space:
+        rows, stream = (m, n) if resident == "M" else (n, m)
+        if max(m, n) <= 64 and fits(rows, stream, head_dim, resident_tiles):
+            return m, n, warps, stages
+    return space[-1]
 
 
 def seqlen_bucket(n: int) -> int:
@@ -62,11 +80,12 @@ def head_block(d: int) -> int:
 def fits(block_rows: int, block_stream: int, head_dim: int, resident_tiles: int) -> bool:
     """Whether ``resident_tiles`` fp32 (block_rows x head_dim) accumulators plus the streamed tiles fit.
 
-    A rough register budget: 64K 32-bit registers per SM, half of them for one CTA's tiles.
+    A rough register budget (not a measurement): an SM has 64K 32-bit registers; 40K words of
+    live tiles is about what one CTA holds before spilling. Only head dims >= 128 are pruned.
     """
     d = head_block(head_dim)
     words = resident_tiles * block_rows * d + 2 * block_stream * d + 2 * block_rows * block_stream
-    return words <= 32 * 1024 if d >= 128 else True
+    return words <= 40 * 1024 if d >= 128 else True
 
 
 def _configs(space):

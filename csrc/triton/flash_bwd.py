@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .dropout import dropout_keep_tile
 from .flash_fwd import sequence_bounds
-from .tiles import key_block_visible, visible_scores
+from .tiles import key_block_visible, mma, visible_scores
 
 LOG2E: tl.constexpr = 1.4426950408889634
 
@@ -68,7 +68,8 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
                    scale, qk_scale, seed, rng_offset, drop_threshold, drop_scale,
                    seqlen_bucket,  # only an autotuning key
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                   IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one (batch, K/V head). Grid (cdiv(max_seqlen_k, BLOCK_N), B * Hkv).
 
@@ -117,20 +118,20 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
                 do = tl.load(do_base + rows[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
                              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)  # (M, Dv)
                 lse2, delta = _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln)
-                qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)  # (M, N)
+                qk = mma(q, tl.trans(k), INPUT_PRECISION, DOT_UPCAST)  # (M, N)
                 s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
                                    CAUSAL, MASK_KIND, MASK_ROW)
                 p = tl.math.exp2(s - lse2[:, None])  # (M, N) probabilities
-                dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)  # (M, N) = dO Vᵀ
+                dp = mma(do, tl.trans(v), INPUT_PRECISION, DOT_UPCAST)  # (M, N) = dO Vᵀ
                 if DROPOUT:
                     keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
                     pd = tl.where(keep, p * drop_scale, 0.0)
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 else:
                     pd = p
-                dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+                dv += mma(tl.trans(pd.to(do.dtype)), do, INPUT_PRECISION, DOT_UPCAST)
                 ds = p * (dp - delta[:, None])
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION)
+                dk += mma(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, DOT_UPCAST)
 
     dk = dk * scale
     tl.store(GradK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + cols)[:, None] * stride_dkn
@@ -154,7 +155,8 @@ def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlen
                  scale, qk_scale, seed, rng_offset, drop_threshold, drop_scale,
                  seqlen_bucket,  # only an autotuning key
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-                 IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block of one (batch, q head). Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq)."""
     pid_m = tl.program_id(0)
@@ -198,16 +200,16 @@ def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlen
                         mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)  # (N, D)
             vt = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                          mask=col_ok[None, :] & (offs_dv[:, None] < head_dim_v), other=0.0)  # (Dv, N)
-            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+            qk = mma(q, tl.trans(k), INPUT_PRECISION, DOT_UPCAST)
             s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
                                CAUSAL, MASK_KIND, MASK_ROW)
             p = tl.math.exp2(s - lse2[:, None])
-            dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
+            dp = mma(do, vt, INPUT_PRECISION, DOT_UPCAST)
             if DROPOUT:
                 keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+            dq += mma(ds.to(k.dtype), k, INPUT_PRECISION, DOT_UPCAST)
 
     dq = dq * scale
     tl.store(GradQ + off_b * stride_dqb + off_h * stride_dqh + (q_start + rows)[:, None] * stride_dqn

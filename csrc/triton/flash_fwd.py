@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_keep_tile
-from .tiles import key_block_visible, visible_scores
+from .tiles import key_block_visible, mma, visible_scores
 
 LN2: tl.constexpr = 0.6931471805599453
 
@@ -44,7 +44,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
               qk_scale, seed, rng_offset, drop_threshold, drop_scale,
               seqlen_bucket,  # only an autotuning key
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
-              IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+              IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq).
 
@@ -92,7 +93,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
         if visit:
             kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                          mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)  # (D, N)
-            qk = tl.dot(q, kt, input_precision=INPUT_PRECISION)
+            qk = mma(q, kt, INPUT_PRECISION, DOT_UPCAST)
             s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
                                CAUSAL, MASK_KIND, MASK_ROW)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -105,7 +106,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
                 p = tl.where(keep, p * drop_scale, 0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v), other=0.0)  # (N, Dv)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, INPUT_PRECISION, DOT_UPCAST)
             m_i = m_new
 
     empty = l_i == 0.0  # no visible key: output 0, lse -inf

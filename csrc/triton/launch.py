@@ -27,20 +27,35 @@ MAX_HEAD_DIM = 256
 
 
 class _Kernels:
-    """The four kernels, plain (interpreter) or autotuned (GPU), built once on first use."""
+    """The kernels, built once on first use: autotuned on a GPU, one fixed config otherwise.
+
+    Fixed configs: under the interpreter (INTERPRET_BLOCK_M/N), or on a GPU with
+    FASTATTN_TRITON_AUTOTUNE=0 (e.g. test runs, where autotuning every new shape would
+    cost more than the tests).
+    """
 
     def __init__(self):
         from . import flash_bwd, flash_fwd
 
         self.interpret = cfg.interpreting()
+        self.autotune = not self.interpret and cfg.autotune_enabled()
         self.preprocess = flash_bwd._attn_bwd_preprocess
+        # resident fp32 tiles: fwd holds q and acc; dkdv holds k, v, dk, dv; dq holds q, do, dq
+        self.specs = {"fwd": (flash_fwd._attn_fwd, cfg.FWD_SPACE, "M", 2),
+                      "dkdv": (flash_bwd._attn_bwd_dkdv, cfg.BWD_DKDV_SPACE, "N", 4),
+                      "dq": (flash_bwd._attn_bwd_dq, cfg.BWD_DQ_SPACE, "M", 3)}
+        for name, (kernel, space, resident, tiles) in self.specs.items():
+            setattr(self, name, cfg.autotuned(kernel, space, resident, tiles) if self.autotune else kernel)
+
+    def options(self, name: str, head_dim: int) -> dict:
+        """Launch options of kernel ``name``: {} when autotuned, else its fixed blocks (and warps/stages on a GPU)."""
+        if self.autotune:
+            return {}
         if self.interpret:
-            self.fwd, self.dkdv, self.dq = flash_fwd._attn_fwd, flash_bwd._attn_bwd_dkdv, flash_bwd._attn_bwd_dq
-        else:
-            # resident fp32 tiles: fwd holds q and acc; dkdv holds k, v, dk, dv; dq holds q, do, dq
-            self.fwd = cfg.autotuned(flash_fwd._attn_fwd, cfg.FWD_SPACE, "M", 2)
-            self.dkdv = cfg.autotuned(flash_bwd._attn_bwd_dkdv, cfg.BWD_DKDV_SPACE, "N", 4)
-            self.dq = cfg.autotuned(flash_bwd._attn_bwd_dq, cfg.BWD_DQ_SPACE, "M", 3)
+            return {"BLOCK_M": cfg.INTERPRET_BLOCK_M, "BLOCK_N": cfg.INTERPRET_BLOCK_N}
+        _, space, resident, tiles = self.specs[name]
+        m, n, warps, stages = cfg.fixed_config(space, head_dim, resident, tiles)
+        return {"BLOCK_M": m, "BLOCK_N": n, "num_warps": warps, "num_stages": stages}
 
 
 _kernels: Optional[_Kernels] = None
@@ -53,14 +68,10 @@ def kernels() -> _Kernels:
     return _kernels
 
 
-def _fixed_blocks(k: _Kernels) -> dict:
-    return {"BLOCK_M": cfg.INTERPRET_BLOCK_M, "BLOCK_N": cfg.INTERPRET_BLOCK_N} if k.interpret else {}
-
-
-def _grid(blocks_along: int, block_key: str, programs: int, k: _Kernels):
-    if k.interpret:
-        return (triton.cdiv(blocks_along, cfg.INTERPRET_BLOCK_M if block_key == "BLOCK_M"
-                            else cfg.INTERPRET_BLOCK_N), programs)
+def _grid(blocks_along: int, block_key: str, programs: int, options: dict):
+    """(cdiv(blocks_along, block), programs); a function of the config when autotuned (options empty)."""
+    if options:
+        return (triton.cdiv(blocks_along, options[block_key]), programs)
     return lambda meta: (triton.cdiv(blocks_along, meta[block_key]), programs)
 
 
@@ -133,7 +144,8 @@ def _forward(q, k, v, out, lse, strides, lse_strides, mask_args, cu_q, cu_k, bat
     D, Dv = q.shape[-1], v.shape[-1]
     sq, sk, sv, so = strides
     varlen = cu_q is not None
-    kern.fwd[_grid(max_q, "BLOCK_M", batch * Hq, kern)](
+    options = kern.options("fwd", max(D, Dv))
+    kern.fwd[_grid(max_q, "BLOCK_M", batch * Hq, options)](
         q, k, v, out, lse, mask, cu_q if varlen else q, cu_k if varlen else q,
         *sq, *sk, *sv, *so, *lse_strides, *mask_strides,
         Hq, Hq // Hkv, Nq, Nk, D, Dv,
@@ -141,7 +153,8 @@ def _forward(q, k, v, out, lse, strides, lse_strides, mask_args, cu_q, cu_k, bat
         cfg.seqlen_bucket(max(max_q, Nk)),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
         DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(q.dtype),
-        BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **_fixed_blocks(kern))
+        DOT_UPCAST=kern.interpret and q.dtype == torch.bfloat16,
+        BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **options)
 
 
 def attn_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
@@ -203,17 +216,20 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, layout, lse_strides, mask
 
     common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
                   DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(q.dtype),
-                  BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **_fixed_blocks(kern))
+                  DOT_UPCAST=kern.interpret and q.dtype == torch.bfloat16,
+                  BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **options)
     scalars = (scale, scale * 1.4426950408889634, seed, offset, threshold, drop_scale,
                cfg.seqlen_bucket(max(max_q, max_k)))
-    kern.dkdv[_grid(max_k, "BLOCK_N", batch * Hkv, kern)](
+    options = kern.options("dkdv", max(D, Dv))
+    kern.dkdv[_grid(max_k, "BLOCK_N", batch * Hkv, options)](
         q, k, v, grad_out, lse, delta, dk, dv, mask, cu_q_arg, cu_k_arg,
         *sq, *sk, *sv, *sg, *lse_strides, *sdk, *sdv, *mask_strides,
-        Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, **common)
-    kern.dq[_grid(max_q, "BLOCK_M", batch * Hq, kern)](
+        Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, **common, **options)
+    options = kern.options("dq", max(D, Dv))
+    kern.dq[_grid(max_q, "BLOCK_M", batch * Hq, options)](
         q, k, v, grad_out, lse, delta, dq, mask, cu_q_arg, cu_k_arg,
         *sq, *sk, *sv, *sg, *lse_strides, *sdq, *mask_strides,
-        Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, **common)
+        Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, **common, **options)
 
 
 def attn_bwd(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state):

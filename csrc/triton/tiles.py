@@ -74,3 +74,16 @@ def visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stri
     if MASK_KIND != 0:
         s = s + load_mask_tile(mask_ptr, rows, cols, seqlen_q, seqlen_k, stride_mm, stride_mn, MASK_KIND, MASK_ROW)
     return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def mma(a, b, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """a @ b accumulated in fp32.
+
+    DOT_UPCAST: multiply exact fp32 copies instead (set only under the interpreter for
+    bfloat16, whose tl.dot there reads bf16 bits as integers in Triton 3.9). The
+    operands were already rounded to bf16, so the products are the same as the GPU's.
+    """
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=INPUT_PRECISION)

@@ -39,8 +39,8 @@ def register(name: str = NAME) -> str:
     try:
         from transformers import AttentionInterface
     except ImportError as e:
-        raise ImportError("fastattn.integrations.huggingface needs transformers with AttentionInterface "
-                          "(>= 4.48): pip install 'fastattn[hf]'") from e
+        raise ImportError("fastattn.integrations.huggingface needs a transformers version with "
+                          "AttentionInterface: pip install 'fastattn[hf]'") from e
     AttentionInterface.register(name, attention_forward)
     try:
         from transformers.masking_utils import AttentionMaskInterface

@@ -178,12 +178,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise ValueError(f"query must be batched 3-D {layout} or unbatched 2-D (L, E), got shape "
                              f"{tuple(query.shape)}")
         batched = query.dim() == 3
-        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+        for name, t, width, width_name in (("query", query, self.embed_dim, "embed_dim"),
+                                           ("key", key, self.kdim, "kdim"), ("value", value, self.vdim, "vdim")):
             if t.dim() != query.dim():
                 raise ValueError(f"{name} must be {query.dim()}-D like query, got shape {tuple(t.shape)}")
             if t.shape[-1] != width:
-                raise ValueError(f"{name} must have last dim {width} ({'embed_dim' if name == 'query' else name[0] + 'dim'}),"
-                                 f" got shape {tuple(t.shape)}")
+                raise ValueError(f"{name} must have last dim {width} ({width_name}), got shape {tuple(t.shape)}")
         seq_axis = 1 if (self.batch_first and batched) else 0
         if key.shape[:-1] != value.shape[:-1]:
             raise ValueError(f"key and value must have the same batch and sequence dims, got key {tuple(key.shape)}, "
@@ -249,24 +249,38 @@ def _merge_masks(attn_mask, key_padding_mask, B, H, L, S, dtype):
 def _attention_with_rng_state(q, k, v, causal, mask, dropout_p):
     """fastattn.attention(..., return_lse=True) and the (seed, offset) its dropout used.
 
-    fastattn.attention draws its dropout seed from torch's default generator; to rebuild the
+    fastattn.attention draws its dropout seed from torch's default generator(s); to rebuild the
     dropout mask of the returned weights we replay that one draw and check that it accounts for
     everything the call consumed (so a change in how seeds are drawn fails loudly, not silently).
     """
     if dropout_p == 0:
         out, lse = api.attention(q, k, v, causal=causal, attn_mask=mask, return_lse=True)
         return out, lse, None
-    before = torch.get_rng_state()
+    before = _generator_states(q.device)
     out, lse = api.attention(q, k, v, causal=causal, attn_mask=mask, dropout_p=dropout_p, return_lse=True)
-    after = torch.get_rng_state()
-    torch.set_rng_state(before)
+    after = _generator_states(q.device)
+    _set_generator_states(q.device, before)
     rng_state = api._draw_rng_state(q.device)
-    replayed = torch.equal(torch.get_rng_state(), after)
-    torch.set_rng_state(after)
+    replayed = all(torch.equal(a, b) for a, b in zip(_generator_states(q.device), after))
+    _set_generator_states(q.device, after)
     if not replayed:
         raise RuntimeError("fastattn.nn.MultiheadAttention: could not recover the dropout seed of "
                            "fastattn.attention, so need_weights=True with dropout cannot return its weights")
     return out, lse, rng_state
+
+
+def _generator_states(device: torch.device) -> list:
+    """States of the default generators a seed draw for ``device`` may use (CPU, and the GPU's)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_generator_states(device: torch.device, states: list) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
 
 
 class _ProbsFromLSE(torch.autograd.Function):
