@@ -128,6 +128,32 @@ def require_op(device: torch.device, *, dtype=torch.float32, head_dim: int = 64,
     pytest.skip("; ".join(reasons) or f"no kernel backend on {device}")
 
 
+def attention_devices() -> list:
+    """Devices on which fastattn.attention has a fused kernel backend of any kind (C++ or Triton);
+    the modules built on it (fastattn.nn, the HF backend) are tested on each."""
+    seen = []
+    for b in kernel_backends():
+        d = backend_device(b)
+        if d not in seen:
+            seen.append(d)
+    return seen
+
+
+def require_fused(device: torch.device, *, dtype=torch.float32, head_dim: int = 64, has_mask: bool = False,
+                  dropout: bool = False, varlen: bool = False) -> None:
+    """Skip unless backend="auto" would run such a call on ``device`` with a fused kernel (not the reference)."""
+    reasons = []
+    for b in kernel_backends():
+        if backend_device(b) != device:
+            continue
+        reason = dispatch.why_unsupported(b, device, dtype, head_dim, has_mask=has_mask, dropout=dropout,
+                                          varlen=varlen)
+        if reason is None:
+            return
+        reasons.append(f"{b}: {reason}")
+    pytest.skip("; ".join(reasons) or f"no fused kernel backend on {device}")
+
+
 def pytest_generate_tests(metafunc):
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", kernel_backends(), ids=lambda b: f"backend={b}")

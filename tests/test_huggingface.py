@@ -20,11 +20,18 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from fastattn import api, dispatch  # noqa: E402
 from fastattn.integrations import huggingface as fhf  # noqa: E402
+from conftest import attention_devices, require_fused  # noqa: E402
 
 # float32 models: sdpa and fastattn round differently; errors measured ~3e-7 for hidden states
 # of magnitude ~1-3 and ~1e-6 for gradients; the tolerances leave ~10x room.
 OUT_ATOL, OUT_RTOL = 5e-6, 1e-5
 GRAD_ATOL, GRAD_RTOL = 2e-5, 1e-4
+
+
+@pytest.fixture(params=attention_devices(), ids=lambda d: f"device={d.type}")
+def device(request):
+    """Each device on which fastattn.attention has a fused kernel (the CPU; CUDA when present)."""
+    return request.param
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,12 +126,13 @@ def encoder_config(kind):
 
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
-def test_encoder_with_padding_matches_sdpa(kind, padding, op_device, calls):
+def test_encoder_with_padding_matches_sdpa(kind, padding, device, calls):
+    require_fused(device, dtype=torch.float32, has_mask=True)
     model_cls, config = encoder_config(kind)
-    sdpa, ours = twin(model_cls, config, op_device)
+    sdpa, ours = twin(model_cls, config, device)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 99, (3, 13), generator=g).to(op_device)
-    mask = torch.ones(3, 13, dtype=torch.long, device=op_device)
+    ids = torch.randint(3, 99, (3, 13), generator=g).to(device)
+    mask = torch.ones(3, 13, dtype=torch.long, device=device)
     for row, n in ((1, 9), (2, 4)):
         if padding == "right":
             mask[row, n:] = 0
@@ -136,16 +144,17 @@ def test_encoder_with_padding_matches_sdpa(kind, padding, op_device, calls):
     assert_fused(calls, config.num_hidden_layers)
     assert all(k["attn_mask"] is not None and k["attn_mask"].dtype == torch.bool for k in calls["dense"])
     close("last_hidden_state", out, ref)
-    weight = torch.randn(ref.shape, generator=g).to(op_device)
+    weight = torch.randn(ref.shape, generator=g).to(device)
     (ref * weight).sum().backward()
     (out * weight).sum().backward()
     compare_grads(sdpa, ours)
 
 
-def test_encoder_without_padding_passes_no_mask(op_device, calls):
+def test_encoder_without_padding_passes_no_mask(device, calls):
+    require_fused(device, dtype=torch.float32, has_mask=True)
     model_cls, config = encoder_config("bert")
-    sdpa, ours = twin(model_cls, config, op_device)
-    ids = torch.randint(3, 99, (2, 10)).to(op_device)
+    sdpa, ours = twin(model_cls, config, device)
+    ids = torch.randint(3, 99, (2, 10)).to(device)
     with torch.no_grad():
         close("out", ours(ids).last_hidden_state, sdpa(ids).last_hidden_state)
     assert_fused(calls, 2)
@@ -163,12 +172,13 @@ def llama_config(**overrides):
 
 
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
-def test_llama_gqa_matches_sdpa(padding, op_device, calls):
+def test_llama_gqa_matches_sdpa(padding, device, calls):
+    require_fused(device, dtype=torch.float32, has_mask=True)
     config = llama_config()
-    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, device)
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 128, (3, 11), generator=g).to(op_device)
-    mask = torch.ones(3, 11, dtype=torch.long, device=op_device)
+    ids = torch.randint(0, 128, (3, 11), generator=g).to(device)
+    mask = torch.ones(3, 11, dtype=torch.long, device=device)
     if padding == "left":
         mask[1, :3], mask[2, :6] = 0, 0
     elif padding == "right":
@@ -187,27 +197,29 @@ def test_llama_gqa_matches_sdpa(padding, op_device, calls):
         compare_grads(sdpa, ours)
 
 
-def test_llama_gqa_does_not_repeat_kv(op_device, monkeypatch):
+def test_llama_gqa_does_not_repeat_kv(device, monkeypatch):
     """K/V reach the kernel with Hkv heads (grouped-query attention without copies)."""
+    require_fused(device, dtype=torch.float32, has_mask=True)
     config = llama_config()
-    _, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    _, ours = twin(transformers.LlamaForCausalLM, config, device)
     shapes = []
     real = api.attention
     monkeypatch.setattr(api, "attention",
                         lambda q, k, v, **kw: shapes.append((q.shape, k.shape)) or real(q, k, v, **kw))
     with torch.no_grad():
-        ours(torch.randint(0, 128, (2, 7)).to(op_device))
+        ours(torch.randint(0, 128, (2, 7)).to(device))
     assert shapes and all(q[1] == 4 and k[1] == 2 for q, k in shapes)
 
 
-def test_llama_packed_sequences_use_varlen(op_device, calls):
+def test_llama_packed_sequences_use_varlen(device, calls):
     """Padding-free batch: three sequences in one row, position_ids restarting. Same logits as sdpa
     (whose mask is block-diagonal) and as running each sequence alone; fastattn runs varlen."""
+    require_fused(device, dtype=torch.float32, varlen=True)
     config = llama_config()
-    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, device)
     lengths = [5, 3, 6]
-    ids = torch.randint(0, 128, (1, sum(lengths))).to(op_device)
-    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(op_device)
+    ids = torch.randint(0, 128, (1, sum(lengths))).to(device)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
     sdpa.train(), ours.train()
     ref = sdpa(ids, position_ids=pos, labels=ids, use_cache=False)
     out = ours(ids, position_ids=pos, labels=ids, use_cache=False)
@@ -225,14 +237,15 @@ def test_llama_packed_sequences_use_varlen(op_device, calls):
     compare_grads(sdpa, ours)
 
 
-def test_llama_flash_style_cu_seqlens_kwargs(op_device, calls):
+def test_llama_flash_style_cu_seqlens_kwargs(device, calls):
     """cu_seq_lens_q/k + max_length_q/k (DataCollatorWithFlattening(return_flash_attn_kwargs=True))."""
+    require_fused(device, dtype=torch.float32, varlen=True)
     config = llama_config()
-    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, device)
     lengths = [4, 7]
-    ids = torch.randint(0, 128, (1, 11)).to(op_device)
-    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(op_device)
-    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=op_device)
+    ids = torch.randint(0, 128, (1, 11)).to(device)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=device)
     with torch.no_grad():
         ref = sdpa(ids, position_ids=pos, use_cache=False).logits
         out = ours(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
@@ -241,14 +254,15 @@ def test_llama_flash_style_cu_seqlens_kwargs(op_device, calls):
     close("logits", out, ref)
 
 
-def test_llama_sliding_window_mask_stays_dense(op_device, calls):
+def test_llama_sliding_window_mask_stays_dense(device, calls):
     """A packed row whose mask is not plain block-diagonal (here: a sliding window) keeps the dense
     masked path, which is always right."""
+    require_fused(device, dtype=torch.float32, has_mask=True)
     config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=3)
-    sdpa, ours = twin(transformers.MistralForCausalLM, config, op_device)
-    ids = torch.randint(0, 128, (1, 12)).to(op_device)
-    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]], device=op_device)
+    sdpa, ours = twin(transformers.MistralForCausalLM, config, device)
+    ids = torch.randint(0, 128, (1, 12)).to(device)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4]], device=device)
     with torch.no_grad():
         ref, out = sdpa(ids, position_ids=pos, use_cache=False).logits, ours(ids, position_ids=pos,
                                                                               use_cache=False).logits
@@ -256,10 +270,11 @@ def test_llama_sliding_window_mask_stays_dense(op_device, calls):
     close("logits", out, ref)
 
 
-def test_llama_generate_with_cache(op_device, calls):
+def test_llama_generate_with_cache(device, calls):
+    require_fused(device, dtype=torch.float32, has_mask=True)
     config = llama_config()
-    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
-    ids = torch.randint(0, 128, (2, 6)).to(op_device)
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, device)
+    ids = torch.randint(0, 128, (2, 6)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding, as for generation
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -269,10 +284,11 @@ def test_llama_generate_with_cache(op_device, calls):
     assert "reference" not in calls["backends"] and len(calls["backends"]) == 6 * config.num_hidden_layers
 
 
-def test_llama_dropout_in_training(op_device, calls):
+def test_llama_dropout_in_training(device, calls):
+    require_fused(device, dtype=torch.float32, dropout=True)
     config = llama_config(attention_dropout=0.5)
-    sdpa, ours = twin(transformers.LlamaForCausalLM, config, op_device)
-    ids = torch.randint(0, 128, (2, 9)).to(op_device)
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, device)
+    ids = torch.randint(0, 128, (2, 9)).to(device)
     ours.eval(), sdpa.eval()
     with torch.no_grad():
         e1, e2, r = ours(ids).logits, ours(ids).logits, sdpa(ids).logits
@@ -287,13 +303,14 @@ def test_llama_dropout_in_training(op_device, calls):
     t1.sum().backward()
 
 
-def test_from_pretrained_with_fastattn(tmp_path, op_device, calls):
+def test_from_pretrained_with_fastattn(tmp_path, device, calls):
+    require_fused(device, dtype=torch.float32, has_mask=True)
     config = llama_config()
-    sdpa, _ = twin(transformers.LlamaForCausalLM, config, op_device)
+    sdpa, _ = twin(transformers.LlamaForCausalLM, config, device)
     sdpa.save_pretrained(tmp_path)
-    ours = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="fastattn").to(op_device)
+    ours = transformers.LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="fastattn").to(device)
     assert ours.config._attn_implementation == "fastattn"
-    ids = torch.randint(0, 128, (2, 8)).to(op_device)
+    ids = torch.randint(0, 128, (2, 8)).to(device)
     with torch.no_grad():
         close("logits", ours(ids).logits, sdpa(ids).logits)
     assert_fused(calls, config.num_hidden_layers)

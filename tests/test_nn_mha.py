@@ -17,12 +17,19 @@ import torch
 import fastattn
 import fastattn.nn as fnn
 from fastattn import dispatch
-from conftest import FWD_FLOOR, GRAD_FLOOR, assert_close, assert_within_2x, dtype_id
+from conftest import (FWD_FLOOR, GRAD_FLOOR, assert_close, assert_within_2x, attention_devices, dtype_id,
+                      require_fused)
 
 # Looser than the kernel's own tolerances: the projections add float32 matmul rounding of
 # E-wide dot products on top of the attention (measured ~2e-6 / ~1e-5 at these sizes).
 MHA_ATOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 MHA_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@pytest.fixture(params=attention_devices(), ids=lambda d: f"device={d.type}")
+def device(request):
+    """Each device on which fastattn.attention has a fused kernel (the CPU; CUDA when present)."""
+    return request.param
 
 
 @pytest.fixture
@@ -177,12 +184,13 @@ def grads_of(module, out, w, inputs, grad_out, grad_w):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
 @pytest.mark.parametrize("seed", range(24))
-def test_parity_random_configs(seed, dtype, op_device, kernel_calls):
+def test_parity_random_configs(seed, dtype, device, kernel_calls):
+    require_fused(device, dtype=dtype, has_mask=True)
     config, call = random_case(seed)
     torch.manual_seed(seed)
-    ref, ours = make_pair(config, op_device, dtype)
+    ref, ours = make_pair(config, device, dtype)
     gen = torch.Generator().manual_seed(1000 + seed)
-    query, key, value, kpm, mask = make_inputs(config, call, op_device, dtype, gen)
+    query, key, value, kpm, mask = make_inputs(config, call, device, dtype, gen)
 
     ri, oi = leaves(query, key, value), leaves(query, key, value)
     ref_out, ref_w = run(ref, *ri, kpm, mask, call)
@@ -196,8 +204,8 @@ def test_parity_random_configs(seed, dtype, op_device, kernel_calls):
     else:
         assert w is None and ref_w is None
 
-    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(op_device, dtype)
-    grad_w = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(op_device, dtype) if w is not None else None
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    grad_w = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(device, dtype) if w is not None else None
     ref_grads = grads_of(ref, ref_out, ref_w, ri, grad_out, grad_w)
     our_grads = grads_of(ours, out, w, oi, grad_out, grad_w)
     names = ["d_query", "d_key", "d_value"][:len(dict.fromkeys(oi))] + [f"d_{n}" for n, _ in ours.named_parameters()]
@@ -206,17 +214,18 @@ def test_parity_random_configs(seed, dtype, op_device, kernel_calls):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)
-def test_low_precision_within_2x_of_torch(dtype, op_device, kernel_calls):
+def test_low_precision_within_2x_of_torch(dtype, device, kernel_calls):
     """bf16/fp16: our error vs a float64 torch module <= 2x torch's own error in that dtype + floor."""
+    require_fused(device, dtype=dtype, has_mask=True)
     config = dict(embed_dim=32, num_heads=4, batch_first=True)
     torch.manual_seed(0)
-    ref64, _ = make_pair(config, op_device, torch.float64)
-    ref_low = torch.nn.MultiheadAttention(**config, device=op_device, dtype=dtype)
+    ref64, _ = make_pair(config, device, torch.float64)
+    ref_low = torch.nn.MultiheadAttention(**config, device=device, dtype=dtype)
     ref_low.load_state_dict(ref64.state_dict())
-    ours = fnn.MultiheadAttention(**config, device=op_device, dtype=dtype)
+    ours = fnn.MultiheadAttention(**config, device=device, dtype=dtype)
     ours.load_state_dict(ref64.state_dict())
-    x = torch.randn(2, 19, 32, dtype=torch.float64, device=op_device).to(dtype)
-    kpm = torch.rand(2, 19, device=op_device) < 0.3
+    x = torch.randn(2, 19, 32, dtype=torch.float64, device=device).to(dtype)
+    kpm = torch.rand(2, 19, device=device) < 0.3
     kpm[:, 0] = False
     results = {}
     for name, m, t in (("ref64", ref64, x.double()), ("low", ref_low, x), ("ours", ours, x)):
@@ -238,15 +247,16 @@ def test_low_precision_within_2x_of_torch(dtype, op_device, kernel_calls):
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("with_kpm", [False, True])
 @pytest.mark.parametrize("extra", ["none", "add_bias_kv", "add_zero_attn"])
-def test_is_causal_hint(need_weights, with_kpm, extra, op_device, kernel_calls, monkeypatch):
+def test_is_causal_hint(need_weights, with_kpm, extra, device, kernel_calls, monkeypatch):
+    require_fused(device, dtype=torch.float64, has_mask=True)
     config = dict(embed_dim=16, num_heads=2, batch_first=True, add_bias_kv=extra == "add_bias_kv",
                   add_zero_attn=extra == "add_zero_attn")
-    ref, ours = make_pair(config, op_device, torch.float64)
-    x = torch.randn(2, 9, 16, dtype=torch.float64, device=op_device)
-    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask(9, device=op_device, dtype=torch.float64)
+    ref, ours = make_pair(config, device, torch.float64)
+    x = torch.randn(2, 9, 16, dtype=torch.float64, device=device)
+    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask(9, device=device, dtype=torch.float64)
     kpm = None
     if with_kpm:
-        kpm = torch.zeros(2, 9, dtype=torch.float64, device=op_device)
+        kpm = torch.zeros(2, 9, dtype=torch.float64, device=device)
         kpm[1, 6:] = float("-inf")
     causal_flags = []
     real = fastattn.api.attention
@@ -269,11 +279,12 @@ def test_is_causal_needs_attn_mask():
         m(x, x, x, is_causal=True)
 
 
-def test_non_contiguous_inputs(op_device, kernel_calls):
-    ref, ours = make_pair(dict(embed_dim=16, num_heads=4, kdim=6, vdim=5), op_device, torch.float64)
-    q = torch.randn(2, 7, 32, dtype=torch.float64, device=op_device)[..., ::2].transpose(0, 1)  # (7, 2, 16)
-    k = torch.randn(2, 5, 6, dtype=torch.float64, device=op_device).transpose(0, 1)  # (5, 2, 6)
-    v = torch.randn(5, 2, 10, dtype=torch.float64, device=op_device)[..., 1::2]
+def test_non_contiguous_inputs(device, kernel_calls):
+    require_fused(device, dtype=torch.float64, has_mask=True)
+    ref, ours = make_pair(dict(embed_dim=16, num_heads=4, kdim=6, vdim=5), device, torch.float64)
+    q = torch.randn(2, 7, 32, dtype=torch.float64, device=device)[..., ::2].transpose(0, 1)  # (7, 2, 16)
+    k = torch.randn(2, 5, 6, dtype=torch.float64, device=device).transpose(0, 1)  # (5, 2, 6)
+    v = torch.randn(5, 2, 10, dtype=torch.float64, device=device)[..., 1::2]
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     r, o = ref(q, k, v), ours(q, k, v)
     assert_fused(kernel_calls)
@@ -281,14 +292,15 @@ def test_non_contiguous_inputs(op_device, kernel_calls):
     assert_close("weights", o[1], r[1], atol=1e-10, rtol=1e-10)
 
 
-def test_torch_compile_fullgraph(op_device, kernel_calls):
+def test_torch_compile_fullgraph(device, kernel_calls):
     """The module traces as one graph (the fastattn ops have fake kernels), with and without weights."""
+    require_fused(device, dtype=torch.float32, has_mask=True)
     torch.manual_seed(8)
-    ref, ours = make_pair(dict(embed_dim=16, num_heads=4, batch_first=True), op_device, torch.float32)
+    ref, ours = make_pair(dict(embed_dim=16, num_heads=4, batch_first=True), device, torch.float32)
     ours.eval()
     compiled = torch.compile(ours, fullgraph=True)
-    x = torch.randn(2, 9, 16, device=op_device)
-    kpm = torch.zeros(2, 9, dtype=torch.bool, device=op_device)
+    x = torch.randn(2, 9, 16, device=device)
+    kpm = torch.zeros(2, 9, dtype=torch.bool, device=device)
     kpm[1, 5:] = True
     for need_weights in (False, True):
         o, w = compiled(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
@@ -299,12 +311,13 @@ def test_torch_compile_fullgraph(op_device, kernel_calls):
     assert_fused(kernel_calls)
 
 
-def test_fully_masked_rows_give_zeros(op_device):
+def test_fully_masked_rows_give_zeros(device):
     """Documented difference: a query that may see no key gives zeros (torch: zeros without weights,
     NaN with need_weights=True)."""
-    ref, ours = make_pair(dict(embed_dim=8, num_heads=2, batch_first=True), op_device, torch.float64)
-    x = torch.randn(2, 4, 8, dtype=torch.float64, device=op_device)
-    kpm = torch.tensor([[False, False, True, False], [True, True, True, True]], device=op_device)
+    require_fused(device, dtype=torch.float64, has_mask=True)
+    ref, ours = make_pair(dict(embed_dim=8, num_heads=2, batch_first=True), device, torch.float64)
+    x = torch.randn(2, 4, 8, dtype=torch.float64, device=device)
+    kpm = torch.tensor([[False, False, True, False], [True, True, True, True]], device=device)
     o, w = ours(x, x, x, key_padding_mask=kpm, average_attn_weights=False)
     assert torch.equal(w[1], torch.zeros_like(w[1]))
     assert_close("out of the masked sample", o[1], ours.out_proj.bias.expand(4, 8), atol=0, rtol=0)
@@ -312,12 +325,13 @@ def test_fully_masked_rows_give_zeros(op_device):
     assert_close("out", o, r, atol=1e-10, rtol=1e-10)  # torch's SDPA path agrees
 
 
-def test_mixed_mask_types_warn_like_torch(op_device):
-    ref, ours = make_pair(dict(embed_dim=8, num_heads=2), op_device, torch.float64)
-    x = torch.randn(5, 2, 8, dtype=torch.float64, device=op_device)
-    kpm = torch.zeros(2, 5, dtype=torch.bool, device=op_device)
+def test_mixed_mask_types_warn_like_torch(device):
+    require_fused(device, dtype=torch.float64, has_mask=True)
+    ref, ours = make_pair(dict(embed_dim=8, num_heads=2), device, torch.float64)
+    x = torch.randn(5, 2, 8, dtype=torch.float64, device=device)
+    kpm = torch.zeros(2, 5, dtype=torch.bool, device=device)
     kpm[0, 3:] = True
-    mask = torch.randn(5, 5, dtype=torch.float64, device=op_device)
+    mask = torch.randn(5, 5, dtype=torch.float64, device=device)
     with pytest.warns(UserWarning, match="mismatched key_padding_mask and attn_mask"):
         o = ours(x, x, x, key_padding_mask=kpm, attn_mask=mask)
     with pytest.warns(UserWarning):
@@ -329,9 +343,10 @@ def test_mixed_mask_types_warn_like_torch(op_device):
 # ---------------------------------------------------------------------------------------------
 # Dropout
 # ---------------------------------------------------------------------------------------------
-def test_dropout_only_in_training(op_device, kernel_calls):
-    ref, ours = make_pair(dict(embed_dim=16, num_heads=2, dropout=0.4, batch_first=True), op_device, torch.float64)
-    x = torch.randn(2, 12, 16, dtype=torch.float64, device=op_device)
+def test_dropout_only_in_training(device, kernel_calls):
+    require_fused(device, dtype=torch.float64, dropout=True)
+    ref, ours = make_pair(dict(embed_dim=16, num_heads=2, dropout=0.4, batch_first=True), device, torch.float64)
+    x = torch.randn(2, 12, 16, dtype=torch.float64, device=device)
     ref.eval(), ours.eval()
     e1, e2, r = ours(x, x, x)[0], ours(x, x, x)[0], ref(x, x, x)[0]
     assert torch.equal(e1, e2)
@@ -347,16 +362,17 @@ def test_dropout_only_in_training(op_device, kernel_calls):
     assert_fused(kernel_calls)
 
 
-def test_dropout_weights_are_the_ones_applied(op_device, kernel_calls):
+def test_dropout_weights_are_the_ones_applied(device, kernel_calls):
     """With need_weights in training, the returned per-head weights are the dropped-out, rescaled
     probabilities the kernel used: weights @ v reproduces the attention output exactly, and about
     p of them are zero."""
+    require_fused(device, dtype=torch.float64, dropout=True)
     E, H, p = 16, 2, 0.3
-    m = fnn.MultiheadAttention(E, H, dropout=p, batch_first=True, device=op_device, dtype=torch.float64)
+    m = fnn.MultiheadAttention(E, H, dropout=p, batch_first=True, device=device, dtype=torch.float64)
     with torch.no_grad():  # identity output projection: the output is the attention itself
         m.out_proj.weight.copy_(torch.eye(E))
         m.out_proj.bias.zero_()
-    x = torch.randn(3, 40, E, dtype=torch.float64, device=op_device)
+    x = torch.randn(3, 40, E, dtype=torch.float64, device=device)
     out, w = m(x, x, x, average_attn_weights=False)  # w (3, H, 40, 40)
     assert_fused(kernel_calls)
     v = torch.nn.functional.linear(x, m.in_proj_weight[2 * E:], m.in_proj_bias[2 * E:])  # (3, 40, E)
@@ -388,20 +404,21 @@ def test_dropout_seed_recovery_fails_loudly(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_transformer_encoder_layer_swapped(norm_first, batch_first, op_device, kernel_calls):
+def test_transformer_encoder_layer_swapped(norm_first, batch_first, device, kernel_calls):
+    require_fused(device, dtype=torch.float64, has_mask=True)
     torch.manual_seed(3)
     ref = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=48, dropout=0.0, batch_first=batch_first,
-                                           norm_first=norm_first, device=op_device, dtype=torch.float64)
+                                           norm_first=norm_first, device=device, dtype=torch.float64)
     model = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=48, dropout=0.0, batch_first=batch_first,
-                                             norm_first=norm_first, device=op_device, dtype=torch.float64)
+                                             norm_first=norm_first, device=device, dtype=torch.float64)
     model.load_state_dict(ref.state_dict())
     assert fnn.replace_attention(model) == 1 and isinstance(model.self_attn, fnn.MultiheadAttention)
     model.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(3, 10, 32, dtype=torch.float64, device=op_device)
+    x = torch.randn(3, 10, 32, dtype=torch.float64, device=device)
     x = x if batch_first else x.transpose(0, 1)
-    kpm = torch.zeros(3, 10, dtype=torch.bool, device=op_device)
+    kpm = torch.zeros(3, 10, dtype=torch.bool, device=device)
     kpm[1, 7:], kpm[2, 4:] = True, True
-    causal = torch.nn.Transformer.generate_square_subsequent_mask(10, device=op_device, dtype=torch.float64)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(10, device=device, dtype=torch.float64)
     for kwargs in (dict(), dict(src_key_padding_mask=kpm), dict(src_mask=causal, is_causal=True),
                    dict(src_mask=causal, src_key_padding_mask=kpm.double().masked_fill(kpm, float("-inf")))):
         xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -421,20 +438,21 @@ def test_transformer_encoder_layer_swapped(norm_first, batch_first, op_device, k
         ref.train(), model.train()
 
 
-def test_transformer_encoder_nested_inference(op_device, kernel_calls):
+def test_transformer_encoder_nested_inference(device, kernel_calls):
     """torch.nn.TransformerEncoder converts padded batches to nested tensors in inference;
     replace_attention turns that off so the swapped layers get padded tensors and masks."""
+    require_fused(device, dtype=torch.float64, has_mask=True)
     torch.manual_seed(4)
     layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True,
-                                             device=op_device, dtype=torch.float64)
+                                             device=device, dtype=torch.float64)
     ref = torch.nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=True).eval()
     model = torch.nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=True).eval()
     model.load_state_dict(ref.state_dict())
     assert fnn.replace_attention(model) == 3
     assert model.use_nested_tensor is False
     assert fnn.replace_attention(model) == 0  # nothing left to swap
-    x = torch.randn(3, 8, 16, dtype=torch.float64, device=op_device)
-    kpm = torch.zeros(3, 8, dtype=torch.bool, device=op_device)
+    x = torch.randn(3, 8, 16, dtype=torch.float64, device=device)
+    kpm = torch.zeros(3, 8, dtype=torch.bool, device=device)
     kpm[0, 5:], kpm[2, 2:] = True, True
     with torch.no_grad():
         r, o = ref(x, src_key_padding_mask=kpm), model(x, src_key_padding_mask=kpm)
