@@ -97,6 +97,12 @@ def test_from_torch_shares_parameters():
     assert ours.in_proj_weight is ref.in_proj_weight and ours.bias_k is ref.bias_k
     assert ours.out_proj is ref.out_proj and not ours.training
     assert all(p.device.type != "meta" for p in ours.parameters())
+    seen = []
+    ref.register_forward_hook(lambda mod, args, out: seen.append(type(mod)))
+    ours = fnn.MultiheadAttention.from_torch(ref)
+    x = torch.randn(3, 2, 16)
+    ours(x, x, x)
+    assert seen == [fnn.MultiheadAttention], "the user's forward hooks must move to the new module"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     @classmethod
     def from_torch(cls, module: torch.nn.MultiheadAttention) -> "MultiheadAttention":
         """A fastattn module sharing ``module``'s parameters (the very same Parameter objects,
-        so optimizers keep working) and its training mode."""
+        so optimizers keep working), its forward hooks and its training mode."""
         if not isinstance(module, torch.nn.MultiheadAttention):
             raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
         new = cls(module.embed_dim, module.num_heads, dropout=module.dropout,
@@ -66,6 +66,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             new._parameters[name] = param
         new.out_proj = module.out_proj
         new.train(module.training)
+        for hooks in ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                      "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            if hasattr(module, hooks):  # the user's hooks keep firing (e.g. activation capture)
+                getattr(new, hooks).update(getattr(module, hooks))
         return new
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
