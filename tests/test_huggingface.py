@@ -197,6 +197,23 @@ def test_llama_gqa_matches_sdpa(padding, device, calls):
         compare_grads(sdpa, ours)
 
 
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_llama_custom_4d_mask(kind, device, calls):
+    """A ready 4-D mask from the user is passed through by transformers as is (bool or additive float)."""
+    require_fused(device, dtype=torch.float32, has_mask=True)
+    config = llama_config()
+    sdpa, ours = twin(transformers.LlamaForCausalLM, config, device)
+    ids = torch.randint(0, 128, (2, 8)).to(device)
+    allowed = torch.ones(8, 8, dtype=torch.bool, device=device).tril() & (torch.rand(2, 1, 8, 8, device=device) < 0.7)
+    allowed[..., 0] = True  # every query keeps the first token
+    mask = allowed if kind == "bool" else torch.zeros(allowed.shape, device=device).masked_fill(~allowed, -1e9)
+    with torch.no_grad():
+        ref, out = sdpa(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+    assert_fused(calls, config.num_hidden_layers)
+    assert all(k["attn_mask"] is not None and k["attn_mask"].dtype == mask.dtype for k in calls["dense"])
+    close("logits", out, ref)
+
+
 def test_llama_gqa_does_not_repeat_kv(device, monkeypatch):
     """K/V reach the kernel with Hkv heads (grouped-query attention without copies)."""
     require_fused(device, dtype=torch.float32, has_mask=True)
