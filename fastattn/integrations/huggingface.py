@@ -39,15 +39,14 @@ def register(name: str = NAME) -> str:
     try:
         from transformers import AttentionInterface
     except ImportError as e:
-        raise ImportError("fastattn.integrations.huggingface needs a transformers version with "
-                          "AttentionInterface: pip install 'fastattn[hf]'") from e
-    AttentionInterface.register(name, attention_forward)
+        raise ImportError("fastattn.integrations.huggingface needs transformers >= 4.53: "
+                          "pip install 'fastattn[hf]'") from e
     try:
         from transformers.masking_utils import AttentionMaskInterface
-    except ImportError:
-        # transformers before the mask interface (< 4.53): models build their own 4-D masks and
-        # pass them to every implementation, so there is nothing to register.
-        return name
+    except ImportError as e:
+        raise ImportError("fastattn.integrations.huggingface needs transformers >= 4.53 (AttentionMaskInterface, "
+                          "without which a custom attention gets no padding mask): pip install 'fastattn[hf]'") from e
+    AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
     return name
 
