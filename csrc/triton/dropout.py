@@ -32,3 +32,16 @@ def dropout_keep_tile(seed, offset, segment, rows, cols, threshold):
     lane = (cols & 3)[None, :]
     word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
     return word.to(tl.int64) >= threshold
+
+
+@triton.jit
+def _dropout_keep_mask_kernel(Out, seed, offset, threshold, seqlen_q, seqlen_k,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Writes the keep mask (int8) of segment program_id(2) to contiguous Out (B*H, Nq, Nk): tests/debugging."""
+    segment = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_keep_tile(seed, offset, segment, rows, cols, threshold)
+    ok = (rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+    tl.store(Out + segment * seqlen_q * seqlen_k + rows[:, None] * seqlen_k + cols[None, :], keep.to(tl.int8),
+             mask=ok)

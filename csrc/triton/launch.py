@@ -217,7 +217,7 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, layout, lse_strides, mask
     common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
                   DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(q.dtype),
                   DOT_UPCAST=kern.interpret and q.dtype == torch.bfloat16,
-                  BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **options)
+                  BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv))
     scalars = (scale, scale * 1.4426950408889634, seed, offset, threshold, drop_scale,
                cfg.seqlen_bucket(max(max_q, max_k)))
     options = kern.options("dkdv", max(D, Dv))
@@ -259,3 +259,19 @@ def varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
               (q, (0, 0, 0, 0), 0, False), cu_seqlens_q, cu_seqlens_k, batch, Hq, Hkv, 0, 0,
               max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, rng_state)
     return dq, dk, dv
+
+
+def dropout_keep_mask(rng_state: torch.Tensor, dropout_p: float, batch: int, num_heads: int, seqlen_q: int,
+                      seqlen_k: int, device) -> torch.Tensor:
+    """Bool (batch, num_heads, seqlen_q, seqlen_k): the keep mask the kernels draw, materialised.
+
+    For tests and debugging: equals fastattn.reference.dropout_keep_mask bit for bit.
+    """
+    from .dropout import _dropout_keep_mask_kernel
+
+    seed, offset, threshold, _ = _dropout_args(dropout_p, rng_state)
+    out = torch.empty(batch, num_heads, seqlen_q, seqlen_k, dtype=torch.int8, device=device)
+    block = 32
+    grid = (triton.cdiv(seqlen_q, block), triton.cdiv(seqlen_k, block), batch * num_heads)
+    _dropout_keep_mask_kernel[grid](out, seed, offset, threshold, seqlen_q, seqlen_k, BLOCK_M=block, BLOCK_N=block)
+    return out.bool()
