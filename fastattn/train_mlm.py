@@ -199,29 +199,26 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _mask_seed(seed: int, step: int, micro: int) -> int:
-    """Seed of the masking of one micro-batch: a function of its place in the run only."""
-    return (seed * 1_000_003 + step) * 1_009 + micro
+def _mask_seed(seed: int, sample: int) -> int:
+    """Seed of the masking of the sample-th sequence of the run (its place, not its batch)."""
+    return seed * 1_000_003 + sample + 1
 
 
-def global_micro_batch(data: Data, order: data_lib.SampleOrder, cfg: TrainConfig, masking: MaskingConfig,
-                       step: int, micro: int, world: int) -> data_lib.Batch:
-    """The micro-batch of all processes together (batch_size x world sequences); rank r takes slice r.
+def local_micro_batches(data: Data, order: data_lib.SampleOrder, cfg: TrainConfig, masking: MaskingConfig,
+                        step: int, d: Dist) -> List[data_lib.Batch]:
+    """This process's micro-batches of one step.
 
-    Built the same way whatever the world size, so N processes see exactly what one process
-    with an N-times larger batch sees.
+    The samples of a step are the next ``batch_size x world x grad_accum`` of the run's order;
+    micro-batch m of rank r takes slice r of the m-th group of ``batch_size x world``, so N
+    processes (or k micro-batches) see and mask exactly what one process with an N (k) times
+    larger batch does.
     """
-    n = cfg.batch_size * world
-    first = (step * cfg.grad_accum + micro) * n
-    seqs = [data.train[order[i]] for i in range(first, first + n)]
-    return data_lib.collate(seqs, data.info, masking, torch.Generator().manual_seed(_mask_seed(cfg.seed, step, micro)))
-
-
-def local_micro_batches(data, order, cfg, masking, step, d: Dist) -> List[data_lib.Batch]:
     out = []
     for m in range(cfg.grad_accum):
-        b = global_micro_batch(data, order, cfg, masking, step, m, d.world)
-        out.append(b.slice(d.rank * cfg.batch_size, (d.rank + 1) * cfg.batch_size))
+        first = ((step * cfg.grad_accum + m) * d.world + d.rank) * cfg.batch_size
+        samples = range(first, first + cfg.batch_size)
+        out.append(data_lib.collate([data.train[order[i]] for i in samples], data.info, masking,
+                                    [_mask_seed(cfg.seed, i) for i in samples]))
     return out
 
 

@@ -169,10 +169,13 @@ def test_sequences(small_tokenizer, mode):
         assert torch.equal(body, stream[:len(body)]), "windows are consecutive slices of the token stream"
     else:
         assert len(seqs) == 3 * len([ln for d in TEXT.split("\n\n") for ln in d.split("\n")])
-    batch = data_lib.collate(seqs[:5], info, MaskingConfig(), torch.Generator().manual_seed(0))
+    batch = data_lib.collate(seqs[:5], info, MaskingConfig(), seeds=range(5))
     assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
     assert (batch.labels[batch.attention_mask == 0] == IGNORE_INDEX).all()
     assert (batch.input_ids[batch.attention_mask == 0] == info.pad_id).all()
+    again = data_lib.collate(seqs[3:5], info, MaskingConfig(), seeds=[3, 4])
+    n = again.input_ids.shape[1]
+    assert torch.equal(again.labels, batch.labels[3:5, :n]), "a sequence's mask depends on its seed, not its batch"
 
 
 def test_eval_batches_are_fixed_at_15_percent(small_tokenizer):

@@ -72,19 +72,28 @@ class Batch:
 
 
 def collate(seqs: Sequence[torch.Tensor], info: TokenizerInfo, masking: MaskingConfig,
-            generator: torch.Generator) -> Batch:
-    """Pad ``seqs`` to the longest, then mask (padding and special tokens are never masked)."""
+            seeds: Sequence[int]) -> Batch:
+    """Mask each sequence with its own seed, then pad to the longest.
+
+    One seed per sequence (a function of its place in the run), so a sample is masked the
+    same way whatever batch, micro-batch or process it lands in. Padding and special
+    tokens are never masked.
+    """
+    if len(seeds) != len(seqs):
+        raise ValueError(f"collate needs one seed per sequence, got {len(seeds)} seeds for {len(seqs)} sequences")
     N = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), N), info.pad_id, dtype=torch.long)  # (B, N)
+    labels = torch.full((len(seqs), N), -100, dtype=torch.long)
     attn = torch.zeros((len(seqs), N), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = s
-        attn[i, :len(s)] = 1
-    eligible = (attn == 1) & ~torch.isin(ids, info.special_ids)
     ordinary = torch.nonzero(~torch.isin(torch.arange(info.vocab_size), info.special_ids)).flatten()
-    inputs, labels = mask_tokens(ids, eligible=eligible, mask_id=info.mask_id, random_ids=ordinary,
-                                 config=masking, generator=generator, continues_word=info.continues_word)
-    return Batch(inputs, attn, labels)
+    for i, (s, seed) in enumerate(zip(seqs, seeds)):
+        row = s[None, :]  # (1, n)
+        row_ids, row_labels = mask_tokens(row, eligible=~torch.isin(row, info.special_ids), mask_id=info.mask_id,
+                                          random_ids=ordinary, config=masking,
+                                          generator=torch.Generator().manual_seed(seed),
+                                          continues_word=info.continues_word)
+        ids[i, :len(s)], labels[i, :len(s)], attn[i, :len(s)] = row_ids[0], row_labels[0], 1
+    return Batch(ids, attn, labels)
 
 
 class SampleOrder:
@@ -113,9 +122,12 @@ def eval_batches(seqs: Sequence[torch.Tensor], info: TokenizerInfo, batch_size: 
                  mask_prob: float = 0.15) -> List[Batch]:
     """The held-out batches, masked once at ``mask_prob`` (BERT's 15%) with a fixed seed, whatever
     the training rate, so eval losses of runs with different settings compare."""
-    g = torch.Generator().manual_seed(seed)
     masking = MaskingConfig(mask_prob=mask_prob)
-    return [collate(seqs[i:i + batch_size], info, masking, g) for i in range(0, len(seqs), batch_size)]
+    batches = []
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start:start + batch_size]
+        batches.append(collate(chunk, info, masking, [seed * 1_000_003 + start + j for j in range(len(chunk))]))
+    return batches
 
 
 def unigram_cross_entropy(train_seqs: Sequence[torch.Tensor], batches: Sequence[Batch], info: TokenizerInfo) -> float:
