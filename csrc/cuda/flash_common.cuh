@@ -1,0 +1,221 @@
+// Device building blocks shared by the forward and backward kernels: the
+// sm80 PTX wrappers (cp.async, ldmatrix, mma.sync m16n8k16), the element-type
+// traits, shared-memory tile loads, per-sequence bounds, masking and dropout.
+//
+// Fragment layouts of mma.sync.m16n8k16 (lane = 4 * g + t, g = lane / 4, t = lane % 4):
+//   A (16x16, row-major)  a0: (g, 2t..2t+1)  a1: (g+8, 2t..)  a2: (g, 2t+8..)  a3: (g+8, 2t+8..)
+//   B (16x8, "col")        b0: (k 2t..2t+1, n g)             b1: (k 2t+8..2t+9, n g)
+//   C (16x8, float)        c0,c1: (g, 2t..2t+1)             c2,c3: (g+8, 2t..2t+1)
+// Two neighbouring C tiles (n 0..7 and 8..15) hold exactly an A fragment of a
+// 16x16 block, which is how P and dS go from one product into the next without
+// shared memory.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+#include "../philox.h"
+#include "flash_params.h"
+
+namespace fastattn {
+namespace cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr int kWarpSize = 32;
+
+// ---------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------
+template <typename Tag>
+struct ElemTraits;
+
+template <>
+struct ElemTraits<Fp16> {
+  using T = __half;
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);  // lo in the low 16 bits (lower column)
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float2 unpack(uint32_t x) {
+    return __half22float2(*reinterpret_cast<__half2*>(&x));
+  }
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct ElemTraits<Bf16> {
+  using T = __nv_bfloat16;
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+  __device__ __forceinline__ static float2 unpack(uint32_t x) {
+    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+  }
+  __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// ---------------------------------------------------------------------------
+// PTX wrappers (sm80+)
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses registers; src_bytes = 0 writes zeros
+// (rows past the end of a sequence, so no garbage ever reaches an mma).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// ---------------------------------------------------------------------------
+// Shared-memory tiles: kRows x kHeadDim elements, rows padded by 8 elements
+// (16 bytes) so that the 8 row addresses of one ldmatrix fall in 8 different
+// 16-byte bank groups (conflict-free for every head dim that is a multiple of 16).
+// ---------------------------------------------------------------------------
+template <int kHeadDim>
+struct TileLayout {
+  static constexpr int kStride = kHeadDim + 8;  // elements per smem row
+  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks
+};
+
+// Copies rows [row0, row0 + kRows) of a (rows, kHeadDim) slab with row stride
+// `row_stride` into smem; rows >= num_rows become zeros.
+template <int kRows, int kHeadDim, int kThreads, typename T>
+__device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t row_stride, int row0, int num_rows,
+                                                int tid) {
+  using L = TileLayout<kHeadDim>;
+  constexpr int kChunks = kRows * L::kChunksPerRow;
+#pragma unroll
+  for (int c = tid; c < kChunks; c += kThreads) {
+    const int r = c / L::kChunksPerRow, col = (c % L::kChunksPerRow) * 8;
+    const bool valid = row0 + r < num_rows;
+    const T* src = valid ? gmem + (row0 + r) * row_stride + col : gmem;
+    cp_async_16(smem_addr(smem + r * L::kStride + col), src, valid);
+  }
+}
+
+// A fragment of the 16x16 block at (row0, col0) of a row-major smem tile.
+template <int kStride, typename T>
+__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* smem, int row0, int col0, int lane) {
+  ldmatrix_x4(a, smem_addr(smem + (row0 + (lane % 16)) * kStride + col0 + (lane / 16) * 8));
+}
+
+// B fragments of two neighbouring n-tiles (n0..n0+7 -> b[0],b[1]; n0+8.. -> b[2],b[3])
+// for k = col0..col0+15, from a smem tile stored [n][k] (K for Q Kᵀ).
+template <int kStride, typename T>
+__device__ __forceinline__ void load_b_frags_nk(uint32_t (&b)[4], const T* smem, int n0, int col0, int lane) {
+  ldmatrix_x4(b, smem_addr(smem + (n0 + (lane % 8) + (lane / 16) * 8) * kStride + col0 + ((lane / 8) % 2) * 8));
+}
+
+// B fragments of two neighbouring n-tiles for k = k0..k0+15 from a smem tile
+// stored [k][n] (V for P V): transposed on load.
+template <int kStride, typename T>
+__device__ __forceinline__ void load_b_frags_kn(uint32_t (&b)[4], const T* smem, int k0, int n0, int lane) {
+  ldmatrix_x4_trans(b, smem_addr(smem + (k0 + (lane % 16)) * kStride + n0 + (lane / 16) * 8));
+}
+
+// ---------------------------------------------------------------------------
+// Per-sequence bounds: dense calls use blockIdx.z as the batch index, varlen
+// calls read the sequence's rows from cu_seqlens.
+// ---------------------------------------------------------------------------
+struct SeqBounds {
+  int64_t q_start, k_start;  // first packed row (varlen) or 0 (dense)
+  int seqlen_q, seqlen_k;
+};
+
+__device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
+  SeqBounds s;
+  if (p.cu_seqlens_q != nullptr) {
+    s.q_start = p.cu_seqlens_q[b];
+    s.k_start = p.cu_seqlens_k[b];
+    s.seqlen_q = p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b];
+    s.seqlen_k = p.cu_seqlens_k[b + 1] - p.cu_seqlens_k[b];
+  } else {
+    s.q_start = 0;
+    s.k_start = 0;
+    s.seqlen_q = p.seqlen_q;
+    s.seqlen_k = p.seqlen_k;
+  }
+  return s;
+}
+
+// Offset of lse/delta row 0 of (sequence b, head h).
+__device__ __forceinline__ int64_t lse_offset(const AttnParams& p, const SeqBounds& s, int b, int h) {
+  return b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;
+}
+
+// ---------------------------------------------------------------------------
+// Dropout: keep/drop of (query i, key j) in segment b * Hq + h, as csrc/philox.h.
+// ---------------------------------------------------------------------------
+struct DropoutRng {
+  uint64_t seed;
+  uint32_t offset, segment, threshold;
+  __device__ __forceinline__ void init(const AttnParams& p, int b, int h) {
+    if (p.rng_state_device != nullptr) {
+      seed = static_cast<uint64_t>(p.rng_state_device[0]);
+      offset = static_cast<uint32_t>(p.rng_state_device[1]);
+    } else {
+      seed = p.seed;
+      offset = static_cast<uint32_t>(p.offset);
+    }
+    segment = static_cast<uint32_t>(b * p.num_heads_q + h);
+    threshold = p.dropout_threshold;
+  }
+  // Keep bits of keys j and j + 1 of query row i; j is even, so both share one Philox call.
+  __device__ __forceinline__ void keep_pair(int i, int j, bool& keep0, bool& keep1) const {
+    const Philox4 w = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), segment, offset, seed);
+    const uint32_t w0 = (j & 2) ? w.w[2] : w.w[0];
+    const uint32_t w1 = (j & 2) ? w.w[3] : w.w[1];
+    keep0 = w0 >= threshold;
+    keep1 = w1 >= threshold;
+  }
+  __device__ __forceinline__ bool keep(int i, int j) const {
+    const Philox4 w = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), segment, offset, seed);
+    return w.w[j & 3] >= threshold;
+  }
+};
+
+// Reductions over the 4 lanes of a quad (the lanes that share a C-fragment row).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+}  // namespace cuda
+}  // namespace fastattn
