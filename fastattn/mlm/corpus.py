@@ -158,7 +158,7 @@ def split_documents(docs: Sequence[str], eval_fraction: float) -> tuple:
     return train, held_out
 
 
-def load_corpus(data: Optional[Sequence[str]], cache_dir: str, eval_fraction: float = 0.02) -> Corpus:
+def load_corpus(data: Optional[Sequence[str]], cache_dir: str, eval_fraction: float = 0.05) -> Corpus:
     """The corpus of ``data`` (files/folders) or, when None/empty, the default Python-docs corpus."""
     if data:
         docs = text_file_documents(data)
@@ -170,5 +170,6 @@ def load_corpus(data: Optional[Sequence[str]], cache_dir: str, eval_fraction: fl
     for d in docs:
         digest.update(d.encode("utf-8"))
         digest.update(b"\0")
+    digest.update(repr(eval_fraction).encode())  # the split decides what a cached tokenizer was trained on
     train, held_out = split_documents(docs, eval_fraction)
     return Corpus(name=name, train=train, eval=held_out, fingerprint=digest.hexdigest()[:16])

@@ -325,7 +325,9 @@ class MaskedLMOutput:
     """loss: mean (or sum, see ``loss_reduction``) cross-entropy over labels != -100; 0 when none.
 
     logits: (B, N, V), or (num_masked, V) with dense_seq_output in training (rows in the
-    order of ``masked_positions``, flat indices b * N + n). num_masked: int64 scalar tensor.
+    order of ``masked_positions``, flat indices b * N + n). On the padding-free path the
+    logits at padding positions are zeros (HF's there are meaningless values: not compared).
+    num_masked: int64 scalar tensor.
     """
 
     loss: Optional[torch.Tensor]
@@ -452,9 +454,9 @@ class BertForMaskedLM(nn.Module):
             targets = row_labels[rows]
             positions = rows if layout is None else layout.indices[rows]
         else:
+            logits = self.cls(hidden)  # (B, N, V), or (T, V) on the padding-free path
             if layout is not None:
-                hidden = pad_packed(hidden, layout)  # (B, N, C)
-            logits = self.cls(hidden)  # (B, N, V)
+                logits = pad_packed(logits, layout)  # (B, N, V), zeros at padding positions
             if labels is None:
                 return MaskedLMOutput(loss=None, logits=logits)
             positions = None
