@@ -117,6 +117,7 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
+    device: torch.device = torch.device("cpu")  # where the tensors of collectives live (cuda for NCCL)
 
     @property
     def enabled(self) -> bool:
@@ -146,7 +147,7 @@ def _init_distributed(device_arg: str):
         torch.cuda.set_device(device)
     if d.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    d.device = device if device.type == "cuda" else torch.device("cpu")  # where collectives' tensors live
+    d.device = device if device.type == "cuda" else torch.device("cpu")
     return d, device
 
 
