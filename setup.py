@@ -18,6 +18,7 @@ import glob
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -58,6 +59,26 @@ def cuda_wheel_include_dirs():
     return sorted(set(dirs))
 
 
+def nvcc_include_dirs(nvcc):
+    """The CUDA toolkit's include dirs as nvcc itself reports them.
+
+    CUDA_HOME may be the prefix of an nvcc wrapper script (e.g. /usr/local for
+    /usr/local/bin/nvcc) whose include/ holds no CUDA headers; the host compiler
+    still needs the toolkit's (crt/host_defines.h, cuda_runtime_api.h).
+    """
+    try:
+        report = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                                capture_output=True, text=True, timeout=120).stderr
+    except (OSError, subprocess.SubprocessError):
+        return []
+    dirs = []
+    for line in report.splitlines():
+        if "INCLUDES=" in line:
+            dirs += [os.path.normpath(d) for d in re.findall(r'-I"?([^"\s]+)', line)]
+            dirs += [os.path.normpath(d) for d in re.findall(r'"-isystem" "([^"]+)"', line)]
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
 def cuda_extension():
     """The CUDA extension per FASTATTN_CUDA, or None when it is not built."""
     import torch
@@ -88,7 +109,8 @@ def cuda_extension():
     return cpp_extension.CUDAExtension(
         name="fastattn._C_cuda",
         sources=sources + rel("csrc/cuda/*.cpp"),
-        include_dirs=[os.path.join(ROOT, "csrc")] + cuda_wheel_include_dirs(),
+        # toolkit headers first; the CUDA wheels' only fill in what the toolkit lacks (cuBLAS, cuSPARSE...)
+        include_dirs=[os.path.join(ROOT, "csrc")] + nvcc_include_dirs(nvcc) + cuda_wheel_include_dirs(),
         extra_compile_args={"cxx": ["-O3", *defines], "nvcc": nvcc_flags},
     )
 

@@ -127,7 +127,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     attn_mask = _check_mask(attn_mask, q, (B, Hq, Nq, k.shape[2]))
     scale = _resolve_scale(scale, D)
     name = dispatch.choose_backend(backend, q.device, q.dtype, D, has_mask=attn_mask is not None,
-                                   dropout=dropout_p > 0)
+                                   dropout=dropout_p > 0, mask_kind=dispatch.mask_kind(attn_mask),
+                                   value_head_dim=v.shape[-1])
     rng_state = _draw_rng_state(q.device) if dropout_p > 0 else None
     if name == "reference":
         return reference.attention_reference(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p,
@@ -222,7 +223,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if not isinstance(max_len, int) or longest > max_len:
             raise ValueError(f"max_seqlen_{name[-1]} = {max_len} is smaller than the longest sequence ({longest})")
     scale = _resolve_scale(scale, q.shape[-1])
-    name = dispatch.choose_backend(backend, q.device, q.dtype, q.shape[-1], dropout=dropout_p > 0, varlen=True)
+    name = dispatch.choose_backend(backend, q.device, q.dtype, q.shape[-1], dropout=dropout_p > 0, varlen=True,
+                                   value_head_dim=v.shape[-1])
     rng_state = _draw_rng_state(q.device) if dropout_p > 0 else None
     if name == "reference":
         return reference.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,

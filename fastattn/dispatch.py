@@ -40,7 +40,39 @@ CAPABILITIES = {
     "reference": Capability(devices=("any",), dtypes=_ALL_FLOATS, max_head_dim=None, fused=False),
     # cuda tensors on a GPU; CPU tensors under TRITON_INTERPRET=1 (see backend_devices)
     "triton": Capability(devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), max_head_dim=256),
+    # sm80+; head dims = those built (fastattn._C_cuda.head_dims), Dv == D; masks: bool key-padding only
+    "cuda": Capability(devices=("cuda",), dtypes=(torch.bfloat16, torch.float16), max_head_dim=128),
 }
+
+
+def cuda_head_dims() -> tuple:
+    """Head dims the CUDA extension was built with (empty when it is not built)."""
+    return tuple(_ops._C_cuda.head_dims) if _ops._C_cuda is not None else ()
+
+
+def mask_kind(attn_mask: Optional[torch.Tensor]) -> Optional[str]:
+    """None, "key_padding" (bool, broadcastable as (B|1, 1, 1, Nk)), "bool" or "float"."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype != torch.bool:
+        return "float"
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)  # (B|1, H|1, Nq|1, Nk|1)
+    return "key_padding" if shape[1] == 1 and shape[2] == 1 else "bool"
+
+
+def _cuda_unsupported(device: torch.device, head_dim: int, value_head_dim: Optional[int], has_mask: bool,
+                      mask: Optional[str]) -> Optional[str]:
+    """What the CUDA C++ kernels lack for a call the generic checks let through."""
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "backend 'cuda' needs compute capability 8.0+ (mma.sync bf16/fp16, cp.async)"
+    if head_dim not in cuda_head_dims():
+        return f"backend 'cuda' has kernels for head dims {list(cuda_head_dims())}, got {head_dim}"
+    if value_head_dim is not None and value_head_dim != head_dim:
+        return f"backend 'cuda' needs v's head dim equal to q's ({head_dim}), got {value_head_dim}"
+    if has_mask and mask != "key_padding":
+        what = {"float": "float masks", "bool": "bool masks other than key padding"}.get(mask, "masks of unknown kind")
+        return f"backend 'cuda' takes bool key-padding masks of shape (B|1, 1, 1, Nk) only, not {what}"
+    return None
 
 
 def backend_devices(backend: str) -> tuple:
@@ -57,6 +89,8 @@ def available_backends() -> list:
     names = []
     if _ops._C is not None:
         names.append("cpu")
+    if _ops._C_cuda is not None and torch.cuda.is_available():
+        names.append("cuda")
     from . import triton_kernels
 
     if triton_kernels.unavailable_reason() is None:
@@ -66,8 +100,13 @@ def available_backends() -> list:
 
 
 def why_unsupported(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, *,
-                    has_mask: bool = False, dropout: bool = False, varlen: bool = False) -> Optional[str]:
-    """None if ``backend`` can serve the call, else the reason it cannot."""
+                    has_mask: bool = False, dropout: bool = False, varlen: bool = False,
+                    mask_kind: Optional[str] = None, value_head_dim: Optional[int] = None) -> Optional[str]:
+    """None if ``backend`` can serve the call, else the reason it cannot.
+
+    ``mask_kind`` (see :func:`mask_kind`) and ``value_head_dim`` (Dv) matter to the
+    "cuda" backend only, which takes key-padding masks and Dv == D.
+    """
     if backend not in available_backends():
         if backend == "triton":
             from . import triton_kernels
@@ -90,17 +129,31 @@ def why_unsupported(backend: str, device: torch.device, dtype: torch.dtype, head
         return f"backend {backend!r} does not support dropout"
     if varlen and not cap.varlen:
         return f"backend {backend!r} does not support varlen inputs"
+    if backend == "cuda":
+        return _cuda_unsupported(device, head_dim, value_head_dim, has_mask, mask_kind)
     return None
 
 
 _warned = set()
 
 
+def _warn_if_passed_over(skipped, chosen: str, reasons: list, device: torch.device) -> None:
+    """Warn once when "auto" skips the CUDA C++ kernels (built, on this device) for another fused backend."""
+    if chosen == "reference" or "cuda" not in skipped or "cuda" not in available_backends():
+        return
+    reason = reasons[list(skipped).index("cuda")]
+    key = ("passed-over", "cuda", chosen, reason)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fastattn: {reason}; running this call on backend {chosen!r} instead", stacklevel=4)
+
+
 def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, **features) -> str:
     """The backend that runs a call: ``requested`` if it can, or the fastest that can for "auto".
 
     An explicitly requested backend that cannot serve the call raises ValueError.
-    "auto" that has to fall back to the plain PyTorch reference warns once.
+    "auto" that has to fall back to the plain PyTorch reference warns once, and so
+    does "auto" that passes over the built CUDA C++ kernels for Triton.
     """
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string, got {type(requested).__name__}")
@@ -114,6 +167,7 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, hea
     for name in order:
         reason = why_unsupported(name, device, dtype, head_dim, **features)
         if reason is None:
+            _warn_if_passed_over(order[:order.index(name)], name, reasons, device)
             if name == "reference" and len(order) > 1:
                 key = (device.type, dtype, tuple(sorted(features.items())))
                 if key not in _warned:

@@ -12,7 +12,8 @@ constexpr int kPreprocessWarps = 4;
 
 template <typename Tag>
 __global__ void __launch_bounds__(kPreprocessWarps * kWarpSize) flash_bwd_preprocess_kernel(const AttnParams p) {
-  using T = typename ElemTraits<Tag>::T;
+  using Tr = ElemTraits<Tag>;
+  using T = typename Tr::T;
   const int h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const SeqBounds sb = seq_bounds(p, b);
@@ -23,7 +24,7 @@ __global__ void __launch_bounds__(kPreprocessWarps * kWarpSize) flash_bwd_prepro
   const T* dout = static_cast<const T*>(p.dout) + b * p.do_batch_stride + (sb.q_start + i) * p.do_row_stride +
                   h * p.do_head_stride;
   float acc = 0.f;
-  for (int d = lane; d < p.head_dim; d += kWarpSize) acc += static_cast<float>(o[d]) * static_cast<float>(dout[d]);
+  for (int d = lane; d < p.head_dim; d += kWarpSize) acc += Tr::to_float(o[d]) * Tr::to_float(dout[d]);
 #pragma unroll
   for (int w = kWarpSize / 2; w > 0; w /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, w);
   if (lane == 0) p.delta[lse_offset(p, sb, b, h) + i] = acc;

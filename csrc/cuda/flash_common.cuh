@@ -33,6 +33,7 @@ struct ElemTraits;
 template <>
 struct ElemTraits<Fp16> {
   using T = __half;
+  __device__ __forceinline__ static float to_float(T x) { return __half2float(x); }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);  // lo in the low 16 bits (lower column)
     return *reinterpret_cast<uint32_t*>(&h);
@@ -52,6 +53,7 @@ struct ElemTraits<Fp16> {
 template <>
 struct ElemTraits<Bf16> {
   using T = __nv_bfloat16;
+  __device__ __forceinline__ static float to_float(T x) { return __bfloat162float(x); }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
