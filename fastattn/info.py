@@ -41,7 +41,9 @@ def collect() -> dict:
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "extensions": {
             "cpu (fastattn._C)": "built" if _ops._C is not None else f"missing ({_ops._C_IMPORT_ERROR})",
-            "cuda (fastattn._C_cuda)": "built" if _ops._C_cuda is not None else "not built",
+            "cuda (fastattn._C_cuda)": (f"built: head dims {list(_ops._C_cuda.head_dims)}, fp16/bf16, sm80+, "
+                                        "bool key-padding masks" if _ops._C_cuda is not None else
+                                        "not built (FASTATTN_CUDA=1 with a CUDA torch and nvcc)"),
             "triton kernels": _triton_state(),
         },
         "cpu_simd": _ops._C.cpu_simd() if _ops._C is not None else None,
