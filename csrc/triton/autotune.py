@@ -14,34 +14,39 @@ import triton
 
 from . import interpreting  # noqa: F401  (re-exported: launch.py asks it)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), most promising first (Triton's Hopper tutorial
+# settings lead): only the first MAX_CONFIGS_TRIED that fit the head dim are compiled and timed.
 FWD_SPACE = [
-    (128, 128, 8, 3),
-    (128, 64, 8, 3),
     (128, 64, 4, 3),
-    (128, 32, 4, 4),
+    (128, 128, 8, 3),
+    (128, 64, 8, 4),
     (64, 64, 4, 3),
+    (128, 32, 4, 4),
     (64, 32, 4, 4),
-    (32, 32, 4, 2),
+    (32, 32, 4, 2),  # head dim 256
 ]
 # dK/dV: BLOCK_N key rows stay resident, BLOCK_M query rows stream through.
 BWD_DKDV_SPACE = [
+    (32, 128, 4, 3),
     (64, 128, 8, 3),
-    (32, 128, 8, 3),
-    (64, 64, 4, 3),
     (32, 64, 4, 3),
+    (64, 64, 4, 3),
     (32, 32, 4, 2),
     (16, 32, 4, 2),
     (16, 16, 4, 2),  # head dim 256
 ]
 # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream.
 BWD_DQ_SPACE = [
+    (128, 32, 4, 3),
     (128, 64, 8, 3),
     (64, 64, 4, 3),
     (64, 32, 4, 3),
     (32, 32, 4, 2),
     (16, 32, 4, 2),  # head dim 256
 ]
+# Each config is one compilation per kernel variant (dtype, head dim, causal, mask, ...), seconds
+# each: this bounds the autotuning time of a new variant.
+MAX_CONFIGS_TRIED = 4
 PREPROCESS_BLOCK_M = 64
 
 # Interpreter: one config, big enough that the NumPy-backed interpreter does few programs.
@@ -98,7 +103,7 @@ def _prune(resident: str, resident_tiles: int):
         kept = [c for c in configs
                 if fits(c.kwargs["BLOCK_M" if resident == "M" else "BLOCK_N"],
                         c.kwargs["BLOCK_N" if resident == "M" else "BLOCK_M"], d, resident_tiles)]
-        return kept or configs[-1:]
+        return kept[:MAX_CONFIGS_TRIED] or configs[-1:]
     return prune
 
 

@@ -15,9 +15,9 @@ import triton.language as tl
 
 from .dropout import dropout_keep_tile
 from .flash_fwd import sequence_bounds
-from .tiles import key_block_visible, mma, visible_scores
+from .tiles import cast, key_block_visible, mma, visible_scores
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -69,7 +69,7 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
                    seqlen_bucket,  # only an autotuning key
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                    IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of one key block of one (batch, K/V head). Grid (cdiv(max_seqlen_k, BLOCK_N), B * Hkv).
 
@@ -118,27 +118,27 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
                 do = tl.load(do_base + rows[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
                              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)  # (M, Dv)
                 lse2, delta = _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln)
-                qk = mma(q, tl.trans(k), INPUT_PRECISION, DOT_UPCAST)  # (M, N)
+                qk = mma(q, tl.trans(k), INPUT_PRECISION, EMULATE_BF16)  # (M, N)
                 s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
                                    CAUSAL, MASK_KIND, MASK_ROW)
                 p = tl.math.exp2(s - lse2[:, None])  # (M, N) probabilities
-                dp = mma(do, tl.trans(v), INPUT_PRECISION, DOT_UPCAST)  # (M, N) = dO Vᵀ
+                dp = mma(do, tl.trans(v), INPUT_PRECISION, EMULATE_BF16)  # (M, N) = dO Vᵀ
                 if DROPOUT:
                     keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
                     pd = tl.where(keep, p * drop_scale, 0.0)
                     dp = tl.where(keep, dp * drop_scale, 0.0)
                 else:
                     pd = p
-                dv += mma(tl.trans(pd.to(do.dtype)), do, INPUT_PRECISION, DOT_UPCAST)
+                dv += mma(tl.trans(cast(pd, do.dtype, EMULATE_BF16)), do, INPUT_PRECISION, EMULATE_BF16)
                 ds = p * (dp - delta[:, None])
-                dk += mma(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, DOT_UPCAST)
+                dk += mma(tl.trans(cast(ds, q.dtype, EMULATE_BF16)), q, INPUT_PRECISION, EMULATE_BF16)
 
     dk = dk * scale
     tl.store(GradK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + cols)[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, dk.to(GradK.dtype.element_ty),
+             + offs_d[None, :] * stride_dkd, cast(dk, GradK.dtype.element_ty, EMULATE_BF16),
              mask=col_ok[:, None] & (offs_d[None, :] < head_dim))
     tl.store(GradV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + cols)[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvd, dv.to(GradV.dtype.element_ty),
+             + offs_dv[None, :] * stride_dvd, cast(dv, GradV.dtype.element_ty, EMULATE_BF16),
              mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v))
 
 
@@ -156,7 +156,7 @@ def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlen
                  seqlen_bucket,  # only an autotuning key
                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                  IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of one query block of one (batch, q head). Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq)."""
     pid_m = tl.program_id(0)
@@ -200,18 +200,18 @@ def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlen
                         mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)  # (N, D)
             vt = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                          mask=col_ok[None, :] & (offs_dv[:, None] < head_dim_v), other=0.0)  # (Dv, N)
-            qk = mma(q, tl.trans(k), INPUT_PRECISION, DOT_UPCAST)
+            qk = mma(q, tl.trans(k), INPUT_PRECISION, EMULATE_BF16)
             s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
                                CAUSAL, MASK_KIND, MASK_ROW)
             p = tl.math.exp2(s - lse2[:, None])
-            dp = mma(do, vt, INPUT_PRECISION, DOT_UPCAST)
+            dp = mma(do, vt, INPUT_PRECISION, EMULATE_BF16)
             if DROPOUT:
                 keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
                 dp = tl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
-            dq += mma(ds.to(k.dtype), k, INPUT_PRECISION, DOT_UPCAST)
+            dq += mma(cast(ds, k.dtype, EMULATE_BF16), k, INPUT_PRECISION, EMULATE_BF16)
 
     dq = dq * scale
     tl.store(GradQ + off_b * stride_dqb + off_h * stride_dqh + (q_start + rows)[:, None] * stride_dqn
-             + offs_d[None, :] * stride_dqd, dq.to(GradQ.dtype.element_ty),
+             + offs_d[None, :] * stride_dqd, cast(dq, GradQ.dtype.element_ty, EMULATE_BF16),
              mask=row_ok[:, None] & (offs_d[None, :] < head_dim))

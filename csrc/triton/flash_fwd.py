@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_keep_tile
-from .tiles import key_block_visible, mma, visible_scores
+from .tiles import cast, key_block_visible, mma, visible_scores
 
-LN2: tl.constexpr = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
               seqlen_bucket,  # only an autotuning key
               CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
               IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-              INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(max_seqlen_q, BLOCK_M), B * Hq).
 
@@ -93,7 +93,7 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
         if visit:
             kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                          mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)  # (D, N)
-            qk = mma(q, kt, INPUT_PRECISION, DOT_UPCAST)
+            qk = mma(q, kt, INPUT_PRECISION, EMULATE_BF16)
             s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
                                CAUSAL, MASK_KIND, MASK_ROW)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -106,7 +106,8 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
                 p = tl.where(keep, p * drop_scale, 0.0)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                         mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v), other=0.0)  # (N, Dv)
-            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, INPUT_PRECISION, DOT_UPCAST)
+            p = cast(p, v.dtype, EMULATE_BF16)  # P·V on the tensor cores in the input dtype, fp32 accumulator
+            acc = acc * alpha[:, None] + mma(p, v, INPUT_PRECISION, EMULATE_BF16)
             m_i = m_new
 
     empty = l_i == 0.0  # no visible key: output 0, lse -inf
@@ -115,5 +116,6 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
     row_ok = rows < seqlen_q
     o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + (q_start + rows)[:, None] * stride_on
               + offs_dv[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    tl.store(o_ptrs, cast(out, Out.dtype.element_ty, EMULATE_BF16),
+             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     tl.store(Lse + off_b * stride_lb + off_h * stride_lh + (q_start + rows) * stride_ln, lse, mask=row_ok)

@@ -153,7 +153,7 @@ def _forward(q, k, v, out, lse, strides, lse_strides, mask_args, cu_q, cu_k, bat
         cfg.seqlen_bucket(max(max_q, Nk)),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
         DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(q.dtype),
-        DOT_UPCAST=kern.interpret and q.dtype == torch.bfloat16,
+        EMULATE_BF16=kern.interpret and q.dtype == torch.bfloat16,
         BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **options)
 
 
@@ -216,7 +216,7 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, layout, lse_strides, mask
 
     common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
                   DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(q.dtype),
-                  DOT_UPCAST=kern.interpret and q.dtype == torch.bfloat16,
+                  EMULATE_BF16=kern.interpret and q.dtype == torch.bfloat16,
                   BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv))
     scalars = (scale, scale * 1.4426950408889634, seed, offset, threshold, drop_scale,
                cfg.seqlen_bucket(max(max_q, max_k)))

@@ -8,13 +8,13 @@ mask False, float mask -inf) are -inf.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
-LN2: tl.constexpr = 0.6931471805599453  # ln(2): converts a log2-domain lse back to natural log
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): converts a log2-domain lse back to natural log
 
 # MASK_KIND values
-MASK_NONE: tl.constexpr = 0
-MASK_BOOL: tl.constexpr = 1  # uint8 view of a bool mask, nonzero = may attend
-MASK_FLOAT: tl.constexpr = 2  # added to the logits
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)  # uint8 view of a bool mask, nonzero = may attend
+MASK_FLOAT = tl.constexpr(2)  # added to the logits
 
 
 @triton.jit
@@ -77,13 +77,28 @@ def visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_ptr, stride_mm, stri
 
 
 @triton.jit
-def mma(a, b, INPUT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+def mma(a, b, INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """a @ b accumulated in fp32.
 
-    DOT_UPCAST: multiply exact fp32 copies instead (set only under the interpreter for
+    EMULATE_BF16: multiply exact fp32 copies instead (set only under the interpreter for
     bfloat16, whose tl.dot there reads bf16 bits as integers in Triton 3.9). The
-    operands were already rounded to bf16, so the products are the same as the GPU's.
+    operands were already rounded to bf16 (by ``cast``), so the products are the GPU's.
     """
-    if DOT_UPCAST:
+    if EMULATE_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """x.to(dtype), rounding to nearest even.
+
+    EMULATE_BF16 (only under the interpreter): its fp32 -> bf16 cast truncates, so round
+    the fp32 bits to the nearest even bf16 first (the GPU's cvt.rn does this itself).
+    """
+    if EMULATE_BF16:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(dtype)
+    return x.to(dtype)
