@@ -89,9 +89,14 @@ def _resolve_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _draw_rng_state(device: torch.device) -> torch.Tensor:
-    """(seed, offset) for the counter-based dropout, from torch's default generator."""
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+def _draw_rng_state(device: torch.device, backend: str = "cpu") -> torch.Tensor:
+    """(seed, offset) for the counter-based dropout, from torch's default generator.
+
+    For the "cuda" backend it is drawn on the GPU by torch's CUDA generator and read by
+    the kernels there, so a captured CUDA graph draws fresh values on every replay.
+    """
+    on_gpu = backend == "cuda" and device.type == "cuda"
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device if on_gpu else "cpu")
 
 
 # ---------------------------------------------------------------------------
@@ -129,7 +134,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     name = dispatch.choose_backend(backend, q.device, q.dtype, D, has_mask=attn_mask is not None,
                                    dropout=dropout_p > 0, mask_kind=dispatch.mask_kind(attn_mask),
                                    value_head_dim=v.shape[-1])
-    rng_state = _draw_rng_state(q.device) if dropout_p > 0 else None
+    rng_state = _draw_rng_state(q.device, name) if dropout_p > 0 else None
     if name == "reference":
         return reference.attention_reference(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p,
                                              scale=scale, rng_state=rng_state, return_lse=return_lse)
@@ -225,7 +230,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scale = _resolve_scale(scale, q.shape[-1])
     name = dispatch.choose_backend(backend, q.device, q.dtype, q.shape[-1], dropout=dropout_p > 0, varlen=True,
                                    value_head_dim=v.shape[-1])
-    rng_state = _draw_rng_state(q.device) if dropout_p > 0 else None
+    rng_state = _draw_rng_state(q.device, name) if dropout_p > 0 else None
     if name == "reference":
         return reference.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
                                                     dropout_p=dropout_p, scale=scale, rng_state=rng_state,
