@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from . import core, report
-from .config import RESULTS_DIR, VARIANTS, BenchConfig, parse_shape
+from .config import DEFAULT_SUITES, RESULTS_DIR, VARIANTS, BenchConfig, parse_shape
 from .suites import SUITES, make_context
 
 
@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: wall clock (CPU) / CUDA events (GPU), interleaved; do_bench: triton's, per candidate")
     p.add_argument("--no-row-memory", action="store_true", help="skip the per-row extra peak memory column")
     p.add_argument("--memory-seqlens", type=_ints, help="sequence lengths of the memory suite")
+    p.add_argument("--bert-model", choices=["tiny", "mini", "small", "base", "large"],
+                   help="bert suite: model size (default mini on CPU, base on CUDA)")
+    p.add_argument("--bert-shapes", type=lambda s: [tuple(int(v) for v in x.lower().split("x")) for x in _names(s)],
+                   help="bert suite: batch shapes BxN, e.g. 16x128,4x512")
+    p.add_argument("--bert-reps", type=int, help="bert suite: timed repetitions (default --reps)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (default benchmarks/results)")
     p.add_argument("--no-plot", action="store_true", help="do not draw PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,16 +92,21 @@ def config_from_args(argv: Optional[list] = None) -> BenchConfig:
         raise SystemExit(f"--modes: unknown {bad}; choose from {core.MODES}")
     if a.variants and any(v not in VARIANTS for v in a.variants):
         raise SystemExit(f"--variants: choose from {VARIANTS}")
-    suites = tuple(a.suites) if a.suites else (("memory",) if a.memory else ("attention", "memory"))
+    suites = tuple(a.suites) if a.suites else (("memory",) if a.memory else DEFAULT_SUITES)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise SystemExit(f"--suites: unknown {unknown}; registered: {list(SUITES)}")
+    grid = a.full or any(x is not None for x in (a.shapes, a.seqlens, a.heads, a.head_dims, a.batch, a.causal,
+                                                   a.variants))
+    if not a.suites and grid:
+        suites = tuple(x for x in suites if x != "bert")  # an attention grid: the end-to-end suite only on request
     return BenchConfig(suites=suites, device=a.device, full=a.full, shapes=a.shapes, seqlens=a.seqlens,
                        heads=a.heads, head_dims=a.head_dims, batch=a.batch, tokens=a.tokens, causal=a.causal,
                        variants=a.variants, dtype=a.dtype, backends=a.backends, modes=tuple(a.modes),
                        reps=a.reps, min_reps=a.min_reps,
                        case_budget_s=a.case_budget, warmup=a.warmup, timer=a.timer, row_memory=not a.no_row_memory,
-                       memory_seqlens=a.memory_seqlens, out=a.out, plot=not a.no_plot,
+                       memory_seqlens=a.memory_seqlens, bert_model=a.bert_model, bert_shapes=a.bert_shapes,
+                       bert_reps=a.bert_reps, out=a.out, plot=not a.no_plot,
                        progress=not a.no_progress, seed=a.seed)
 
 

@@ -10,6 +10,7 @@ import torch
 from .core import MODES, Case
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DEFAULT_SUITES = ("attention", "memory", "bert")  # the quick default runs all three
 
 VARIANTS = ("plain", "padding", "gqa", "dropout")
 DROPOUT_P = 0.1  # the dropout variant's probability (the issue's target row)
@@ -24,7 +25,7 @@ class BenchConfig:
     the same thing on a laptop CPU and on an H200.
     """
 
-    suites: tuple = ("attention", "memory")  # names in benchmarks.suites.SUITES
+    suites: tuple = DEFAULT_SUITES  # names in benchmarks.suites.SUITES
     device: str = "auto"  # "auto": cuda when present, else cpu
     full: bool = False  # the full sweep: N = 128 .. 16k at a constant token count, D 64/128, causal or not
     # grid of shapes (any of these switches from the quick preset to a grid)
@@ -48,6 +49,11 @@ class BenchConfig:
     row_memory: bool = True  # extra peak memory for every row (CPU: a fresh subprocess per row)
     # the memory suite: one forward+backward per backend at B=1, H=8, D=64
     memory_seqlens: Optional[list] = None
+    # the bert suite (end to end): model preset and (batch, seqlen) shapes; default BERT-mini at
+    # 16x128 and 4x512 on CPU, BERT-base at 64x128 and 16x512 (bf16 autocast) on CUDA
+    bert_model: Optional[str] = None
+    bert_shapes: Optional[list] = None
+    bert_reps: Optional[int] = None  # default: --reps
     # output
     out: Path = RESULTS_DIR
     plot: bool = True
@@ -64,8 +70,8 @@ class BenchConfig:
                     or self.causal is not None or self.variants)
 
     def preset_name(self) -> str:
-        if self.suites == ("memory",):
-            return "memory"
+        if self.suites in (("memory",), ("bert",)):
+            return self.suites[0]
         if self.full:
             return "full"
         return "custom" if self.is_grid() else "quick"

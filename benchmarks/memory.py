@@ -105,31 +105,36 @@ def measure_in_this_process(job: MemoryJob) -> dict:
     inputs = core.make_inputs(job.case, device)
     p = cand.prepare(job.case, inputs)
     gc.collect()
+    return peak_of_call(lambda: _run(p, job.mode), device)
+
+
+def peak_of_call(fn, device: torch.device) -> dict:
+    """Extra peak bytes of ``fn()`` above what the process holds before it (see the module docstring)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        result = _run(p, job.mode)
+        result = fn()
         torch.cuda.synchronize(device)
         extra, method = torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
     elif _reset_peak_rss() and _status_kib("VmRSS") is not None:
         base = _status_kib("VmRSS")
-        result = _run(p, job.mode)
+        result = fn()
         extra, method = (_status_kib("VmHWM") - base) * 1024, "VmHWM after reset"
     else:
         base = _ru_maxrss_bytes()
-        result = _run(p, job.mode)
+        result = fn()
         extra, method = _ru_maxrss_bytes() - base, "ru_maxrss delta (lower bound)"
     del result
     return {"extra_peak_bytes": max(0, int(extra)), "method": method, "error": None}
 
 
-def _child(conn, job: MemoryJob) -> None:
+def _child(conn, job, measure_fn=None) -> None:
     try:
         _fix_malloc_thresholds()
         if job.threads:
             torch.set_num_threads(job.threads)
-        conn.send(measure_in_this_process(job))
+        conn.send((measure_fn or measure_in_this_process)(job))
     except BaseException as e:  # report, do not hang the parent
         conn.send({"extra_peak_bytes": None, "method": None, "error": f"{type(e).__name__}: {e}".splitlines()[0]})
     finally:
@@ -153,10 +158,12 @@ def _context():
     return _CONTEXT
 
 
-def measure_in_subprocess(job: MemoryJob, timeout_s: float = JOB_TIMEOUT_S) -> dict:
+def measure_in_subprocess(job, timeout_s: float = JOB_TIMEOUT_S, measure_fn=None) -> dict:
+    """``measure_fn(job)`` (default: measure_in_this_process) in a fresh process; both must be picklable
+    (a module-level function and a dataclass)."""
     ctx = _context()
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, job), daemon=True)
+    proc = ctx.Process(target=_child, args=(child, job, measure_fn), daemon=True)
     proc.start()
     child.close()
     result, timed_out = None, False
@@ -190,6 +197,17 @@ def measure(job: MemoryJob) -> dict:
             torch.cuda.empty_cache()
             return {"extra_peak_bytes": None, "method": None, "error": f"OOM: {str(e).splitlines()[0]}"}
     return measure_in_subprocess(job)
+
+
+def measure_job(measure_fn, job, device: torch.device) -> dict:
+    """``measure_fn(job)`` -> peak dict: in this process on GPU, in a fresh subprocess on CPU."""
+    if device.type == "cuda":
+        try:
+            return measure_fn(job)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            return {"extra_peak_bytes": None, "method": None, "error": f"OOM: {str(e).splitlines()[0]}"}
+    return measure_in_subprocess(job, measure_fn=measure_fn)
 
 
 def threads_for_children() -> int:

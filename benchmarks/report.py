@@ -126,7 +126,7 @@ def _num(x, fmt: str, width: int) -> str:
 def format_table(rows: list, device_type: str) -> str:
     unit, scale = flops_unit(device_type)
     lines = []
-    speed = [r for r in rows if r.suite != "memory"]
+    speed = [r for r in rows if r.suite not in ("memory", "bert")]
     header = (f"  {'mode':<8} {'backend':<18} {'time ms':>9} {unit:>8} {'extra MiB':>9} {'x naive':>7} "
               f"{'x SDPA':>7} {'max err':>8} {'reps':>4}  note")
     current = None
@@ -157,6 +157,11 @@ def format_table(rows: list, device_type: str) -> str:
             lines.append(f"  {r.case.label:<34} {r.backend:<18} "
                          f"{_num(r.extra_peak_bytes and r.extra_peak_bytes / MIB, '.1f', 10)} "
                          f"{_num(ratio, '.2f', 12)}  {r.note}".rstrip())
+    model_rows = [r for r in rows if r.suite == "bert"]
+    if model_rows:
+        from .bert import format_model_table
+
+        lines += ["", format_model_table(model_rows)]
     return "\n".join(lines).lstrip("\n")
 
 
@@ -173,8 +178,9 @@ def write_csv(path: Path, rows: list) -> None:
     if not dicts:
         path.write_text("")
         return
+    fields = list(dict.fromkeys(key for d in dicts for key in d))  # suites have different columns
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dicts[0]))
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(dicts)
 

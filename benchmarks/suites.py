@@ -269,3 +269,31 @@ def memory_suite(cfg: BenchConfig, ctx: RunContext) -> list:
     finally:
         progress.close()
     return rows
+
+
+# ---------------------------------------------------------------------------
+# bert: end-to-end MLM training steps and inference (benchmarks/bert.py)
+# ---------------------------------------------------------------------------
+@register_suite("bert")
+def bert_suite(cfg: BenchConfig, ctx: RunContext) -> list:
+    from . import bert
+
+    workloads = bert.default_workloads(ctx.device)
+    if cfg.bert_model or cfg.bert_shapes:
+        model = cfg.bert_model or workloads[0].preset
+        shapes = cfg.bert_shapes or [(w.batch, w.seqlen) for w in workloads]
+        workloads = [bert.BertWorkload(model, b, n, workloads[0].dtype) for b, n in shapes]
+    if cfg.dtype in ("float32", "bfloat16", "float16"):  # low precision: autocast over fp32 weights
+        workloads = [bert.BertWorkload(w.preset, w.batch, w.seqlen, cfg.dtype) for w in workloads]
+    progress = Progress(len(workloads), "bert", cfg.progress)
+    rows = []
+    try:
+        for w in workloads:
+            progress.step(w.label)
+            rows += bert.run_workload(w, bert.MODES, ctx.device, reps=cfg.bert_reps or ctx.reps,
+                                      warmup=max(1, ctx.warmup), row_memory=cfg.row_memory,
+                                      threads=memory.threads_for_children(), log=progress.write)
+            progress.done()
+    finally:
+        progress.close()
+    return rows

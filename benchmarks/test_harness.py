@@ -82,3 +82,40 @@ def test_targets_are_computed_not_hard_coded():
     rows = [core.Row("attention", case, "fwd", "fastattn:cpu", time_s=1.0, speedup_vs_naive=2.0)]
     result = report.evaluate_targets(rows)[0]
     assert (result.value, result.status) == (2.0, "MISS")
+
+
+def test_bert_suite_tiny():
+    pytest.importorskip("transformers", reason="the bert suite compares against transformers' BERT")
+    from benchmarks import bert
+
+    w = bert.BertWorkload("tiny", 2, 32, vocab_size=2048)
+    rows = bert.run_workload(w, bert.MODES, torch.device("cpu"), reps=1, warmup=1, row_memory=True, threads=1)
+    assert {(r.mode, r.backend) for r in rows} == {(m, b) for m in bert.MODES for b in bert.CANDIDATES}
+    assert all(r.time_s > 0 and r.tokens_per_s > 0 and r.extra_peak_bytes is not None for r in rows), \
+        [(r.backend, r.mode, r.note) for r in rows]
+    # same weights, same batch: every model's inference logits match transformers' eager BERT
+    assert all(r.max_abs_err < 1e-4 for r in rows if r.mode == "infer")
+    table = report.format_table(rows, "cpu")
+    assert "bert: BERT-tiny B=2 N=32" in table and "hf:sdpa" in table
+
+
+def test_bert_suite_cli(tmp_path):
+    pytest.importorskip("transformers", reason="the bert suite compares against transformers' BERT")
+    cfg = config_from_args(["--suites", "bert", "--bert-model", "tiny", "--bert-shapes", "2x16", "--reps", "1",
+                            "--no-row-memory", "--no-plot", "--no-progress", "--out", str(tmp_path)])
+    result = run(cfg, echo=lambda *a: None)
+    data = json.loads(result.files[0].read_text())
+    assert {r["backend"] for r in data["rows"]} == set(__import__("benchmarks.bert").bert.CANDIDATES)
+    assert result.files[0].name.endswith("-bert.json") and "tokens_per_s" in result.files[1].read_text()
+
+
+def test_bert_batches_are_padded_and_masked():
+    from benchmarks import bert
+
+    w = bert.BertWorkload("tiny", 8, 64)
+    b = bert.make_batch(w, torch.device("cpu"))
+    lengths = b["attention_mask"].sum(1)
+    assert lengths.max() == 64 and lengths.min() >= 32
+    labelled = b["labels"] != -100
+    assert (labelled <= b["attention_mask"].bool()).all() and labelled.any(1).all()
+    assert (b["input_ids"][labelled] == bert.MASK_TOKEN_ID).all()
