@@ -8,6 +8,7 @@ package by pyproject.toml (package-dir). Files, one kernel family each:
   flash_bwd.py  backward: preprocess (delta), dK/dV kernel, dQ kernel
   autotune.py   block/warp/stage search space as data, interpreter config
   launch.py     launchers with the signatures of the torch.ops.fastattn ops
+  compile_check.py  compiles the kernels for a GPU target without a GPU (python -m ...)
 
 The backend is available when ``import triton`` works and either CUDA is
 available (cuda tensors) or TRITON_INTERPRET=1 (Triton's interpreter, CPU

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_keep_tile
-from .flash_fwd import sequence_bounds
+from .flash_fwd import RUNTIME_VALUES, sequence_bounds
 from .tiles import cast, key_block_visible, mma, visible_scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -54,7 +54,7 @@ def _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln):
     return lse2, delta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ, CuSeqlensK,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -142,7 +142,7 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
              mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlensK,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,

@@ -18,6 +18,10 @@ from .dropout import dropout_keep_tile
 from .tiles import cast, key_block_visible, mma, visible_scores
 
 LN2 = tl.constexpr(0.6931471805599453)
+# Integer arguments that change from call to call: Triton would otherwise specialise (and
+# recompile) on "equals 1" / "divisible by 16", e.g. for one dropout seed in sixteen.
+# Strides and head dims stay specialised (contiguity and alignment make faster loads).
+RUNTIME_VALUES = ["seed", "rng_offset", "drop_threshold", "dense_seqlen_q", "dense_seqlen_k", "seqlen_bucket"]
 
 
 @triton.jit
@@ -32,7 +36,7 @@ def sequence_bounds(CuSeqlens, off_b, dense_len, IS_VARLEN: tl.constexpr):
     return start, length
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RUNTIME_VALUES)
 def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
               stride_qb, stride_qh, stride_qn, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
