@@ -18,6 +18,9 @@ opcheck and torch.compile(fullgraph=True) of the four triton ops, dispatch.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -416,3 +419,19 @@ def test_fp32_precision_follows_torch():
         assert input_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_without_gpu_or_interpreter_says_why():
+    """TRITON_INTERPRET=0 and no GPU: triton is not listed, and asking for it is a ValueError saying why."""
+    code = ("import torch, fastattn\n"
+            "assert 'triton' not in fastattn.available_backends()\n"
+            "q = torch.randn(1, 1, 4, 16)\n"
+            "try:\n"
+            "    fastattn.attention(q, q, q, backend='triton')\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device" in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout, proc.stdout
