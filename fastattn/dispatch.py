@@ -60,10 +60,15 @@ def mask_kind(attn_mask: Optional[torch.Tensor]) -> Optional[str]:
     return "key_padding" if shape[1] == 1 and shape[2] == 1 else "bool"
 
 
+@torch.compiler.assume_constant_result  # a device property: keeps torch.compile(fullgraph=True) traceable
+def _compute_capability(index: Optional[int]) -> tuple:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
 def _cuda_unsupported(device: torch.device, head_dim: int, value_head_dim: Optional[int], has_mask: bool,
                       mask: Optional[str]) -> Optional[str]:
     """What the CUDA C++ kernels lack for a call the generic checks let through."""
-    if torch.cuda.get_device_capability(device) < (8, 0):
+    if _compute_capability(device.index) < (8, 0):
         return "backend 'cuda' needs compute capability 8.0+ (mma.sync bf16/fp16, cp.async)"
     if head_dim not in cuda_head_dims():
         return f"backend 'cuda' has kernels for head dims {list(cuda_head_dims())}, got {head_dim}"
