@@ -16,6 +16,9 @@ $(VENV)/.installed: $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)" numpy ninja setuptools wheel
 	$(PY) -m pip install -q pytest hypothesis pytest-benchmark matplotlib tqdm
+	# triton: its CPU interpreter runs the Triton kernel tests; transformers/tokenizers/safetensors: the
+	# HF backend, BERT interop and MLM training tests, and the BERT benchmark's HF baselines
+	$(PY) -m pip install -q triton "transformers>=4.53" tokenizers safetensors
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
