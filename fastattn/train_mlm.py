@@ -427,6 +427,8 @@ def train(cfg: TrainConfig) -> dict:
 
     window = {"loss": 0.0, "masked": 0.0, "tokens": 0.0, "time": 0.0, "steps": 0}
     last_eval = None
+    if start == 0:  # the starting point of the eval curve (the untrained model: about ln(vocab))
+        write({"step": 0, **evaluate(model, data.eval_batches, device, d, autocast)})
     train_time = 0.0
     for step in range(start, end):
         batches = local_micro_batches(data, order, cfg, masking, step, d)

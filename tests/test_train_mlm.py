@@ -6,6 +6,7 @@ path); the other runs train on a slice of it written to a text file (faster to t
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -87,7 +88,10 @@ def test_short_run_on_default_corpus_loss_falls(tmp_path, cache_dir):
     for f in ("loss.png", "summary.json", "checkpoint.pt", "final/config.json", "final/model.safetensors",
               "final/tokenizer.json", "final/vocab.txt"):
         assert os.path.isfile(os.path.join(out, f)), f
-    row = metrics(out)[0]
+    rows = metrics(out)
+    assert rows[0]["step"] == 0 and "eval_loss" in rows[0], "the eval curve starts at the untrained model"
+    assert abs(rows[0]["eval_loss"] - math.log(1000)) < 1.0, "untrained: about ln(vocab)"
+    row = rows[1]
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(row) and row["tokens_per_s"] > 0
 
 
