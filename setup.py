@@ -59,24 +59,29 @@ def cuda_wheel_include_dirs():
     return sorted(set(dirs))
 
 
-def nvcc_include_dirs(nvcc):
-    """The CUDA toolkit's include dirs as nvcc itself reports them.
+def nvcc_toolkit_dirs(nvcc):
+    """The CUDA toolkit's include and library dirs as nvcc itself reports them (nvcc --dryrun).
 
     CUDA_HOME may be the prefix of an nvcc wrapper script (e.g. /usr/local for
-    /usr/local/bin/nvcc) whose include/ holds no CUDA headers; the host compiler
-    still needs the toolkit's (crt/host_defines.h, cuda_runtime_api.h).
+    /usr/local/bin/nvcc) whose include/ and lib64/ hold no CUDA files; the host
+    compiler still needs the toolkit's headers (crt/host_defines.h) and the linker libcudart.
     """
     try:
         report = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
                                 capture_output=True, text=True, timeout=120).stderr
     except (OSError, subprocess.SubprocessError):
-        return []
-    dirs = []
+        return [], []
+    includes, libraries = [], []
     for line in report.splitlines():
         if "INCLUDES=" in line:
-            dirs += [os.path.normpath(d) for d in re.findall(r'-I"?([^"\s]+)', line)]
-            dirs += [os.path.normpath(d) for d in re.findall(r'"-isystem" "([^"]+)"', line)]
-    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+            includes += re.findall(r'-I"?([^"\s]+)', line) + re.findall(r'"-isystem" "([^"]+)"', line)
+        elif "LIBRARIES=" in line:
+            libraries += [d for d in re.findall(r'-L"?([^"\s]+)', line) if not d.rstrip("/").endswith("stubs")]
+
+    def existing(dirs):
+        return [d for d in dict.fromkeys(os.path.normpath(d) for d in dirs) if os.path.isdir(d)]
+
+    return existing(includes), existing(libraries)
 
 
 def cuda_extension():
@@ -101,6 +106,7 @@ def cuda_extension():
         return None
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     sources, head_dims = cuda_kernel_sources(sources)
+    toolkit_includes, toolkit_libraries = nvcc_toolkit_dirs(nvcc)
     defines = [f"-DFASTATTN_CUDA_HDIM{d}" for d in head_dims]  # which head dims attention_cuda.cpp dispatches
     nvcc_threads = os.environ.get("NVCC_THREADS", "").strip()
     nvcc_flags = ["-O3", "--use_fast_math", *defines]
@@ -110,7 +116,8 @@ def cuda_extension():
         name="fastattn._C_cuda",
         sources=sources + rel("csrc/cuda/*.cpp"),
         # toolkit headers first; the CUDA wheels' only fill in what the toolkit lacks (cuBLAS, cuSPARSE...)
-        include_dirs=[os.path.join(ROOT, "csrc")] + nvcc_include_dirs(nvcc) + cuda_wheel_include_dirs(),
+        include_dirs=[os.path.join(ROOT, "csrc")] + toolkit_includes + cuda_wheel_include_dirs(),
+        library_dirs=toolkit_libraries,
         extra_compile_args={"cxx": ["-O3", *defines], "nvcc": nvcc_flags},
     )
 
