@@ -2,11 +2,13 @@
 
 The interpreter runs the kernels' Python, not the compiler, so this is the test that
 catches compile-only errors (a non-constexpr global, a type clash between branches)
-before a GPU sees them. A subprocess, because the kernels must be decorated with
-TRITON_INTERPRET=0 while this session runs them in the interpreter.
+before a GPU sees them. A subprocess with TRITON_INTERPRET=0, because this session runs
+the kernels in the interpreter. Triton's cache is bypassed (TRITON_ALWAYS_COMPILE=1) so
+that a cached cubin cannot hide a front-end error.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,7 +22,9 @@ pytest.importorskip("triton", reason="triton is not installed")
 def test_kernels_compile_for_sm90(dtype, head_dim, variants):
     cmd = [sys.executable, "-m", "fastattn.triton_kernels.compile_check", "--arch", "90", "--dtype", dtype,
            "--head-dim", str(head_dim), "--variants", variants]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # TRITON_INTERPRET=0 from the start: this session runs with 1 (tests/conftest.py)
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_ALWAYS_COMPILE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
         pytest.skip("the triton wheel's ptxas is missing here; cannot compile a cubin")
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"

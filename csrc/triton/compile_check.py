@@ -9,14 +9,17 @@ in the triton wheel, and prints the shared memory each variant needs.
     python -m fastattn.triton_kernels.compile_check               # bf16, D=64, one variant per feature set
     python -m fastattn.triton_kernels.compile_check --arch 80 --dtype fp16 --head-dim 128 --variants all
 
-Needs TRITON_INTERPRET unset or 0 (it sets 0 itself, before the kernels are imported).
+Needs TRITON_INTERPRET unset or 0 from the start: ``import torch`` (which runs before this
+module, through ``import fastattn``) already imports triton, whose standard library is
+decorated for the interpreter when the variable is 1.
 """
 import argparse
 import os
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "0"
+if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+    sys.exit("compile_check: run it with TRITON_INTERPRET=0 (or unset); triton was imported in interpreter mode")
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
