@@ -252,7 +252,7 @@ def _fastattn_candidate(backend: str) -> Candidate:
         if check is None:  # an older package: find out by calling it
             return None
         return check(backend, device, case.torch_dtype, case.head_dim, has_mask=case.key_padding,
-                     dropout=case.dropout_p > 0)
+                     dropout=case.dropout_p > 0, mask_kind="key_padding" if case.key_padding else None)
 
     materialises = backend == "reference"
     return Candidate(f"fastattn:{backend}", "fastattn", prepare, why_unsupported, materialises)

@@ -60,7 +60,8 @@ def test_cli_parses_every_flag():
 def test_tiny_run_writes_files(tmp_path, plot):
     if plot:
         pytest.importorskip("matplotlib")
-    cfg = BenchConfig(shapes=[(1, 2, 64, 16), (1, 2, 128, 16)], backends=["sdpa", "naive"], reps=2, min_reps=1,
+    cfg = BenchConfig(suites=("attention", "memory"), shapes=[(1, 2, 64, 16), (1, 2, 128, 16)],
+                      backends=["sdpa", "naive"], reps=2, min_reps=1,
                       warmup=1, memory_seqlens=[64, 128], out=tmp_path, plot=plot, progress=False)
     result = run(cfg, echo=lambda *a: None)
     data = json.loads(result.files[0].read_text())
