@@ -179,7 +179,7 @@ def unpad_layout(attention_mask: torch.Tensor) -> PackedLayout:
 def pad_packed(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """(T, C) packed rows -> (B, N, C) with zeros at the dropped positions."""
     out = x.new_zeros(layout.batch * layout.seqlen, x.shape[-1])  # (B*N, C)
-    out = out.index_copy(0, layout.indices, x)
+    out.index_copy_(0, layout.indices, x)  # in place: one (B*N, C) buffer, not two
     return out.view(layout.batch, layout.seqlen, x.shape[-1])  # (B, N, C)
 
 
@@ -454,9 +454,10 @@ class BertForMaskedLM(nn.Module):
             targets = row_labels[rows]
             positions = rows if layout is None else layout.indices[rows]
         else:
-            logits = self.cls(hidden)  # (B, N, V), or (T, V) on the padding-free path
-            if layout is not None:
-                logits = pad_packed(logits, layout)  # (B, N, V), zeros at padding positions
+            if layout is None:
+                logits = self.cls(hidden)  # (B, N, V)
+            else:
+                logits = self._padded_head(hidden, layout)  # (B, N, V), zeros at padding positions
             if labels is None:
                 return MaskedLMOutput(loss=None, logits=logits)
             positions = None
@@ -468,6 +469,23 @@ class BertForMaskedLM(nn.Module):
         num_masked = (targets != -100).sum()
         loss = loss_sum if loss_reduction == "sum" else loss_sum / num_masked.clamp(min=1)
         return MaskedLMOutput(loss=loss, logits=logits, num_masked=num_masked, masked_positions=positions)
+
+    HEAD_CHUNK_ROWS = 1024  # packed rows per vocabulary projection on the padding-free path
+
+    def _padded_head(self, hidden: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """MLM logits (B, N, V) of packed hidden states (T, C), zeros at the padding positions.
+
+        The head runs on chunks of real tokens written straight into the padded output, so the
+        logits exist once: a (T, V) block padded afterwards would hold them twice (the largest
+        tensor of BERT's inference, ~1 GB at B=32, N=256).
+        """
+        rows, logits = self.HEAD_CHUNK_ROWS, None
+        for start in range(0, max(hidden.shape[0], 1), rows):
+            part = self.cls(hidden[start:start + rows])  # (<= rows, V)
+            if logits is None:  # the head's dtype (autocast may make it bf16)
+                logits = part.new_zeros(layout.batch * layout.seqlen, part.shape[-1])  # (B*N, V)
+            logits.index_copy_(0, layout.indices[start:start + rows], part)
+        return logits.view(layout.batch, layout.seqlen, -1)  # (B, N, V)
 
     # ------------------------------------------------------------------
     # HuggingFace interop
