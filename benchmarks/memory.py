@@ -190,13 +190,7 @@ def measure_in_subprocess(job, timeout_s: float = JOB_TIMEOUT_S, measure_fn=None
 
 def measure(job: MemoryJob) -> dict:
     """Extra peak bytes of one call: in this process on GPU, in a fresh subprocess on CPU."""
-    if job.device.startswith("cuda"):
-        try:
-            return measure_in_this_process(job)
-        except torch.cuda.OutOfMemoryError as e:
-            torch.cuda.empty_cache()
-            return {"extra_peak_bytes": None, "method": None, "error": f"OOM: {str(e).splitlines()[0]}"}
-    return measure_in_subprocess(job)
+    return measure_job(measure_in_this_process, job, torch.device(job.device))
 
 
 def measure_job(measure_fn, job, device: torch.device) -> dict:

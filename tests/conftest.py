@@ -113,19 +113,25 @@ def require(backend: str, *, dtype=torch.float32, head_dim: int = 64, has_mask: 
     return device
 
 
-def require_op(device: torch.device, *, dtype=torch.float32, head_dim: int = 64, has_mask: bool = False,
-               dropout: bool = False, varlen: bool = False) -> None:
-    """Skip unless some kernel backend on ``device`` can serve the call (tests of torch.ops.fastattn.*)."""
+def _require_any(device: torch.device, backends, nothing: str, dtype, head_dim: int, **features) -> None:
+    """Skip, with every backend's reason, unless one of ``backends`` on ``device`` can serve the call."""
     reasons = []
-    for b in kernel_backends():
-        if b == "triton" or backend_device(b) != device:  # triton: its own ops, not fwd/bwd
+    for b in backends:
+        if backend_device(b) != device:
             continue
-        reason = dispatch.why_unsupported(b, device, dtype, head_dim, has_mask=has_mask, dropout=dropout,
-                                          varlen=varlen)
+        reason = dispatch.why_unsupported(b, device, dtype, head_dim, **features)
         if reason is None:
             return
         reasons.append(f"{b}: {reason}")
-    pytest.skip("; ".join(reasons) or f"no kernel backend on {device}")
+    pytest.skip("; ".join(reasons) or nothing)
+
+
+def require_op(device: torch.device, *, dtype=torch.float32, head_dim: int = 64, has_mask: bool = False,
+               dropout: bool = False, varlen: bool = False) -> None:
+    """Skip unless some kernel backend on ``device`` can serve the call (tests of torch.ops.fastattn.*)."""
+    _require_any(device, [b for b in kernel_backends() if b != "triton"],  # triton: its own ops, not fwd/bwd
+                 f"no kernel backend on {device}", dtype=dtype, head_dim=head_dim, has_mask=has_mask,
+                 dropout=dropout, varlen=varlen)
 
 
 def attention_devices() -> list:
@@ -142,16 +148,8 @@ def attention_devices() -> list:
 def require_fused(device: torch.device, *, dtype=torch.float32, head_dim: int = 64, has_mask: bool = False,
                   dropout: bool = False, varlen: bool = False) -> None:
     """Skip unless backend="auto" would run such a call on ``device`` with a fused kernel (not the reference)."""
-    reasons = []
-    for b in kernel_backends():
-        if backend_device(b) != device:
-            continue
-        reason = dispatch.why_unsupported(b, device, dtype, head_dim, has_mask=has_mask, dropout=dropout,
-                                          varlen=varlen)
-        if reason is None:
-            return
-        reasons.append(f"{b}: {reason}")
-    pytest.skip("; ".join(reasons) or f"no fused kernel backend on {device}")
+    _require_any(device, kernel_backends(), f"no fused kernel backend on {device}", dtype=dtype,
+                 head_dim=head_dim, has_mask=has_mask, dropout=dropout, varlen=varlen)
 
 
 def pytest_generate_tests(metafunc):
