@@ -30,3 +30,19 @@ def test_kernels_compile_for_sm90(dtype, head_dim, variants):
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     compiled = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
     assert len(compiled) == 3 * len(variants.split(",")) + 1, proc.stdout
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_autotuned_configs_do_not_spill(head_dim):
+    """Every config autotuning tries for the plain kernels (bf16, sm_90, no mask, not causal) keeps
+    its tiles in registers: a spilling config would lose, and the space is ordered (autotune.py)
+    so that the ones tried are the ones that fit."""
+    cmd = [sys.executable, "-m", "fastattn.triton_kernels.compile_check", "--arch", "90", "--dtype", "bf16",
+           "--head-dim", str(head_dim), "--variants", "0", "--configs", "tried"]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    compiled = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
+    assert len(compiled) == 3 * 4 + 1, proc.stdout  # 3 kernels x MAX_CONFIGS_TRIED, + preprocess
+    spilled = [ln for ln in compiled if " 0 B spilled" not in ln]
+    assert not spilled, "\n".join(spilled)

@@ -14,12 +14,18 @@ import triton
 
 from . import interpreting  # noqa: F401  (re-exported: launch.py asks it)
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), most promising first (Triton's Hopper tutorial
-# settings lead): only the first MAX_CONFIGS_TRIED that fit the head dim are compiled and timed.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), most promising first: only the first
+# MAX_CONFIGS_TRIED that ``fits`` the head dim are compiled and timed. The order comes from
+# compiling every config for sm_90 (bf16, D=64 and 128) with ``compile_check --configs all``:
+# at both head dims the configs tried first for the plain kernels use no spill stack (the
+# register file holds every live tile), and configs that spill at D=128 (e.g. fwd 128x64
+# with 4 warps, dK/dV 64x128) are either pruned by ``fits`` there or come last. Causal,
+# float-mask and dropout variants hold more live tiles and some of their tried configs
+# spill (8-576 B per thread); timing on a GPU decides between those.
 FWD_SPACE = [
-    (128, 64, 4, 3),
     (128, 128, 8, 3),
-    (128, 64, 8, 4),
+    (128, 64, 4, 3),  # D <= 64 (spills at D=128, where fits() drops it)
+    (128, 64, 8, 3),
     (64, 64, 4, 3),
     (128, 32, 4, 4),
     (64, 32, 4, 4),
@@ -27,20 +33,25 @@ FWD_SPACE = [
 ]
 # dK/dV: BLOCK_N key rows stay resident, BLOCK_M query rows stream through.
 BWD_DKDV_SPACE = [
-    (32, 128, 4, 3),
-    (64, 128, 8, 3),
+    (32, 128, 8, 3),
+    (64, 128, 8, 3),  # D <= 64
     (32, 64, 4, 3),
-    (64, 64, 4, 3),
+    (64, 64, 4, 3),  # D <= 64
+    (32, 64, 8, 3),
+    (16, 64, 4, 3),
+    (32, 128, 4, 3),  # Triton tutorial's choice; spills even at D=64 (128 B) with our four resident tiles
     (32, 32, 4, 2),
     (16, 32, 4, 2),
     (16, 16, 4, 2),  # head dim 256
 ]
 # dQ: BLOCK_M query rows resident, BLOCK_N key rows stream.
 BWD_DQ_SPACE = [
-    (128, 32, 4, 3),
     (128, 64, 8, 3),
-    (64, 64, 4, 3),
+    (128, 32, 4, 3),  # D <= 64
+    (128, 32, 8, 3),
+    (64, 64, 8, 3),
     (64, 32, 4, 3),
+    (64, 64, 4, 3),  # spills 56 B at D=128
     (32, 32, 4, 2),
     (16, 32, 4, 2),  # head dim 256
 ]
@@ -67,7 +78,7 @@ def fixed_config(space, head_dim: int, resident: str, resident_tiles: int) -> tu
     """The config used without autotuning: the first of ``space`` with blocks <= 64 that fits ``head_dim``."""
     for m, n, warps, stages in space:
         rows, stream = (m, n) if resident == "M" else (n, m)
-        if max(m, n) <= 64 and fits(rows, stream, head_dim, resident_tiles):
+        if max(m, n) <= 64 and fits(rows, stream, head_dim, resident_tiles, warps):
             return m, n, warps, stages
     return space[-1]
 
@@ -82,15 +93,24 @@ def head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(int(d)))
 
 
-def fits(block_rows: int, block_stream: int, head_dim: int, resident_tiles: int) -> bool:
-    """Whether ``resident_tiles`` fp32 (block_rows x head_dim) accumulators plus the streamed tiles fit.
+# Live fp32 words per thread above which a config spills registers: calibrated with
+# ``compile_check --configs all`` on sm_90 (bf16, plain kernels): 288 words compiled without spills
+# in every kernel (e.g. dK/dV 32x64 at D=128, 244 registers); 320 spilled in dK/dV
+# (64x64 at D=128 with 4 warps: 104 B of stack), 384 in the forward (128x64 at D=128).
+MAX_WORDS_PER_THREAD = 288
 
-    A rough register budget (not a measurement): an SM has 64K 32-bit registers; 40K words of
-    live tiles is about what one CTA holds before spilling. Only head dims >= 128 are pruned.
+
+def fits(block_rows: int, block_stream: int, head_dim: int, resident_tiles: int, num_warps: int = 4) -> bool:
+    """Whether a config's live register tiles fit without spilling (a model, see MAX_WORDS_PER_THREAD).
+
+    Counts the fp32 words per thread of the ``resident_tiles`` (block_rows x head_dim)
+    tiles a program keeps for its whole life (accumulators, resident operands) and of
+    the two (block_rows x block_stream) score tiles (s and p, or p and dp); the streamed
+    operands wait in shared memory, not registers.
     """
     d = head_block(head_dim)
-    words = resident_tiles * block_rows * d + 2 * block_stream * d + 2 * block_rows * block_stream
-    return words <= 40 * 1024 if d >= 128 else True
+    words = resident_tiles * block_rows * d + 2 * block_rows * block_stream
+    return words <= MAX_WORDS_PER_THREAD * 32 * num_warps
 
 
 def _configs(space):
@@ -102,7 +122,7 @@ def _prune(resident: str, resident_tiles: int):
         d = max(int(named_args["head_dim"]), int(named_args["head_dim_v"]))
         kept = [c for c in configs
                 if fits(c.kwargs["BLOCK_M" if resident == "M" else "BLOCK_N"],
-                        c.kwargs["BLOCK_N" if resident == "M" else "BLOCK_M"], d, resident_tiles)]
+                        c.kwargs["BLOCK_N" if resident == "M" else "BLOCK_M"], d, resident_tiles, c.num_warps)]
         return kept[:MAX_CONFIGS_TRIED] or configs[-1:]
     return prune
 

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .dropout import dropout_keep_tile
 from .flash_fwd import RUNTIME_VALUES, sequence_bounds
-from .tiles import cast, key_block_visible, mma, visible_scores
+from .tiles import cast, key_block_visible, mma, visible_key_range, visible_scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -52,6 +52,48 @@ def _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln):
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     delta = tl.load(Delta + lse_off + rows * stride_ln, mask=ok, other=0.0)
     return lse2, delta
+
+
+@triton.jit
+def _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_base, start_m, cols_start, cols,
+                      offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v, stride_qn, stride_qd,
+                      stride_gn, stride_gd, stride_ln, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment,
+                      drop_threshold, drop_scale,
+                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, EDGE: tl.constexpr):
+    """Query block ``start_m``'s share of dK and dV of this key block.
+
+    Works on the transposed tile (keys x queries) as Triton's tutorial does: every product
+    then takes its operands as loaded (tl.trans of a loaded tile is a free view of shared
+    memory), where the (queries x keys) form would transpose P and dS in registers.
+    EDGE=False: every row of the block is in range and (causal) at or below the diagonal.
+    """
+    rows = start_m + offs_m
+    if EDGE:
+        qt_ok = (rows[None, :] < seqlen_q) & (offs_d[:, None] < head_dim)
+        do_ok = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v)
+    else:
+        qt_ok = offs_d[:, None] < head_dim
+        do_ok = offs_dv[None, :] < head_dim_v
+    qt = tl.load(q_base + rows[None, :] * stride_qn + offs_d[:, None] * stride_qd, mask=qt_ok, other=0.0)  # (D, M)
+    do = tl.load(do_base + rows[:, None] * stride_gn + offs_dv[None, :] * stride_gd, mask=do_ok, other=0.0)  # (M, Dv)
+    lse2, delta = _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln)
+    qkt = mma(k, qt, INPUT_PRECISION, EMULATE_BF16)  # (N, M)
+    st = visible_scores(qkt, rows[None, :], cols[:, None], seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
+                        qk_scale, CAUSAL, MASK_KIND, MASK_ROW, EDGE)
+    pt = tl.math.exp2(st - lse2[None, :])  # (N, M) probabilities, transposed
+    dpt = mma(v, tl.trans(do), INPUT_PRECISION, EMULATE_BF16)  # (N, M) = (dO Vᵀ)ᵀ
+    if DROPOUT:
+        keep = tl.trans(dropout_keep_tile(seed, rng_offset, segment, rows, cols_start, drop_threshold,
+                                          cols.shape[0]))  # (N, M)
+        pdt = tl.where(keep, pt * drop_scale, 0.0)
+        dpt = tl.where(keep, dpt * drop_scale, 0.0)
+    else:
+        pdt = pt
+    dv += mma(cast(pdt, do.dtype, EMULATE_BF16), do, INPUT_PRECISION, EMULATE_BF16)
+    dst = pt * (dpt - delta[None, :])
+    dk += mma(cast(dst, qt.dtype, EMULATE_BF16), tl.trans(qt), INPUT_PRECISION, EMULATE_BF16)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -99,6 +141,15 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
     if CAUSAL:  # query blocks above the diagonal never see this key block
         lo = (start_n // BLOCK_M) * BLOCK_M
     hi = tl.where(start_n < seqlen_k, seqlen_q, 0)
+    # Query blocks [interior_lo, interior_hi) are whole and (causal) wholly at or below the
+    # diagonal: the fast path. Before them the diagonal blocks, after them a partial last block.
+    # Keys past seqlen_k need no test: their dK/dV rows are never stored.
+    interior_lo = lo
+    if CAUSAL:
+        interior_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    interior_hi = (seqlen_q // BLOCK_M) * BLOCK_M
+    interior_lo = tl.minimum(interior_lo, hi)
+    interior_hi = tl.maximum(tl.minimum(interior_hi, hi), interior_lo)
     for g in range(0, group):  # the q heads sharing this K/V head (GQA); no atomics
         off_h = off_hk * group + g
         mask_base = Mask + off_b * stride_mb + off_h * stride_mh
@@ -110,28 +161,27 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
             q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qn
             do_base = GradOut + off_b * stride_gb + off_h * stride_gh + q_start * stride_gn
             lse_off = off_b * stride_lb + off_h * stride_lh + q_start * stride_ln
-            for start_m in range(lo, hi, BLOCK_M):
-                rows = start_m + offs_m
-                row_ok = rows < seqlen_q
-                q = tl.load(q_base + rows[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                            mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)  # (M, D)
-                do = tl.load(do_base + rows[:, None] * stride_gn + offs_dv[None, :] * stride_gd,
-                             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)  # (M, Dv)
-                lse2, delta = _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln)
-                qk = mma(q, tl.trans(k), INPUT_PRECISION, EMULATE_BF16)  # (M, N)
-                s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
-                                   CAUSAL, MASK_KIND, MASK_ROW)
-                p = tl.math.exp2(s - lse2[:, None])  # (M, N) probabilities
-                dp = mma(do, tl.trans(v), INPUT_PRECISION, EMULATE_BF16)  # (M, N) = dO Vᵀ
-                if DROPOUT:
-                    keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
-                    pd = tl.where(keep, p * drop_scale, 0.0)
-                    dp = tl.where(keep, dp * drop_scale, 0.0)
-                else:
-                    pd = p
-                dv += mma(tl.trans(cast(pd, do.dtype, EMULATE_BF16)), do, INPUT_PRECISION, EMULATE_BF16)
-                ds = p * (dp - delta[:, None])
-                dk += mma(tl.trans(cast(ds, q.dtype, EMULATE_BF16)), q, INPUT_PRECISION, EMULATE_BF16)
+            for start_m in range(lo, interior_lo, BLOCK_M):
+                dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_base, start_m,
+                                           start_n, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim,
+                                           head_dim_v, stride_qn, stride_qd, stride_gn, stride_gd, stride_ln, stride_mm,
+                                           stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
+                                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION,
+                                           EMULATE_BF16, EDGE=True)
+            for start_m in range(interior_lo, interior_hi, BLOCK_M):
+                dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_base, start_m,
+                                           start_n, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim,
+                                           head_dim_v, stride_qn, stride_qd, stride_gn, stride_gd, stride_ln, stride_mm,
+                                           stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
+                                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION,
+                                           EMULATE_BF16, EDGE=False)
+            for start_m in range(interior_hi, hi, BLOCK_M):
+                dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_base, start_m,
+                                           start_n, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim,
+                                           head_dim_v, stride_qn, stride_qd, stride_gn, stride_gd, stride_ln, stride_mm,
+                                           stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
+                                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION,
+                                           EMULATE_BF16, EDGE=True)
 
     dk = dk * scale
     tl.store(GradK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + cols)[:, None] * stride_dkn
@@ -140,6 +190,34 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
     tl.store(GradV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + cols)[:, None] * stride_dvn
              + offs_dv[None, :] * stride_dvd, cast(dv, GradV.dtype.element_ty, EMULATE_BF16),
              mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+
+
+@triton.jit
+def _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d, offs_dv,
+                  seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+                  stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
+                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, EDGE: tl.constexpr):
+    """Key block ``start_n``'s share of dQ. EDGE=False: whole block, (causal) left of the diagonal."""
+    cols = start_n + offs_n
+    if EDGE:
+        k_ok = (cols[:, None] < seqlen_k) & (offs_d[None, :] < head_dim)
+        vt_ok = (cols[None, :] < seqlen_k) & (offs_dv[:, None] < head_dim_v)
+    else:
+        k_ok = offs_d[None, :] < head_dim
+        vt_ok = offs_dv[:, None] < head_dim_v
+    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)  # (N, D)
+    vt = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd, mask=vt_ok, other=0.0)  # (Dv, N)
+    qk = mma(q, tl.trans(k), INPUT_PRECISION, EMULATE_BF16)
+    s = visible_scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
+                       qk_scale, CAUSAL, MASK_KIND, MASK_ROW, EDGE)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = mma(do, vt, INPUT_PRECISION, EMULATE_BF16)
+    if DROPOUT:
+        keep = dropout_keep_tile(seed, rng_offset, segment, rows, start_n, drop_threshold, offs_n.shape[0])
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + mma(cast(ds, k.dtype, EMULATE_BF16), k, INPUT_PRECISION, EMULATE_BF16)
 
 
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -189,27 +267,27 @@ def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlen
     if CAUSAL:
         hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
     hi = tl.where(start_m < seqlen_q, hi, 0)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        visit = True
-        if MASK_ROW:
-            visit = key_block_visible(mask_base, cols, seqlen_k, stride_mn, MASK_KIND)
-        if visit:
-            col_ok = cols < seqlen_k
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=col_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)  # (N, D)
-            vt = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                         mask=col_ok[None, :] & (offs_dv[:, None] < head_dim_v), other=0.0)  # (Dv, N)
-            qk = mma(q, tl.trans(k), INPUT_PRECISION, EMULATE_BF16)
-            s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
-                               CAUSAL, MASK_KIND, MASK_ROW)
-            p = tl.math.exp2(s - lse2[:, None])
-            dp = mma(do, vt, INPUT_PRECISION, EMULATE_BF16)
-            if DROPOUT:
-                keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
-                dp = tl.where(keep, dp * drop_scale, 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += mma(cast(ds, k.dtype, EMULATE_BF16), k, INPUT_PRECISION, EMULATE_BF16)
+    lo = 0
+    if MASK_ROW:  # as in the forward: only the blocks from the first to the last visible key
+        key_lo, key_hi = visible_key_range(mask_base, seqlen_k, stride_mn, MASK_KIND, BLOCK_N)
+        lo = key_lo
+        hi = tl.minimum(hi, key_hi)
+    interior_hi = seqlen_k  # as in the forward: whole key blocks left of the diagonal first
+    if CAUSAL:
+        interior_hi = tl.minimum(seqlen_k, start_m + 1)
+    interior_hi = tl.maximum(tl.minimum((interior_hi // BLOCK_N) * BLOCK_N, hi), lo)
+    for start_n in range(lo, interior_hi, BLOCK_N):
+        dq = _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d,
+                           offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
+                           stride_vd, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
+                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
+                           EDGE=False)
+    for start_n in range(interior_hi, hi, BLOCK_N):
+        dq = _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d,
+                           offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
+                           stride_vd, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
+                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
+                           EDGE=True)
 
     dq = dq * scale
     tl.store(GradQ + off_b * stride_dqb + off_h * stride_dqh + (q_start + rows)[:, None] * stride_dqn

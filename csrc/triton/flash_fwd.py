@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_keep_tile
-from .tiles import cast, key_block_visible, mma, visible_scores
+from .tiles import cast, mma, visible_key_range, visible_scores
 
 LN2 = tl.constexpr(0.6931471805599453)
 # Integer arguments that change from call to call: Triton would otherwise specialise (and
@@ -34,6 +34,42 @@ def sequence_bounds(CuSeqlens, off_b, dense_len, IS_VARLEN: tl.constexpr):
         start = tl.zeros((), dtype=tl.int64)
         length = dense_len + tl.zeros((), dtype=tl.int32)
     return start, length
+
+
+@triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d, offs_dv,
+                   seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+                   stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
+                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
+                   INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, EDGE: tl.constexpr):
+    """One step of the online softmax: key block ``start_n`` folded into (acc, l_i, m_i).
+
+    EDGE=False: the block is wholly inside the key sequence and (causal) left of the
+    diagonal for every row, so loads need no key bound and scores no bound/causal select.
+    """
+    cols = start_n + offs_n
+    if EDGE:
+        k_ok = (cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim)
+        v_ok = (cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v)
+    else:
+        k_ok = offs_d[:, None] < head_dim
+        v_ok = offs_dv[None, :] < head_dim_v
+    kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=k_ok, other=0.0)  # (D, N)
+    qk = mma(q, kt, INPUT_PRECISION, EMULATE_BF16)
+    s = visible_scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
+                       qk_scale, CAUSAL, MASK_KIND, MASK_ROW, EDGE)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DROPOUT:  # the normaliser l_i counts every probability; only the output is dropped
+        keep = dropout_keep_tile(seed, rng_offset, segment, rows, start_n, drop_threshold, offs_n.shape[0])
+        p = tl.where(keep, p * drop_scale, 0.0)
+    v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd, mask=v_ok, other=0.0)  # (N, Dv)
+    p = cast(p, v.dtype, EMULATE_BF16)  # P·V on the tensor cores in the input dtype, fp32 accumulator
+    acc = acc * alpha[:, None] + mma(p, v, INPUT_PRECISION, EMULATE_BF16)
+    return acc, l_i, m_new
 
 
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
@@ -89,30 +125,31 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
     if CAUSAL:  # key blocks right of the diagonal are never visible: not visited
         hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
     hi = tl.where(start_m < seqlen_q, hi, 0)  # programs past a short varlen sequence do nothing
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        visit = True
-        if MASK_ROW:  # key-padding style mask: a block with no visible key is skipped
-            visit = key_block_visible(mask_base, cols, seqlen_k, stride_mn, MASK_KIND)
-        if visit:
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=(cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim), other=0.0)  # (D, N)
-            qk = mma(q, kt, INPUT_PRECISION, EMULATE_BF16)
-            s = visible_scores(qk, rows, cols, seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn, qk_scale,
-                               CAUSAL, MASK_KIND, MASK_ROW)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if DROPOUT:  # the normaliser l_i counts every probability; only the output is dropped
-                keep = dropout_keep_tile(seed, rng_offset, segment, rows, cols, drop_threshold)
-                p = tl.where(keep, p * drop_scale, 0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=(cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v), other=0.0)  # (N, Dv)
-            p = cast(p, v.dtype, EMULATE_BF16)  # P·V on the tensor cores in the input dtype, fp32 accumulator
-            acc = acc * alpha[:, None] + mma(p, v, INPUT_PRECISION, EMULATE_BF16)
-            m_i = m_new
+    lo = 0
+    if MASK_ROW:  # key-padding style mask: only the blocks from the first to the last visible key
+        key_lo, key_hi = visible_key_range(mask_base, seqlen_k, stride_mn, MASK_KIND, BLOCK_N)
+        lo = key_lo
+        hi = tl.minimum(hi, key_hi)
+    # Key blocks [lo, interior_hi) are whole and (causal) left of the diagonal for all BLOCK_M
+    # rows: the fast path. The rest (a partial last block, the diagonal blocks) test each element.
+    interior_hi = seqlen_k
+    if CAUSAL:
+        interior_hi = tl.minimum(seqlen_k, start_m + 1)
+    interior_hi = tl.maximum(tl.minimum((interior_hi // BLOCK_N) * BLOCK_N, hi), lo)
+    for start_n in range(lo, interior_hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, offs_n,
+                                       offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                       qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
+                                       CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
+                                       EDGE=False)
+    for start_n in range(interior_hi, hi, BLOCK_N):
+        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, offs_n,
+                                       offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                       qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
+                                       CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
+                                       EDGE=True)
 
     empty = l_i == 0.0  # no visible key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
