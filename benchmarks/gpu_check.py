@@ -213,7 +213,24 @@ def run_bench(cfg: GpuCheckConfig, device: torch.device) -> dict:
         del prepared, inputs, reference
         torch.cuda.empty_cache()
     return {"rows": rows, "not_run": not_run, "missing_candidates": missing,
-            "seconds": round(time.perf_counter() - start, 1), "timer": "triton.testing.do_bench (median)"}
+            "seconds": round(time.perf_counter() - start, 1), "timer": "triton.testing.do_bench (median)",
+            "triton_configs": triton_configs_chosen()}
+
+
+def triton_configs_chosen() -> dict:
+    """The config autotuning picked for each tuning key of each Triton kernel run so far
+    (what the next ordering of the spaces in csrc/triton/autotune.py should learn from)."""
+    try:
+        from fastattn.triton_kernels import launch
+    except ImportError:
+        return {}
+    if launch._kernels is None or not launch._kernels.autotune:
+        return {}
+    chosen = {}
+    for name in launch._kernels.specs:
+        tuner = getattr(launch._kernels, name)
+        chosen[name] = {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+    return chosen
 
 
 # ---------------------------------------------------------------------------
