@@ -429,10 +429,21 @@ def test_config_space_is_valid():
     assert cfg.fits(128, 128, 128, 2, num_warps=8)  # forward 128x128, 8 warps: 249 registers, none spilled
     assert not cfg.fits(64, 64, 128, 4, num_warps=4)  # dK/dV 64 keys x 64 queries: 104 B of spills
     assert cfg.fits(64, 32, 128, 4, num_warps=4)  # dK/dV 64 keys x 32 queries: 244 registers
+    # the pruning autotuning runs, called as triton's Autotuner calls it (positional args by name,
+    # constexpr flags as keywords): dropout drops the forward configs that spilled most
+    prune = cfg._prune("M", 2)
+    configs = cfg._configs(cfg.FWD_SPACE)
+    plain = prune(configs, {"head_dim": 128, "head_dim_v": 128}, CAUSAL=True, MASK_KIND=0, DROPOUT=False)
+    dropout = prune(configs, {"head_dim": 128, "head_dim_v": 128}, CAUSAL=True, MASK_KIND=1, MASK_ROW=True,
+                    DROPOUT=True)
+    as_tuple = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)  # noqa: E731
+    assert [as_tuple(c) for c in plain][:2] == [(128, 128, 8), (128, 64, 8)]
+    assert (128, 128, 8) not in [as_tuple(c) for c in dropout] and len(dropout) == cfg.MAX_CONFIGS_TRIED
     # every head dim keeps at least one config of each space
     for d in (16, 64, 128, 256):
         for space, res, tiles in ((cfg.FWD_SPACE, 0, 2), (cfg.BWD_DKDV_SPACE, 1, 4), (cfg.BWD_DQ_SPACE, 0, 3)):
-            assert any(cfg.fits(c[res], c[1 - res], d, tiles, c[2]) for c in space), (d, space)
+            for extra in (0, 3):
+                assert any(cfg.fits(c[res], c[1 - res], d, tiles, c[2], extra) for c in space), (d, extra, space)
 
 
 def test_fp32_precision_follows_torch():

@@ -100,17 +100,27 @@ def head_block(d: int) -> int:
 MAX_WORDS_PER_THREAD = 288
 
 
-def fits(block_rows: int, block_stream: int, head_dim: int, resident_tiles: int, num_warps: int = 4) -> bool:
+def fits(block_rows: int, block_stream: int, head_dim: int, resident_tiles: int, num_warps: int = 4,
+         extra_score_tiles: int = 0) -> bool:
     """Whether a config's live register tiles fit without spilling (a model, see MAX_WORDS_PER_THREAD).
 
     Counts the fp32 words per thread of the ``resident_tiles`` (block_rows x head_dim)
     tiles a program keeps for its whole life (accumulators, resident operands) and of
-    the two (block_rows x block_stream) score tiles (s and p, or p and dp); the streamed
-    operands wait in shared memory, not registers.
+    the two (block_rows x block_stream) score tiles (s and p, or p and dp), plus
+    ``extra_score_tiles`` more (see extra_score_tiles); the streamed operands wait in
+    shared memory, not registers.
     """
     d = head_block(head_dim)
-    words = resident_tiles * block_rows * d + 2 * block_rows * block_stream
+    words = resident_tiles * block_rows * d + (2 + extra_score_tiles) * block_rows * block_stream
     return words <= MAX_WORDS_PER_THREAD * 32 * num_warps
+
+
+def extra_score_tiles(dropout: bool, mask_kind: int, mask_row: bool) -> int:
+    """Score-sized tiles a kernel variant holds beyond s and p: dropout's Philox words and keep
+    mask count as two, a float (query x key) mask tile as one. With them ``fits`` drops the
+    configs that spilled most in compile_check (forward 128x128 with dropout: 336 B at D=64,
+    536 B at D=128; with a float mask tile: 112 B at D=128)."""
+    return (2 if dropout else 0) + (1 if mask_kind == 2 and not mask_row else 0)
 
 
 def _configs(space):
@@ -119,10 +129,13 @@ def _configs(space):
 
 def _prune(resident: str, resident_tiles: int):
     def prune(configs, named_args, **kwargs):
+        """Triton calls it with the positional arguments by name and the keyword ones (the constexpr flags)."""
         d = max(int(named_args["head_dim"]), int(named_args["head_dim_v"]))
+        extra = extra_score_tiles(bool(kwargs.get("DROPOUT", False)), int(kwargs.get("MASK_KIND", 0)),
+                                  bool(kwargs.get("MASK_ROW", False)))
         kept = [c for c in configs
                 if fits(c.kwargs["BLOCK_M" if resident == "M" else "BLOCK_N"],
-                        c.kwargs["BLOCK_N" if resident == "M" else "BLOCK_M"], d, resident_tiles, c.num_warps)]
+                        c.kwargs["BLOCK_N" if resident == "M" else "BLOCK_M"], d, resident_tiles, c.num_warps, extra)]
         return kept[:MAX_CONFIGS_TRIED] or configs[-1:]
     return prune
 

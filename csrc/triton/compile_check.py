@@ -130,14 +130,16 @@ KERNELS = (("fwd", flash_fwd._attn_fwd, cfg.FWD_SPACE, "M", 2),
            ("dq", flash_bwd._attn_bwd_dq, cfg.BWD_DQ_SPACE, "M", 3))
 
 
-def configs_of(which: str, space, head_dim: int, resident: str, tiles: int) -> list:
+def configs_of(which: str, space, head_dim: int, resident: str, tiles: int, extra: int = 0) -> list:
     """"fixed": the no-autotune config; "tried": those autotuning compiles and times at this head
-    dim (kept by ``fits``, first MAX_CONFIGS_TRIED); "all": the whole space."""
+    dim for a variant with ``extra`` score tiles (kept by ``fits``, first MAX_CONFIGS_TRIED);
+    "all": the whole space."""
     if which == "fixed":
         return [cfg.fixed_config(space, head_dim, resident, tiles)]
     if which == "all":
         return list(space)
-    kept = [c for c in space if cfg.fits(*((c[0], c[1]) if resident == "M" else (c[1], c[0])), head_dim, tiles, c[2])]
+    kept = [c for c in space
+            if cfg.fits(*((c[0], c[1]) if resident == "M" else (c[1], c[0])), head_dim, tiles, c[2], extra)]
     return kept[:cfg.MAX_CONFIGS_TRIED] or list(space[-1:])
 
 
@@ -155,13 +157,15 @@ def run(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variants=(1,), 
         flags = dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row, IS_VARLEN=varlen, DROPOUT=dropout)
         for name, fn, space, resident, tiles in KERNELS:
             ints = representative_ints(fn, 16, 4096, head_dim, mask_kind, mask_row, varlen)
-            for m, n, warps, stages in configs_of(which, space, head_dim, resident, tiles):
+            extra = cfg.extra_score_tiles(dropout, mask_kind, mask_row)
+            for m, n, warps, stages in configs_of(which, space, head_dim, resident, tiles, extra):
                 consts = dict(flags, INPUT_PRECISION=precision, EMULATE_BF16=False, BLOCK_D=block_d,
                               BLOCK_DV=block_d, BLOCK_M=m, BLOCK_N=n)
                 start = time.perf_counter()
                 kernel = compile_kernel(fn, dtype, consts, arch, warps, stages, ints)
                 rows.append(dict(kernel=name, flags=flags, config=(m, n, warps, stages),
-                                 fits=cfg.fits(*((m, n) if resident == "M" else (n, m)), head_dim, tiles, warps),
+                                 fits=cfg.fits(*((m, n) if resident == "M" else (n, m)), head_dim, tiles, warps,
+                                               extra),
                                  shared=kernel.metadata.shared, **resources(kernel),
                                  seconds=time.perf_counter() - start))
     consts = dict(IS_VARLEN=False, BLOCK_M=cfg.PREPROCESS_BLOCK_M, BLOCK_DV=block_d)
