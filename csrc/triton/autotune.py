@@ -117,10 +117,11 @@ def fits(block_rows: int, block_stream: int, head_dim: int, resident_tiles: int,
 
 def extra_score_tiles(dropout: bool, mask_kind: int, mask_row: bool) -> int:
     """Score-sized tiles a kernel variant holds beyond s and p: dropout's Philox words and keep
-    mask count as two, a float (query x key) mask tile as one. With them ``fits`` drops the
-    configs that spilled most in compile_check (forward 128x128 with dropout: 336 B at D=64,
-    536 B at D=128; with a float mask tile: 112 B at D=128)."""
-    return (2 if dropout else 0) + (1 if mask_kind == 2 and not mask_row else 0)
+    mask count as two, a mask (the tile, or the key-padding row with its pipelined loads) as one.
+    With them ``fits`` drops the configs that spilled most in compile_check: forward 128x128 with
+    dropout (336 B at D=64, 536 B at D=128), with a float mask tile (112 B at D=128) or key
+    padding (128 B at D=128); forward 128x64 with 4 warps and key padding (104 B at D=64)."""
+    return (2 if dropout else 0) + (1 if mask_kind != 0 else 0)
 
 
 def _configs(space):

@@ -39,9 +39,9 @@ _FLOAT_SCALARS = ("qk_scale", "drop_scale", "scale")
 _INT64_SCALARS = ("seed", "drop_threshold")
 
 # (CAUSAL, MASK_KIND, MASK_ROW, IS_VARLEN, DROPOUT): plain; causal + key padding (row path) + dropout;
-# causal + float tile mask; varlen; causal
+# causal + float tile mask; varlen; causal; key padding
 VARIANTS = [(False, 0, False, False, False), (True, 1, True, False, True), (True, 2, False, False, False),
-            (True, 0, False, True, False), (True, 0, False, False, False)]
+            (True, 0, False, True, False), (True, 0, False, False, False), (False, 1, True, False, False)]
 
 
 def representative_ints(fn, heads: int, seqlen: int, head_dim: int, mask_kind: int, mask_row: bool,
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 A100, 90 H100/H200)")
     p.add_argument("--variants", default="1", help="comma-separated indices into VARIANTS (0 plain, 1 causal + "
-                   "key padding + dropout, 2 causal + float mask, 3 varlen, 4 causal) or 'all'")
+                   "key padding + dropout, 2 causal + float mask, 3 varlen, 4 causal, 5 key padding) or 'all'")
     p.add_argument("--configs", default="fixed", choices=("fixed", "tried", "all"),
                    help="fixed: the no-autotune config; tried: those autotuning times at this head dim; all: the "
                    "whole space (registers and spills of each: how the spaces are ordered)")
