@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .dropout import dropout_keep_tile
 from .flash_fwd import RUNTIME_VALUES, sequence_bounds
-from .tiles import cast, key_block_visible, mma, visible_key_range, visible_scores
+from .tiles import cast, in_bounds, key_block_visible, mma, visible_key_range, visible_scores
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -69,12 +69,8 @@ def _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_b
     EDGE=False: every row of the block is in range and (causal) at or below the diagonal.
     """
     rows = start_m + offs_m
-    if EDGE:
-        qt_ok = (rows[None, :] < seqlen_q) & (offs_d[:, None] < head_dim)
-        do_ok = (rows[:, None] < seqlen_q) & (offs_dv[None, :] < head_dim_v)
-    else:
-        qt_ok = offs_d[:, None] < head_dim
-        do_ok = offs_dv[None, :] < head_dim_v
+    qt_ok = in_bounds(rows[None, :], seqlen_q, offs_d[:, None], head_dim, EDGE)
+    do_ok = in_bounds(rows[:, None], seqlen_q, offs_dv[None, :], head_dim_v, EDGE)
     qt = tl.load(q_base + rows[None, :] * stride_qn + offs_d[:, None] * stride_qd, mask=qt_ok, other=0.0)  # (D, M)
     do = tl.load(do_base + rows[:, None] * stride_gn + offs_dv[None, :] * stride_gd, mask=do_ok, other=0.0)  # (M, Dv)
     lse2, delta = _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln)
@@ -161,27 +157,21 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
             q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qn
             do_base = GradOut + off_b * stride_gb + off_h * stride_gh + q_start * stride_gn
             lse_off = off_b * stride_lb + off_h * stride_lh + q_start * stride_ln
-            for start_m in range(lo, interior_lo, BLOCK_M):
-                dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_base, start_m,
-                                           start_n, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim,
-                                           head_dim_v, stride_qn, stride_qd, stride_gn, stride_gd, stride_ln, stride_mm,
-                                           stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
-                                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION,
-                                           EMULATE_BF16, EDGE=True)
-            for start_m in range(interior_lo, interior_hi, BLOCK_M):
-                dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_base, start_m,
-                                           start_n, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim,
-                                           head_dim_v, stride_qn, stride_qd, stride_gn, stride_gd, stride_ln, stride_mm,
-                                           stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
-                                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION,
-                                           EMULATE_BF16, EDGE=False)
-            for start_m in range(interior_hi, hi, BLOCK_M):
-                dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_base, start_m,
-                                           start_n, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim,
-                                           head_dim_v, stride_qn, stride_qd, stride_gn, stride_gd, stride_ln, stride_mm,
-                                           stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
-                                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION,
-                                           EMULATE_BF16, EDGE=True)
+            # pass 0: diagonal blocks [lo, interior_lo); pass 1: fast path; pass 2: partial last block
+            for phase in tl.static_range(3):
+                if phase == 0:
+                    pass_lo, pass_hi = lo, interior_lo
+                elif phase == 1:
+                    pass_lo, pass_hi = interior_lo, interior_hi
+                else:
+                    pass_lo, pass_hi = interior_hi, hi
+                for start_m in range(pass_lo, pass_hi, BLOCK_M):
+                    dk, dv = _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_base,
+                                               start_m, start_n, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
+                                               head_dim, head_dim_v, stride_qn, stride_qd, stride_gn, stride_gd,
+                                               stride_ln, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment,
+                                               drop_threshold, drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT,
+                                               INPUT_PRECISION, EMULATE_BF16, EDGE=phase != 1)
 
     dk = dk * scale
     tl.store(GradK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + cols)[:, None] * stride_dkn
@@ -200,12 +190,8 @@ def _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, ro
                   INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, EDGE: tl.constexpr):
     """Key block ``start_n``'s share of dQ. EDGE=False: whole block, (causal) left of the diagonal."""
     cols = start_n + offs_n
-    if EDGE:
-        k_ok = (cols[:, None] < seqlen_k) & (offs_d[None, :] < head_dim)
-        vt_ok = (cols[None, :] < seqlen_k) & (offs_dv[:, None] < head_dim_v)
-    else:
-        k_ok = offs_d[None, :] < head_dim
-        vt_ok = offs_dv[:, None] < head_dim_v
+    k_ok = in_bounds(cols[:, None], seqlen_k, offs_d[None, :], head_dim, EDGE)
+    vt_ok = in_bounds(cols[None, :], seqlen_k, offs_dv[:, None], head_dim_v, EDGE)
     k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)  # (N, D)
     vt = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd, mask=vt_ok, other=0.0)  # (Dv, N)
     qk = mma(q, tl.trans(k), INPUT_PRECISION, EMULATE_BF16)
@@ -276,18 +262,17 @@ def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlen
     if CAUSAL:
         interior_hi = tl.minimum(seqlen_k, start_m + 1)
     interior_hi = tl.maximum(tl.minimum((interior_hi // BLOCK_N) * BLOCK_N, hi), lo)
-    for start_n in range(lo, interior_hi, BLOCK_N):
-        dq = _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d,
-                           offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
-                           stride_vd, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
-                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
-                           EDGE=False)
-    for start_n in range(interior_hi, hi, BLOCK_N):
-        dq = _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d,
-                           offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
-                           stride_vd, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
-                           drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
-                           EDGE=True)
+    for edge in tl.static_range(2):  # as in the forward: pass 0 the fast path, pass 1 the edge blocks
+        if edge == 0:
+            pass_lo, pass_hi = lo, interior_hi
+        else:
+            pass_lo, pass_hi = interior_hi, hi
+        for start_n in range(pass_lo, pass_hi, BLOCK_N):
+            dq = _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d,
+                               offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
+                               stride_vd, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
+                               drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
+                               EDGE=edge == 1)
 
     dq = dq * scale
     tl.store(GradQ + off_b * stride_dqb + off_h * stride_dqh + (q_start + rows)[:, None] * stride_dqn

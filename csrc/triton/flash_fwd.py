@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_keep_tile
-from .tiles import cast, mma, visible_key_range, visible_scores
+from .tiles import cast, in_bounds, mma, visible_key_range, visible_scores
 
 LN2 = tl.constexpr(0.6931471805599453)
 # Integer arguments that change from call to call: Triton would otherwise specialise (and
@@ -48,12 +48,8 @@ def _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, o
     diagonal for every row, so loads need no key bound and scores no bound/causal select.
     """
     cols = start_n + offs_n
-    if EDGE:
-        k_ok = (cols[None, :] < seqlen_k) & (offs_d[:, None] < head_dim)
-        v_ok = (cols[:, None] < seqlen_k) & (offs_dv[None, :] < head_dim_v)
-    else:
-        k_ok = offs_d[:, None] < head_dim
-        v_ok = offs_dv[None, :] < head_dim_v
+    k_ok = in_bounds(cols[None, :], seqlen_k, offs_d[:, None], head_dim, EDGE)
+    v_ok = in_bounds(cols[:, None], seqlen_k, offs_dv[None, :], head_dim_v, EDGE)
     kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=k_ok, other=0.0)  # (D, N)
     qk = mma(q, kt, INPUT_PRECISION, EMULATE_BF16)
     s = visible_scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
@@ -136,20 +132,18 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
     if CAUSAL:
         interior_hi = tl.minimum(seqlen_k, start_m + 1)
     interior_hi = tl.maximum(tl.minimum((interior_hi // BLOCK_N) * BLOCK_N, hi), lo)
-    for start_n in range(lo, interior_hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, offs_n,
-                                       offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                                       qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
-                                       CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
-                                       EDGE=False)
-    for start_n in range(interior_hi, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, offs_n,
-                                       offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
-                                       qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
-                                       CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
-                                       EDGE=True)
+    for edge in tl.static_range(2):  # pass 0: [lo, interior_hi) fast path; pass 1: [interior_hi, hi)
+        if edge == 0:
+            pass_lo, pass_hi = lo, interior_hi
+        else:
+            pass_lo, pass_hi = interior_hi, hi
+        for start_n in range(pass_lo, pass_hi, BLOCK_N):
+            acc, l_i, m_i = _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, offs_n,
+                                           offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                                           stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
+                                           qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
+                                           CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
+                                           EDGE=edge == 1)
 
     empty = l_i == 0.0  # no visible key: output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -57,6 +57,17 @@ def key_block_visible(mask_ptr, cols, seqlen_k, stride_mn, MASK_KIND: tl.constex
 
 
 @triton.jit
+def in_bounds(pos, seqlen, offs, dim, EDGE: tl.constexpr):
+    """Load mask of a (rows x head dim) tile, either orientation: ``offs < dim`` (the head dim
+    padded to a power of two), and ``pos < seqlen`` only on EDGE tiles (interior tiles are
+    whole). pos and offs are broadcastable 2-D, e.g. (1, N) keys and (D, 1) head dims."""
+    ok = offs < dim
+    if EDGE:
+        ok = ok & (pos < seqlen)
+    return ok
+
+
+@triton.jit
 def visible_key_range(mask_ptr, seqlen_k, stride_mn, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr):
     """For a query-independent mask (MASK_ROW): (lo, hi) with every visible key in [lo, hi).
 
