@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cpp) setup.py pyproject.toml
 
-.PHONY: install test bench info clean
+.PHONY: install test sanitize bench info clean
 
 $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ install: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests benchmarks/test_harness.py -q
+
+# the CPU kernel tests and the boundary sweep against an ASan + UBSan build of the CPU extension
+sanitize: $(VENV)/.installed
+	bash .ci/sanitize
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks

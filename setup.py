@@ -3,6 +3,8 @@
 Extensions, each with one switch:
   fastattn._C       CPU kernels + op schemas; always built (-O3, OpenMP, baseline ISA:
                     AVX2/FMA paths are chosen at run time, never -march=native).
+                    FASTATTN_SANITIZE=address,undefined builds it with AddressSanitizer and
+                    UndefinedBehaviorSanitizer (-O1 -g, abort on the first error): for tests only.
   fastattn._C_cuda  CUDA kernels from csrc/cuda/*.cu. FASTATTN_CUDA=1 forces it (and
                     fails loudly if torch has no CUDA or nvcc is missing), FASTATTN_CUDA=0
                     skips it; by default it is built when torch has CUDA and nvcc is found.
@@ -38,14 +40,37 @@ def openmp_flags():
     return ["-fopenmp"], ["-fopenmp"]
 
 
+SANITIZERS = ("address", "undefined")
+
+
+def sanitizer_flags():
+    """Compile and link flags for FASTATTN_SANITIZE (e.g. "address,undefined"); none when it is unset.
+
+    A sanitized build is for tests only: every sanitizer error aborts (no recovery), and the Python
+    process must load the runtime first (LD_PRELOAD=$(cc -print-file-name=libasan.so), see .ci/run).
+    """
+    wanted = [x.strip() for x in os.environ.get("FASTATTN_SANITIZE", "").replace(";", ",").split(",") if x.strip()]
+    unknown = [x for x in wanted if x not in SANITIZERS]
+    if unknown:
+        raise RuntimeError(f"FASTATTN_SANITIZE={os.environ['FASTATTN_SANITIZE']!r}: unknown sanitizer(s) {unknown}; "
+                           f"expected a comma-separated subset of {list(SANITIZERS)}")
+    if not wanted:
+        return [], []
+    flags = [f"-fsanitize={','.join(wanted)}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+    return flags + ["-DFASTATTN_SANITIZE"], flags
+
+
 def cpu_extension():
     omp_compile, omp_link = openmp_flags()
+    san_compile, san_link = sanitizer_flags()
+    # -O1 under the sanitizers: their reports stay readable and the instrumented build several times faster
+    optimize = "-O1" if san_compile else "-O3"
     return cpp_extension.CppExtension(
         name="fastattn._C",
         sources=["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp"),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", *omp_compile]},  # -std: torch's own (c++20 since torch 2.10)
-        extra_link_args=omp_link,
+        extra_compile_args={"cxx": [optimize, *omp_compile, *san_compile]},  # -std: torch's own (c++20 since 2.10)
+        extra_link_args=omp_link + san_link,
     )
 
 

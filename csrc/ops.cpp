@@ -5,7 +5,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/attention_cpu.h"
 #include "cpu/blocks.h"
+#include "cpu/masking.h"
 
 TORCH_LIBRARY(fastattn, m) {
   // q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv), lse (B, Hq, Nq)
@@ -29,6 +31,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn C++ kernels (importing this module registers the torch.ops.fastattn CPU kernels)";
   m.def("cpu_simd", [] { return fastattn::cpu::cpu_has_avx2_fma() ? "avx2+fma" : "baseline (no AVX2)"; },
         "SIMD path the CPU kernels use on this machine");
+  m.def(
+      "cpu_tiling",
+      [] {
+        namespace c = fastattn::cpu;
+        // micro-kernel tile, SIMD width and the dropout draw widths (masking.h) first, then each kernel's blocks
+        c::Tiling t = {{"micro_rows", c::MR}, {"micro_cols", c::NR}, {"simd_floats", c::kSimdFloats},
+                       {"dropout_keys_per_draw", c::kDropoutKeysPerDraw}, {"dropout_simd_keys", c::kDropoutSimdKeys}};
+        for (const auto& kernel : {c::fwd_tiling(), c::bwd_tiling()})
+          t.insert(t.end(), kernel.begin(), kernel.end());
+        return t;
+      },
+      "Block sizes of the CPU kernels as (name, size) pairs: the boundaries tests/sweep.py sweeps");
+#ifdef FASTATTN_SANITIZE
+  m.attr("sanitized") = true;  // built with FASTATTN_SANITIZE (ASan/UBSan): for tests only
+#else
+  m.attr("sanitized") = false;
+#endif
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -122,6 +122,9 @@ def attention_reference(q, k, v, *, causal: bool = False, attn_mask: Optional[to
             allowed = allowed & attn_mask
         else:
             logits = logits + attn_mask.to(cdt)
+            # -inf in a float mask hides the key like False: masked_fill then also stops the gradient
+            # there, which a row that sees no key needs (logsumexp's backward is NaN on an all -inf row).
+            allowed = allowed & ~torch.isneginf(attn_mask)
     logits = logits.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # (B, Hq, Nq); -inf where nothing is visible
     # exp(logits - lse) with the fully masked rows pinned to zero (not NaN)

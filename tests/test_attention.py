@@ -486,3 +486,32 @@ def test_right_padding_whole_blocks_hidden(backend, mask_shape, causal):
     if mask_shape == "BH1N":
         keep[1, 1, :, 200:] = False  # one head of sequence 1 sees fewer keys
     check_attention(backend, q, k, v, causal=causal, attn_mask=keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Regression: the causal backward with Nq < Nk (issue 13). The last query tile could end 16+ rows
+# above a key block (Nq = 97: tile 96..96 against keys 128..), its key count came out negative and
+# the backward wrote past its scratch buffers (SIGSEGV). tests/sweep.py sweeps every such boundary.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("Nq, Nk, D, Hq, Hkv", [(97, 129, 64, 1, 1), (97, 130, 64, 1, 1), (97, 202, 59, 6, 2),
+                                                (97, 400, 64, 6, 6), (481, 600, 64, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_causal_backward_fewer_queries_than_keys(backend, dtype, Nq, Nk, D, Hq, Hkv):
+    device = require(backend, dtype=dtype, head_dim=D)
+    q, k, v = make_qkv(1, Hq, Hkv, Nq, Nk, D, dtype=dtype, device=device)
+    check_attention(backend, q, k, v, causal=True)
+
+
+def test_reference_float_mask_hides_rows_with_zero_gradients():
+    """A float mask that is -inf on a whole row: the reference gives zeros and zero (not NaN) gradients,
+    as with a bool mask (logsumexp's backward alone would be NaN on such a row)."""
+    q, k, v = make_qkv(1, 2, 2, 5, 7, 8, dtype=torch.float64)
+    bias = torch.randn(1, 2, 5, 7, dtype=torch.float64)
+    bias[0, 1, 2] = float("-inf")
+    out = attention_reference(q, k, v, attn_mask=bias)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert (out[0, 1, 2] == 0).all() and (dq[0, 1, 2] == 0).all()
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    out_bool = attention_reference(q, k, v, attn_mask=torch.isfinite(bias))
+    assert torch.allclose(out[0, 1, 2], out_bool[0, 1, 2])

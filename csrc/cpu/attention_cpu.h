@@ -7,10 +7,29 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace fastattn {
 namespace cpu {
+
+// Which (query row, key) pairs of one segment the causal structure lets through: top-left
+// aligned, row i sees keys [0, key_end(i)) and key j is seen by rows [row_begin(j), nq).
+// Both kernels take every loop bound from here, so that a block range can never come out
+// empty or negative (a row block above the diagonal, a key block past the last query).
+struct VisibleBand {
+  bool causal;
+  int64_t nq, nk;
+  int64_t key_end(int64_t i) const { return causal ? std::min(nk, i + 1) : nk; }
+  int64_t row_begin(int64_t j) const { return causal ? std::min(nq, j) : 0; }
+  // How many of the `width` keys from kb on row i sees (0 when it sees none of them).
+  int keys_in_block(int64_t i, int64_t kb, int width) const {
+    return static_cast<int>(std::clamp<int64_t>(key_end(i) - kb, 0, width));
+  }
+};
 
 struct AttnParams {
   int64_t batch = 0, heads_q = 0, heads_kv = 0, head_dim = 0, head_dim_v = 0;
@@ -53,8 +72,15 @@ struct AttnParams {
   int64_t row_index(int64_t b, int64_t h, int64_t i) const {
     return varlen() ? h * seqlen_q + cu_seqlens_q[b] + i : (b * heads_q + h) * seqlen_q + i;
   }
+  VisibleBand band(int64_t b) const { return {causal, len_q(b), len_k(b)}; }
   int64_t total_rows() const { return varlen() ? heads_q * seqlen_q : batch * heads_q * seqlen_q; }
 };
+
+// The block sizes a kernel tiles with, by name: fastattn._C.cpu_tiling() hands them to the
+// tests, which sweep every boundary they make (tests/sweep.py).
+using Tiling = std::vector<std::pair<std::string, int64_t>>;
+Tiling fwd_tiling();
+Tiling bwd_tiling();
 
 // out / lse must be allocated by the caller; lse has total_rows() entries.
 void flash_fwd_cpu(const AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

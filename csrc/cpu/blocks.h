@@ -35,6 +35,7 @@ namespace cpu {
 
 constexpr int MR = 6;   // rows of the micro-kernel tile (6 x 16 floats = 12 AVX registers)
 constexpr int NR = 16;  // columns of the micro-kernel tile
+constexpr int kSimdFloats = 8;  // floats per AVX2 register: the row passes' vector step
 
 constexpr double kLog2e = 1.4426950408889634;  // double: the float64 path needs every digit
 constexpr double kLn2 = 0.6931471805599453;
@@ -45,7 +46,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 bool cpu_has_avx2_fma();
 
 // ---------------------------------------------------------------------------
-// Scratch memory: one 64-byte aligned allocation per thread and kernel call.
+// Scratch memory: one 64-byte aligned allocation per thread and kernel call, of exactly
+// the size asked for (no rounding up), so that AddressSanitizer builds see its true end.
 // ---------------------------------------------------------------------------
 template <typename T>
 struct Scratch {
@@ -54,9 +56,9 @@ struct Scratch {
   };
   std::unique_ptr<T, Free> ptr;
   explicit Scratch(int64_t n) {
-    size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(T), 64));
-    ptr.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
-    if (!ptr) throw std::bad_alloc();
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)) != 0) throw std::bad_alloc();
+    ptr.reset(static_cast<T*>(p));
   }
   T* get() const { return ptr.get(); }
   T& operator[](int64_t i) const { return ptr.get()[i]; }

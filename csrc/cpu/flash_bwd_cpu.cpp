@@ -98,6 +98,7 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
     for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
       const auto [b, hk, kv0, kv1, chunk] = tasks[t];
       const int64_t nq = p.len_q(b);
+      const VisibleBand band = p.band(b);
       const scalar_t* kh = k + p.base_k(p.k, b, hk);
       const scalar_t* vh = v + p.base_k(p.v, b, hk);
       acc_t* dq_chunk = dq_acc.data() + chunk * rows * D;
@@ -120,15 +121,19 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
           const scalar_t* qh = q + p.base_q(p.q, b, h);
           const scalar_t* gh = dout + p.base_q(p.grad_out, b, h);
           const int64_t segment = b * p.heads_q + h;
-          // Top-left causal: query rows above kb see none of these keys.
-          for (int64_t qs = p.causal ? kb / kBlockQ * kBlockQ : 0; qs < nq; qs += kBlockQ) {
+          // Query rows above row_begin(kb) see none of these keys.
+          for (int64_t qs = band.row_begin(kb) / kBlockQ * kBlockQ; qs < nq; qs += kBlockQ) {
             const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, nq - qs));
+            // The tile's last row sees the most keys; none at all when the whole tile lies above
+            // the diagonal, as the last row tile does when kb >= nq (causal, Nq < Nk).
+            const int64_t tile_key_end = band.key_end(qs + bq - 1);
+            if (tile_key_end <= kb) continue;
             const auto q_left = left_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_a.get());
             const auto q_right = right_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_b.get());
             const auto do_left = left_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_a.get());
             const auto do_right = right_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_b.get());
             // On the diagonal only the keys up to the tile's last row matter (whole panels).
-            const int bk_tile = p.causal ? static_cast<int>(std::min<int64_t>(bk, round_up(qs + bq - kb, NR))) : bk;
+            const int bk_tile = static_cast<int>(std::min<int64_t>(bk, round_up(tile_key_end - kb, NR)));
             acc_t* pr = probs.get();
             acc_t* dpr = dprobs.get();
             gemm(bq, bk_tile, D, q_left, packed_right(kt_pack.get()), pr, kBlockK, false);     // S  = Q Kᵀ
@@ -138,8 +143,7 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
               const int64_t i = qs + r, row = p.row_index(b, h, i);
               acc_t* x = pr + static_cast<int64_t>(r) * kBlockK;
               acc_t* dx = dpr + static_cast<int64_t>(r) * kBlockK;
-              const int n =
-                  p.causal ? static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(bk_tile, i - kb + 1))) : bk;
+              const int n = band.keys_in_block(i, kb, bk_tile);
               const acc_t* bias_row = nullptr;
               if (p.mask && n > 0) {
                 if (!shared_mask_row) fill_mask_bias(p, b, h, i, kb, n, bias.get());
@@ -200,6 +204,8 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
 }
 
 }  // namespace
+
+Tiling bwd_tiling() { return {{"bwd_block_q", kBlockQ}, {"bwd_block_k", kBlockK}}; }
 
 void flash_bwd_cpu(const AttnParams& p, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& grad_q,

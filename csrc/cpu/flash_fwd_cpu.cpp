@@ -63,7 +63,7 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
         o_acc(static_cast<int64_t>(kChunkQ) * Dv), row_max(kChunkQ), row_sum(kChunkQ), bias(kBlockK);
     for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
       const auto [b, h, q0, q1] = tasks[t];
-      const int64_t hk = h / group, nk = p.len_k(b);
+      const int64_t hk = h / group;
       const scalar_t* qh = q + p.base_q(p.q, b, h);
       const scalar_t* kh = k + p.base_k(p.k, b, hk);
       const scalar_t* vh = v + p.base_k(p.v, b, hk);
@@ -77,7 +77,8 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
       std::fill(row_max.get(), row_max.get() + (q1 - q0), kNegInf);
       std::fill(row_sum.get(), row_sum.get() + (q1 - q0), acc_t(0));
 
-      const int64_t kv_end = p.causal ? std::min(nk, q1) : nk;  // top-left causal: key j <= query i
+      const VisibleBand band = p.band(b);
+      const int64_t kv_end = band.key_end(q1 - 1);  // the chunk's last row sees the most keys
       for (int64_t kb = 0; kb < kv_end; kb += kBlockK) {
         int bk = static_cast<int>(std::min<int64_t>(kBlockK, kv_end - kb));
         // A mask broadcast over queries (key padding) gives one bias row for the whole chunk;
@@ -88,10 +89,11 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
 
         for (int64_t qs = q0; qs < q1; qs += kBlockQ) {
           const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs));
-          if (p.causal && kb > qs + bq - 1) continue;  // whole block above the diagonal
+          const int64_t tile_key_end = band.key_end(qs + bq - 1);
+          if (tile_key_end <= kb) continue;  // the whole tile is above the diagonal
           // On the diagonal only the keys up to the tile's last row matter: the columns past
           // them (rounded up to whole micro-kernel panels) are neither computed nor read.
-          const int bk_tile = p.causal ? static_cast<int>(std::min<int64_t>(bk, round_up(qs + bq - kb, NR))) : bk;
+          const int bk_tile = static_cast<int>(std::min<int64_t>(bk, round_up(tile_key_end - kb, NR)));
           acc_t* s = scores.get();
           gemm(bq, bk_tile, D, packed_left(q_pack.get() + (qs - q0) * D), packed_right(k_pack.get()), s, kBlockK,
                false);  // S = c Q Kᵀ
@@ -99,7 +101,7 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
           for (int r = 0; r < bq; ++r) {
             const int64_t i = qs + r, row = qs - q0 + r;
             acc_t* x = s + static_cast<int64_t>(r) * kBlockK;
-            const int n = p.causal ? static_cast<int>(std::min<int64_t>(bk_tile, i - kb + 1)) : bk;
+            const int n = band.keys_in_block(i, kb, bk_tile);
             if (n <= 0) {
               std::fill(x, x + bk_tile, acc_t(0));
               continue;
@@ -143,6 +145,8 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
 }
 
 }  // namespace
+
+Tiling fwd_tiling() { return {{"fwd_block_q", kBlockQ}, {"fwd_block_k", kBlockK}, {"fwd_max_chunk_q", kMaxChunkQ}}; }
 
 void flash_fwd_cpu(const AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    at::Tensor& out, at::Tensor& lse) {

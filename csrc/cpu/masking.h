@@ -13,6 +13,9 @@
 namespace fastattn {
 namespace cpu {
 
+constexpr int kDropoutKeysPerDraw = 4;  // one Philox4x32 draw gives the words of 4 consecutive keys
+constexpr int kDropoutSimdKeys = 32;    // keys of one 8-lane AVX2 Philox call
+
 // bias[c] = additive logit bias of key kb + c for query row (b, h, i), in base-2
 // units (float masks are scaled by log2(e); a False in a bool mask gives -inf).
 // Returns 1 + the index of the last visible key (0: every key of the segment is masked out),
@@ -103,7 +106,7 @@ FASTATTN_AVX2 inline int apply_dropout_keep_avx2(const AttnParams& p, uint32_t t
   const __m256i thr = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int>(threshold)), sign);
   const __m256 one = _mm256_set1_ps(1.0f);
   int c = 0;
-  for (; c + 32 <= n; c += 32) {
+  for (; c + kDropoutSimdKeys <= n; c += kDropoutSimdKeys) {
     philox4x32_10_x8(static_cast<uint32_t>((kb + c) >> 2), c1, c2, static_cast<uint32_t>(p.offset), p.seed, words);
     for (int g = 0; g < 4; ++g) {
       // unsigned word < threshold (dropped), as a signed compare of sign-flipped values
