@@ -25,7 +25,7 @@ $(VENV)/.installed: $(SOURCES)
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests benchmarks/test_harness.py -q
+	$(PY) -m pytest tests benchmarks/test_harness.py -rs
 
 # the CPU kernel tests and the boundary sweep against an ASan + UBSan build of the CPU extension
 sanitize: $(VENV)/.installed

@@ -6,8 +6,9 @@
     python -m benchmarks --seqlens 512,1024 --head-dims 64,128 --causal both --modes fwd,fwd_bwd
     python -m benchmarks --shapes 4x12x512x64 --backends fastattn:cpu,sdpa,naive --reps 10
 
-Prints a table and the targets, writes benchmarks/results/<device>-<date>.json and .csv,
-and draws PNG plots when matplotlib is importable. See benchmarks/README.md.
+Prints a table and the targets, writes benchmarks/runs/<device>-<date>.json and .csv (ignored
+by git; --save writes them to benchmarks/results/, the committed figures), and draws PNG plots
+when matplotlib is importable. See benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import core, report
-from .config import DEFAULT_SUITES, RESULTS_DIR, VARIANTS, BenchConfig, parse_shape
+from .config import DEFAULT_SUITES, RESULTS_DIR, RUNS_DIR, VARIANTS, BenchConfig, parse_shape
 from .suites import SUITES, make_context
 
 
@@ -78,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bert-shapes", type=lambda s: [tuple(int(v) for v in x.lower().split("x")) for x in _names(s)],
                    help="bert suite: batch shapes BxN, e.g. 16x128,4x512")
     p.add_argument("--bert-reps", type=int, help="bert suite: timed repetitions (default --reps)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory (default benchmarks/results)")
+    p.add_argument("--out", type=Path, help="output directory (default benchmarks/runs, which git ignores)")
+    p.add_argument("--save", action="store_true", help="write the outputs to benchmarks/results, the committed "
+                   "figures (same as --out benchmarks/results)")
     p.add_argument("--no-plot", action="store_true", help="do not draw PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--seed", type=int, default=0)
@@ -106,7 +109,8 @@ def config_from_args(argv: Optional[list] = None) -> BenchConfig:
                        reps=a.reps, min_reps=a.min_reps,
                        case_budget_s=a.case_budget, warmup=a.warmup, timer=a.timer, row_memory=not a.no_row_memory,
                        memory_seqlens=a.memory_seqlens, bert_model=a.bert_model, bert_shapes=a.bert_shapes,
-                       bert_reps=a.bert_reps, out=a.out, plot=not a.no_plot,
+                       bert_reps=a.bert_reps, out=a.out or (RESULTS_DIR if a.save else RUNS_DIR),
+                       plot=not a.no_plot,
                        progress=not a.no_progress, seed=a.seed)
 
 

@@ -9,7 +9,8 @@ import torch
 
 from .core import MODES, Case
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed figures (--save)
+RUNS_DIR = Path(__file__).resolve().parent / "runs"  # every run's outputs by default; ignored by git
 DEFAULT_SUITES = ("attention", "memory", "bert")  # the quick default runs all three
 
 VARIANTS = ("plain", "padding", "gqa", "dropout")
@@ -55,7 +56,7 @@ class BenchConfig:
     bert_shapes: Optional[list] = None
     bert_reps: Optional[int] = None  # default: --reps
     # output
-    out: Path = RESULTS_DIR
+    out: Path = RUNS_DIR
     plot: bool = True
     progress: bool = True
     seed: int = 0
@@ -188,4 +189,4 @@ def parse_shape(text: str) -> tuple:
 
 
 __all__ = ["BenchConfig", "attention_cases", "memory_cases", "parse_shape", "device_defaults", "default_dtype",
-           "QUICK_CPU", "QUICK_CUDA", "VARIANTS", "RESULTS_DIR"]
+           "QUICK_CPU", "QUICK_CUDA", "VARIANTS", "RESULTS_DIR", "RUNS_DIR"]

@@ -2,7 +2,7 @@
 
 A suite is a function ``(cfg: BenchConfig, ctx: RunContext) -> list[Row]`` registered by
 name; ``python -m benchmarks --suites a,b`` runs them in order and reports every row
-together. End-to-end model suites (BERT, a later issue) register here the same way::
+together. End-to-end model suites (the BERT one) register here the same way::
 
     @register_suite("bert")
     def bert_suite(cfg, ctx):
@@ -38,12 +38,13 @@ def register_suite(name: str):
 # Shared run state
 # ---------------------------------------------------------------------------
 class Progress:
-    """tqdm when importable, else one printed line per step (to stderr, like tqdm)."""
+    """tqdm on a terminal when importable, else one printed line per step (to stderr, like tqdm): a log
+    file gets no carriage-return lines."""
 
     def __init__(self, total: int, desc: str, enabled: bool = True):
         self.total, self.desc, self.count, self.bar = total, desc, 0, None
         self.enabled = enabled
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 

@@ -29,6 +29,14 @@ try:
 except ImportError as e:  # pragma: no cover - only without a build
     _C = None
     _C_IMPORT_ERROR = e
+    import os as _os
+
+    _package = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.exists(_os.path.join(_package, _os.pardir, "setup.py")):  # a source checkout, imported in place
+        _C_IMPORT_ERROR = ImportError(
+            f"{e}; fastattn was imported from the source checkout {_package} (the current directory comes first "
+            "on sys.path), which has no build of the extension: run from another directory, or build in place "
+            "with `pip install --no-build-isolation -e .`")
 else:
     _C_IMPORT_ERROR = None
 

@@ -50,6 +50,13 @@ def _check_qkv(q, k, v, layout_q: str, layout_k: str, layout_v: str, head_axis: 
         raise ValueError(f"the number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
 
 
+def _check_causal(causal, name: str = "causal") -> bool:
+    # bool only: a truthy string or tensor ("yes", torch.tensor(0)) would silently pick a branch
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name} must be a bool, got {type(causal).__name__} ({causal!r})")
+    return causal
+
+
 def _check_dropout(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
@@ -127,6 +134,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _check_qkv(q, k, v, "(B, Hq, Nq, D)", "(B, Hkv, Nk, D)", "(B, Hkv, Nk, Dv)", head_axis=1, len_axis=2)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise ValueError(f"q, k, v batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    causal = _check_causal(causal)
     dropout_p = _check_dropout(dropout_p)
     B, Hq, Nq, D = q.shape
     attn_mask = _check_mask(attn_mask, q, (B, Hq, Nq, k.shape[2]))
@@ -152,6 +160,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     (a 3-D input has one head). Hq != Hkv needs ``enable_gqa=True``, as in torch. A mask
     together with ``is_causal=True`` applies both, as torch does.
     """
+    _check_causal(is_causal, "is_causal")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -206,6 +215,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         out (total_q, Hq, Dv); with return_lse also lse (Hq, total_q).
     """
     _check_qkv(q, k, v, "(total_q, Hq, D)", "(total_k, Hkv, D)", "(total_k, Hkv, Dv)", head_axis=1, len_axis=0)
+    causal = _check_causal(causal)
     dropout_p = _check_dropout(dropout_p)
     batch = None
     for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),

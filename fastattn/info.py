@@ -9,16 +9,19 @@ import torch
 
 def _triton_state() -> str:
     from fastattn import triton_kernels
-    from fastattn.triton_kernels import autotune
 
     reason = triton_kernels.unavailable_reason()
     if reason is not None:
         return f"unavailable ({reason})"
+    from fastattn.triton_kernels import autotune  # imports triton: only once we know it is there
     if triton_kernels.interpreting():
         return "interpreter (TRITON_INTERPRET=1): CPU tensors, one fixed block size, slow; for tests"
     return (f"cuda, autotuned ({len(autotune.FWD_SPACE)} fwd / {len(autotune.BWD_DKDV_SPACE)} dK,dV / "
             f"{len(autotune.BWD_DQ_SPACE)} dQ configs); fp32 matmuls exact unless "
             f"torch.set_float32_matmul_precision('high') allows TF32 (now: {torch.get_float32_matmul_precision()})")
+
+
+CUDA_GENERATED_HEAD_DIMS = (32, 64, 96, 128)  # csrc/cuda/generate_kernels.py
 
 
 def collect() -> dict:
@@ -29,7 +32,7 @@ def collect() -> dict:
         import triton
 
         triton_version = triton.__version__
-    except ImportError:
+    except (ImportError, AttributeError):  # absent, or blocked by sys.modules["triton"] = None
         triton_version = None
     info = {
         "fastattn": fastattn.__version__,
@@ -71,6 +74,10 @@ def main() -> None:
         dtypes = ", ".join(str(d).replace("torch.", "") for d in cap.dtypes)
         head = "any" if cap.max_head_dim is None else f"<= {cap.max_head_dim}"
         feats = [f for f in ("masks", "dropout", "varlen") if getattr(cap, f)]
+        if name == "cuda":  # what its kernels take, beyond the generic table (dispatch._cuda_unsupported)
+            built = dispatch.cuda_head_dims()
+            head = "/".join(map(str, built or CUDA_GENERATED_HEAD_DIMS)) + ("" if built else " (when built)")
+            feats = ["bool key-padding masks only", "dropout", "varlen", "Dv == D", "sm80+"]
         mem = "O(N) memory" if cap.fused else "O(N^2) memory"
         print(f"    {name:<10} devices={'/'.join(dispatch.backend_devices(name))}  dtypes={dtypes}  head_dim={head}  "
               f"{', '.join(feats)}, causal, GQA; {mem}")

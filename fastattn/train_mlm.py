@@ -346,7 +346,7 @@ class _Progress:
 
     def __init__(self, enabled: bool, bar: bool, total: int, initial: int):
         self.bar = None
-        if enabled and bar:
+        if enabled and bar and sys.stderr.isatty():  # no carriage-return lines in a log file
             try:
                 from tqdm.auto import tqdm
 
@@ -495,25 +495,58 @@ def parse_args(argv=None) -> TrainConfig:
     defaults = TrainConfig()
     p = argparse.ArgumentParser(prog="fastattn-mlm", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    help_text = {
+    help_text = {  # every flag has one; argparse appends the default
         "data": "text files or folders (default: Python's bundled docs and stdlib docstrings)",
+        "cache_dir": "where the extracted corpus and trained tokenizers are cached",
+        "tokenizer": "tokenizer.json, vocab.txt or a folder with one (none: train a WordPiece on the data)",
+        "vocab_size": "WordPiece vocabulary size when a tokenizer is trained",
+        "max_seq_len": "tokens per sequence",
         "packing": "pack: full windows, no padding; line: one paragraph per sequence, padded",
+        "eval_fraction": "share of the documents held out for evaluation",
+        "max_eval_sequences": "evaluation sequences at most",
+        "model": "BERT size preset (tiny = 2 layers, hidden 128; mini = 4 layers, hidden 256)",
+        "num_layers": "override the preset's number of layers",
+        "hidden_size": "override the preset's hidden size",
+        "num_heads": "override the preset's attention heads",
+        "intermediate_size": "override the preset's feed-forward size",
+        "dropout": "hidden and attention dropout",
         "attn": "attention of the same model: fastattn, or torch's sdpa / eager for comparison",
         "unpad": "fastattn: drop padding tokens and run varlen attention (--no-unpad: padded + mask)",
         "mask_prob": "training masking rate (eval always masks 15%% with a fixed seed)",
-        "stop_at": "end at this step with a checkpoint (the schedule still spans --steps); --resume continues",
+        "whole_word": "mask whole words (all pieces of a word together)",
+        "batch_size": "sequences per micro-batch per process",
+        "grad_accum": "micro-batches per optimizer step",
+        "steps": "optimizer steps (the learning-rate schedule spans them)",
+        "lr": "peak learning rate (AdamW)",
+        "weight_decay": "AdamW weight decay",
         "warmup": "fraction of the steps of linear warmup",
+        "beta2": "AdamW beta2",
+        "max_grad_norm": "gradient clipping norm",
+        "seed": "random seed (data order, masking, initialisation)",
+        "device": "auto: cuda if available, else cpu",
+        "compile": "torch.compile the model",
+        "threads": "CPU threads per process (default: cores / local processes)",
+        "out_dir": "metrics.jsonl, loss.png, checkpoints and the final model go here",
+        "log_every": "steps between log lines",
+        "eval_every": "steps between evaluations",
+        "save_every": "steps between checkpoints (0: only at the end)",
+        "stop_at": "end at this step with a checkpoint (the schedule still spans --steps); --resume continues",
+        "resume": "continue from the checkpoint in --out-dir",
+        "progress": "progress bar (on a terminal; log lines otherwise)",
+        "plot": "write loss.png",
     }
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in help_text]
+    assert not missing, f"flags without help: {missing}"
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        h = help_text.get(f.name, " ")
+        h = help_text[f.name]
         if f.name == "data":
             p.add_argument(flag, nargs="*", default=[], help=h)
         elif isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h)
         elif f.name == "model":
-            p.add_argument(flag, choices=list(PRESETS), default=default, help="BERT size (tiny = 2 layers, hidden 128)")
+            p.add_argument(flag, choices=list(PRESETS), default=default, help=h)
         elif f.name == "attn":
             p.add_argument(flag, choices=list(ATTN_IMPLEMENTATIONS), default=default, help=h)
         else:

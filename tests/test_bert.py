@@ -82,9 +82,11 @@ def test_parity_with_transformers(attn, unpad, padded, dtype, hf_attn):
     a = hf(ids, attention_mask=mask, token_type_ids=types, labels=labels)
     b = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels)
     n = int((labels != -100).sum())
-    assert b.logits.shape == (n, hf.config.vocab_size)
+    assert b.masked_logits.shape == (n, hf.config.vocab_size)
+    with pytest.raises(RuntimeError, match="masked_logits"):
+        b.logits  # no (B, N, V) logits in this mode: an (M, V) tensor is never handed out as them
     flat = a.logits.reshape(-1, a.logits.shape[-1])
-    assert_close(b.logits, flat[b.masked_positions], dtype, "dense_seq_output logits")
+    assert_close(b.masked_logits, flat[b.masked_positions], dtype, "dense_seq_output logits")
     assert_close(b.loss, a.loss, dtype, "train loss")
     a.loss.backward()
     b.loss.backward()
@@ -254,3 +256,19 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type"):
         BertForMaskedLM.from_pretrained(str(tmp_path))
+
+
+def test_mlm_label_at_a_padding_position_is_refused():
+    """The padding-free encoder has no hidden state at padding positions: a label there cannot give
+    transformers' loss, so it is refused instead of silently adding log(V) for each such label."""
+    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64))
+    ids = torch.randint(5, 50, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 2] = ids[0, 2]
+    model(ids, attention_mask=mask, labels=labels)  # real positions only: fine
+    labels[1, 7] = ids[1, 7]
+    with pytest.raises(ValueError, match="labels at padding positions"):
+        model(ids, attention_mask=mask, labels=labels)

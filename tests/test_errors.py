@@ -53,6 +53,9 @@ def _attention_cases():
         "dropout_not_number": (*base, {"dropout_p": "0.1"}, r"dropout_p"),
         "backend_unknown": (*base, {"backend": "no_such_backend"}, r"backend"),
         "backend_not_str": (*base, {"backend": 3}, r"backend"),
+        "causal_str": (*base, {"causal": "yes"}, r"causal must be a bool"),
+        "causal_int": (*base, {"causal": 1}, r"causal must be a bool"),
+        "causal_tensor": (*base, {"causal": torch.tensor(True)}, r"causal must be a bool"),
     }
 
 
@@ -125,6 +128,7 @@ def _varlen_cases():
         "dropout_one": ({"dropout_p": 1.0}, "dropout_p"),
         "dropout_negative": ({"dropout_p": -1e-3}, "dropout_p"),
         "backend_unknown": ({"backend": "fast"}, "backend"),
+        "causal_str": ({"causal": "no"}, "causal must be a bool"),
     }
 
 
@@ -161,6 +165,7 @@ SDPA_CASES = {
     "dropout_one": (dict(dropout_p=1.0), r"dropout_p"),
     "mask_int": (dict(attn_mask=torch.ones(5, 6, dtype=torch.int32)), r"attn_mask"),
     "mask_not_broadcastable": (dict(attn_mask=torch.ones(4, 6, dtype=torch.bool)), r"attn_mask"),
+    "is_causal_str": (dict(is_causal="yes"), r"is_causal must be a bool"),
 }
 
 

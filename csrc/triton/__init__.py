@@ -15,10 +15,23 @@ available (cuda tensors) or TRITON_INTERPRET=1 (Triton's interpreter, CPU
 tensors; how the tests run without a GPU). Nothing here imports a kernel module
 until the first call, because ``@triton.jit`` reads TRITON_INTERPRET when it decorates.
 """
+import importlib.util
 import os
 from typing import Optional
 
 import torch
+
+
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (blocked on purpose)
+        return False
+
+
+# Decided once, without importing triton: dispatch asks on every call, also inside torch.compile's
+# tracing, where an import of a package that is not installed fails the whole graph.
+TRITON_INSTALLED = _find_triton()
 
 
 def interpreting() -> bool:
@@ -28,10 +41,8 @@ def interpreting() -> bool:
 
 def unavailable_reason() -> Optional[str]:
     """None if the Triton backend can run in this process, else why not."""
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton is not installed ({e}); pip install triton"
+    if not TRITON_INSTALLED:
+        return "triton is not installed (pip install triton)"
     if interpreting() or torch.cuda.is_available():
         return None
     return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels in the CPU interpreter)"

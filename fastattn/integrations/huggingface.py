@@ -92,7 +92,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if packed is not None:
         cu_q, cu_k, max_q, max_k = packed
         out = api.varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),  # (total, H, D) views
-                                   value[0].transpose(0, 1), cu_q, cu_k, max_q, max_k, causal=is_causal,
+                                   value[0].transpose(0, 1), cu_q, cu_k, max_q, max_k, causal=bool(is_causal),
                                    dropout_p=dropout, scale=scaling)  # (total_q, Hq, Dv)
         return out.unsqueeze(0), None  # (1, Lq, Hq, Dv)
 

@@ -12,7 +12,8 @@ Two ways to skip work, both on by default (``BertConfig.unpad``, ``dense_seq_out
     (B, N, C) shape is restored at the end, zeros at the padding positions.
   * ``dense_seq_output``: in training with labels, the MLM head (whose vocabulary
     projection is a large share of BERT's FLOPs) runs only on the masked positions;
-    ``logits`` are then (num_masked, vocab) and ``masked_positions`` says which.
+    its ``masked_logits`` are (num_masked, vocab), ``masked_positions`` says which, and
+    there are no (B, N, vocab) ``logits`` (reading them raises).
 
 ``attn_implementation`` picks the attention of the same model code: "fastattn"
 (padded batches through ``fastattn.attention`` when unpadding is off), "sdpa"
@@ -320,20 +321,31 @@ class BertModelOutput:
     last_hidden_state: torch.Tensor  # (B, N, C); zeros at padding positions on the padding-free path
 
 
-@dataclass
 class MaskedLMOutput:
     """loss: mean (or sum, see ``loss_reduction``) cross-entropy over labels != -100; 0 when none.
 
-    logits: (B, N, V), or (num_masked, V) with dense_seq_output in training (rows in the
-    order of ``masked_positions``, flat indices b * N + n). On the padding-free path the
-    logits at padding positions are zeros (HF's there are meaningless values: not compared).
-    num_masked: int64 scalar tensor.
+    logits: (B, N, V). On the padding-free path the logits at padding positions are zeros (HF's
+        there are meaningless values: not compared).
+    masked_logits, masked_positions: in training with labels and ``dense_seq_output`` (the default)
+        the MLM head runs on the labelled positions only: ``masked_logits`` (M, V) holds their logits,
+        row r for the flat position ``masked_positions[r]`` = b * N + n. There are no (B, N, V) logits
+        then, and reading ``logits`` raises (so that an (M, V) tensor is never mistaken for them).
+    num_masked: int64 scalar tensor, the number of labelled tokens (M).
     """
 
-    loss: Optional[torch.Tensor]
-    logits: torch.Tensor
-    num_masked: Optional[torch.Tensor] = None
-    masked_positions: Optional[torch.Tensor] = None
+    def __init__(self, loss: Optional[torch.Tensor], logits: Optional[torch.Tensor] = None,
+                 num_masked: Optional[torch.Tensor] = None, masked_positions: Optional[torch.Tensor] = None,
+                 masked_logits: Optional[torch.Tensor] = None):
+        self.loss, self._logits, self.num_masked = loss, logits, num_masked
+        self.masked_positions, self.masked_logits = masked_positions, masked_logits
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            raise RuntimeError("no (B, N, V) logits: in training with labels and config.dense_seq_output the MLM "
+                               "head ran on the labelled positions only; use .masked_logits (M, V) and "
+                               ".masked_positions, or set dense_seq_output=False (or call in eval mode)")
+        return self._logits
 
 
 class BertModel(nn.Module):
@@ -446,6 +458,11 @@ class BertForMaskedLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        if labels is not None and layout is not None and bool(((labels != -100) & (attention_mask == 0)).any()):
+            # the padding-free encoder computes nothing at padding positions (their logits are zeros), where
+            # transformers' padded model predicts from the pad token's hidden state: no loss to match
+            raise ValueError("labels at padding positions (attention_mask == 0) must be -100: the padding-free "
+                             "encoder has no hidden state there (set config.unpad=False to train on them)")
         if labels is not None and self.training and self.config.dense_seq_output:
             flat = hidden.reshape(-1, hidden.shape[-1])  # (T or B*N, C)
             row_labels = labels.flatten() if layout is None else labels.flatten()[layout.indices]
@@ -468,7 +485,9 @@ class BertForMaskedLM(nn.Module):
         loss_sum = F.cross_entropy(flat_logits, targets, ignore_index=-100, reduction="sum")
         num_masked = (targets != -100).sum()
         loss = loss_sum if loss_reduction == "sum" else loss_sum / num_masked.clamp(min=1)
-        return MaskedLMOutput(loss=loss, logits=logits, num_masked=num_masked, masked_positions=positions)
+        if positions is not None:  # dense_seq_output: (M, V) logits of the labelled positions
+            return MaskedLMOutput(loss=loss, num_masked=num_masked, masked_positions=positions, masked_logits=logits)
+        return MaskedLMOutput(loss=loss, logits=logits, num_masked=num_masked)
 
     HEAD_CHUNK_ROWS = 256  # packed rows per vocabulary projection on the padding-free path (~30 MiB at V=30522)
 
