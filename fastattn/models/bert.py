@@ -51,7 +51,9 @@ _ACTIVATIONS = {
 # Fields of transformers.BertConfig we read and write (the rest of a config.json is ignored).
 _HF_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
               "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-              "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "tie_word_embeddings")
+              "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "tie_word_embeddings",
+              "problem_type", "classifier_dropout")
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 
 @dataclass
@@ -73,6 +75,11 @@ class BertConfig:
     pad_token_id: int = 0
     position_embedding_type: str = "absolute"  # the only kind supported (HF 4.x field)
     tie_word_embeddings: bool = True  # MLM decoder weight = input embedding matrix
+    # task heads (HF fields): classes of a classifier / tagger; 2 for question answering (start, end)
+    num_labels: int = 2
+    problem_type: Optional[str] = None  # "regression" | "single_label_classification" | "multi_label_classification"
+    classifier_dropout: Optional[float] = None  # None: hidden_dropout_prob
+    id2label: Optional[dict] = None  # class index -> name (written to config.json as transformers does)
     # --- fastattn switches (not HF fields) ---
     attn_implementation: str = "fastattn"  # "fastattn", "sdpa" or "eager"
     unpad: bool = True  # fastattn only: drop padding tokens and run varlen attention on packed tokens
@@ -90,6 +97,13 @@ class BertConfig:
         if self.position_embedding_type != "absolute":
             raise ValueError(f"only position_embedding_type='absolute' is supported, got "
                              f"{self.position_embedding_type!r}")
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}  # JSON keys are strings
+            self.num_labels = len(self.id2label)
+            if self.id2label == {i: f"LABEL_{i}" for i in range(self.num_labels)}:
+                self.id2label = None  # transformers' default names: the same config as none given
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
         if not self.tie_word_embeddings:
             raise ValueError("tie_word_embeddings=False is not supported: the MLM decoder reuses the input "
                              "embedding matrix")
@@ -98,10 +112,15 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def to_dict(self) -> dict:
+    def labels(self) -> dict:
+        """id2label / label2id as transformers writes them (names LABEL_i by default)."""
+        id2label = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        return {"id2label": {str(i): n for i, n in id2label.items()}, "label2id": {n: i for i, n in id2label.items()}}
+
+    def to_dict(self, architecture: str = "BertForMaskedLM") -> dict:
         """The HF config.json fields (fastattn switches left out)."""
         d = {k: getattr(self, k) for k in _HF_FIELDS}
-        d.update(model_type="bert", architectures=["BertForMaskedLM"])
+        d.update(self.labels(), model_type="bert", architectures=[architecture])
         return d
 
     @classmethod
@@ -117,14 +136,17 @@ class BertConfig:
     @classmethod
     def from_hf(cls, hf_config, **overrides) -> "BertConfig":
         """From a ``transformers.BertConfig``."""
-        d = {k: getattr(hf_config, k) for k in (*_HF_FIELDS, "position_embedding_type") if hasattr(hf_config, k)}
+        d = {k: getattr(hf_config, k) for k in (*_HF_FIELDS, "position_embedding_type", "id2label")
+             if hasattr(hf_config, k)}
         return cls.from_dict(d, **overrides)
 
     def to_hf(self):
         """A ``transformers.BertConfig`` with the same fields."""
         from transformers import BertConfig as HFBertConfig
 
-        return HFBertConfig(**{k: getattr(self, k) for k in _HF_FIELDS})
+        labels = self.labels()
+        return HFBertConfig(**{k: getattr(self, k) for k in _HF_FIELDS},
+                            id2label={int(i): n for i, n in labels["id2label"].items()}, label2id=labels["label2id"])
 
 
 # BERT sizes (Turc et al. 2019 "well-read students" for tiny..small, Devlin et al. 2019 for base/large).
@@ -175,6 +197,30 @@ def unpad_layout(attention_mask: torch.Tensor) -> PackedLayout:
     indices = torch.nonzero(keep.flatten(), as_tuple=False).flatten()  # (T,)
     return PackedLayout(indices=indices, cu_seqlens=cu, max_seqlen=int(lengths.max()) if B else 0,
                         batch=B, seqlen=N)
+
+
+def first_tokens(hidden: torch.Tensor, layout: Optional[PackedLayout]) -> torch.Tensor:
+    """(B, C) hidden states at position 0 ([CLS]) from (B, N, C), or from packed (T, C) rows: there
+    position 0 of row b is packed row cu_seqlens[b], when it is a real token (right padding)."""
+    if layout is None:
+        return hidden[:, 0]
+    first = layout.cu_seqlens[:-1].long()  # (B,) packed row of each row's first kept token
+    ok = first < layout.indices.numel()  # False for a row without tokens at the end
+    if bool(ok.all()):
+        ok = layout.indices[first] == torch.arange(layout.batch, device=first.device) * layout.seqlen
+    if not bool(ok.all()):
+        raise ValueError("the first token of every row must be a real one (attention_mask[:, 0] == 1): left "
+                         "padding leaves no [CLS] state on the padding-free path (set config.unpad=False)")
+    return hidden[first]
+
+
+def refuse_labels_at_padding(labelled: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                             layout: Optional[PackedLayout], what: str) -> None:
+    """On the padding-free path nothing is computed at padding positions, where transformers' padded model
+    predicts from the pad token's hidden state: a target there has no loss to match, so it is refused."""
+    if layout is not None and bool((labelled & (attention_mask == 0)).any()):
+        raise ValueError(f"{what} at padding positions (attention_mask == 0): the padding-free encoder has no "
+                         "hidden state there (set config.unpad=False to train on them)")
 
 
 def pad_packed(x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -319,6 +365,7 @@ def _init_weights(module: nn.Module, std: float) -> None:
 @dataclass
 class BertModelOutput:
     last_hidden_state: torch.Tensor  # (B, N, C); zeros at padding positions on the padding-free path
+    pooler_output: Optional[torch.Tensor] = None  # (B, C), with add_pooling_layer
 
 
 class MaskedLMOutput:
@@ -348,14 +395,28 @@ class MaskedLMOutput:
         return self._logits
 
 
-class BertModel(nn.Module):
-    """BERT encoder (no pooler). ``forward`` returns ``.last_hidden_state`` (B, N, C)."""
+class BertPooler(nn.Module):
+    """tanh(dense(hidden state of the first token, [CLS])): the sentence vector of the classifier."""
 
     def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, first_token):  # (B, C)
+        return self.activation(self.dense(first_token))
+
+
+class BertModel(nn.Module):
+    """BERT encoder. ``forward`` returns ``.last_hidden_state`` (B, N, C) (and ``.pooler_output`` (B, C)
+    with ``add_pooling_layer``, which the sequence classifier uses)."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = False):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
         """Hidden states of the tokens that are computed.
@@ -393,7 +454,8 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> BertModelOutput:
         hidden, layout = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
-        return BertModelOutput(hidden if layout is None else pad_packed(hidden, layout))
+        pooled = self.pooler(first_tokens(hidden, layout)) if self.pooler is not None else None
+        return BertModelOutput(hidden if layout is None else pad_packed(hidden, layout), pooled)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -429,21 +491,126 @@ class BertOnlyMLMHead(nn.Module):
         return self.predictions(x)
 
 
-# Keys of an HF BertForMaskedLM state dict that carry nothing of ours: tied copies, buffers, other heads.
+# The head modules of transformers' BERT classes: a checkpoint of one task loads into a model
+# of another (e.g. a BertForMaskedLM checkpoint into BertForQuestionAnswering), without them.
+_OTHER_HEADS = ("cls.", "qa_outputs.", "classifier.", "bert.pooler.")
+
+# Keys of an HF state dict that carry nothing of ours: tied copies, buffers.
 _IGNORED_HF_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias",
                     "bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
-_IGNORED_HF_PREFIXES = ("bert.pooler.", "cls.seq_relationship.")
 
 
-class BertForMaskedLM(nn.Module):
-    """BERT with the masked-language-model head (tied input/output embeddings)."""
+class BertPreTrainedModel(nn.Module):
+    """What every BERT with a head shares: transformers checkpoint interop, both ways.
 
-    def __init__(self, config: BertConfig):
+    A subclass names its transformers class (``hf_class``) and builds its modules with HF's
+    names, so that state dicts map one to one.
+    """
+
+    hf_class = "BertForMaskedLM"
+
+    def __init__(self, config: "BertConfig"):
         super().__init__()
         self.config = config
+
+    def _init_weights(self) -> None:
+        self.apply(lambda m: _init_weights(m, self.config.initializer_range))
+
+    # ------------------------------------------------------------------
+    # HuggingFace interop
+    # ------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_model, **overrides):
+        """A copy of a transformers model of class ``hf_class`` (same weights); ``overrides`` set config fields."""
+        model = cls(BertConfig.from_hf(hf_model.config, **overrides))
+        model.load_hf_state_dict(hf_model.state_dict())
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path: str, **overrides):
+        """Load a transformers BERT folder: config.json + model.safetensors or pytorch_model.bin (local only)."""
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"{path!r} is not a BERT checkpoint folder: no config.json "
+                                    f"(only local folders are read, nothing is downloaded)")
+        with open(config_file) as f:
+            config = BertConfig.from_dict(json.load(f), **overrides)
+        st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+        if os.path.isfile(st):
+            from safetensors.torch import load_file
+
+            state = load_file(st)
+        elif os.path.isfile(pt):
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path!r}")
+        model = cls(config)
+        model.load_hf_state_dict(state)
+        return model
+
+    def load_hf_state_dict(self, state: dict) -> None:
+        """Copy an HF state dict in: the encoder must match; head weights the checkpoint lacks (a task head
+        on a pre-trained encoder, as when fine-tuning) keep their fresh initialisation, with a warning, and
+        the checkpoint's own heads that this model has not are left out. Raises listing what does not match."""
+        own = self.state_dict()
+        renamed = {}
+        for key, value in state.items():
+            key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+            if not key.startswith(("bert.", *_OTHER_HEADS)):  # saved from a bare BertModel
+                key = "bert." + key
+            if key in _IGNORED_HF_KEYS or (key.startswith(_OTHER_HEADS) and key not in own):
+                continue
+            renamed[key] = value
+        missing = sorted(set(own) - set(renamed))
+        fresh = [k for k in missing if k.startswith(_OTHER_HEADS)]
+        missing = [k for k in missing if k not in fresh]
+        unexpected = sorted(set(renamed) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match {type(self).__name__}: missing {missing}, "
+                             f"unexpected {unexpected}")
+        for key, value in renamed.items():
+            if own[key].shape != value.shape:
+                raise ValueError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model expects "
+                                 f"{tuple(own[key].shape)}")
+        if fresh:
+            warnings.warn(f"{type(self).__name__}: the checkpoint has no {sorted({k.rsplit('.', 1)[0] for k in fresh})}; "
+                          "they keep their fresh initialisation (train them before use)", stacklevel=3)
+        self.load_state_dict(renamed, strict=False)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json + model.safetensors that transformers' ``hf_class.from_pretrained`` loads."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(self.hf_class), f, indent=2)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+    def to_hf(self):
+        """The transformers model of class ``hf_class`` with the same weights."""
+        import transformers
+
+        hf = getattr(transformers, self.hf_class)(self.config.to_hf())
+        missing, unexpected = hf.load_state_dict(self.state_dict(), strict=False)
+        left = [k for k in missing if k not in _IGNORED_HF_KEYS]
+        if left or unexpected:
+            raise RuntimeError(f"state dict mismatch with transformers' BERT: missing {left}, unexpected {unexpected}")
+        if hasattr(hf, "tie_weights"):
+            hf.tie_weights()
+        return hf
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    """BERT with the masked-language-model head (tied input/output embeddings)."""
+
+    hf_class = "BertForMaskedLM"
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
         self.bert = BertModel(config)
         self.cls = BertOnlyMLMHead(config, self.bert.embeddings.word_embeddings)
-        self.apply(lambda m: _init_weights(m, config.initializer_range))
+        self._init_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 loss_reduction: str = "mean") -> MaskedLMOutput:
@@ -458,11 +625,8 @@ class BertForMaskedLM(nn.Module):
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
-        if labels is not None and layout is not None and bool(((labels != -100) & (attention_mask == 0)).any()):
-            # the padding-free encoder computes nothing at padding positions (their logits are zeros), where
-            # transformers' padded model predicts from the pad token's hidden state: no loss to match
-            raise ValueError("labels at padding positions (attention_mask == 0) must be -100: the padding-free "
-                             "encoder has no hidden state there (set config.unpad=False to train on them)")
+        if labels is not None:
+            refuse_labels_at_padding(labels != -100, attention_mask, layout, "labels other than -100")
         if labels is not None and self.training and self.config.dense_seq_output:
             flat = hidden.reshape(-1, hidden.shape[-1])  # (T or B*N, C)
             row_labels = labels.flatten() if layout is None else labels.flatten()[layout.indices]
@@ -506,82 +670,6 @@ class BertForMaskedLM(nn.Module):
             logits.index_copy_(0, layout.indices[start:start + rows], part)
         return logits.view(layout.batch, layout.seqlen, -1)  # (B, N, V)
 
-    # ------------------------------------------------------------------
-    # HuggingFace interop
-    # ------------------------------------------------------------------
-    @classmethod
-    def from_hf(cls, hf_model, **overrides) -> "BertForMaskedLM":
-        """A copy of a ``transformers.BertForMaskedLM`` (same weights); ``overrides`` set config fields."""
-        model = cls(BertConfig.from_hf(hf_model.config, **overrides))
-        model.load_hf_state_dict(hf_model.state_dict())
-        return model
-
-    @classmethod
-    def from_pretrained(cls, path: str, **overrides) -> "BertForMaskedLM":
-        """Load a transformers BERT folder: config.json + model.safetensors or pytorch_model.bin (local only)."""
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"{path!r} is not a BERT checkpoint folder: no config.json "
-                                    f"(only local folders are read, nothing is downloaded)")
-        with open(config_file) as f:
-            config = BertConfig.from_dict(json.load(f), **overrides)
-        st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-        if os.path.isfile(st):
-            from safetensors.torch import load_file
-
-            state = load_file(st)
-        elif os.path.isfile(pt):
-            state = torch.load(pt, map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path!r}")
-        model = cls(config)
-        model.load_hf_state_dict(state)
-        return model
-
-    def load_hf_state_dict(self, state: dict) -> None:
-        """Copy an HF BertForMaskedLM state dict in; raises listing missing / unexpected keys."""
-        renamed = {}
-        for key, value in state.items():
-            key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-            if not key.startswith(("bert.", "cls.")):  # saved from a bare BertModel
-                key = "bert." + key
-            if key in _IGNORED_HF_KEYS or key.startswith(_IGNORED_HF_PREFIXES):
-                continue
-            renamed[key] = value
-        own = self.state_dict()
-        missing = sorted(set(own) - set(renamed))
-        unexpected = sorted(set(renamed) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match BertForMaskedLM: missing {missing}, unexpected {unexpected}")
-        for key, value in renamed.items():
-            if own[key].shape != value.shape:
-                raise ValueError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model expects "
-                                 f"{tuple(own[key].shape)}")
-        self.load_state_dict(renamed, strict=True)
-
-    def save_pretrained(self, path: str) -> None:
-        """Write config.json + model.safetensors that ``transformers.BertForMaskedLM.from_pretrained`` loads."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-
-    def to_hf(self):
-        """A ``transformers.BertForMaskedLM`` with the same weights."""
-        from transformers import BertForMaskedLM as HFBertForMaskedLM
-
-        hf = HFBertForMaskedLM(self.config.to_hf())
-        missing, unexpected = hf.load_state_dict(self.state_dict(), strict=False)
-        left = [k for k in missing if k not in _IGNORED_HF_KEYS]
-        if left or unexpected:
-            raise RuntimeError(f"state dict mismatch with transformers' BERT: missing {left}, unexpected {unexpected}")
-        hf.tie_weights()
-        return hf
-
-
 def build_bert(preset: str = "mini", attn: str = "fastattn", *, unpad: bool = True, seed: Optional[int] = None,
                **overrides) -> BertForMaskedLM:
     """A freshly initialised ``BertForMaskedLM`` of a preset size with the chosen attention.
@@ -595,3 +683,10 @@ def build_bert(preset: str = "mini", attn: str = "fastattn", *, unpad: bool = Tr
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BertForMaskedLM(config)
+
+
+# The task heads (question answering, sequence and token classification) share this file's encoder.
+from .bert_tasks import (BertForQuestionAnswering, BertForSequenceClassification,  # noqa: E402,F401
+                         BertForTokenClassification, QuestionAnsweringOutput, SequenceClassifierOutput,
+                         TokenClassifierOutput)
+from ..finetune.qa import answer  # noqa: E402,F401  (question answering with a BertForQuestionAnswering)
