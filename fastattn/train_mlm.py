@@ -316,6 +316,30 @@ def load_checkpoint(path: str, model, optimizer, scheduler, d: Dist) -> int:
     return int(state["step"])
 
 
+def start_run(cfg, model, optimizer, scheduler, d: Dist):
+    """The files of a run in cfg.out_dir and the step it starts at: 0, or with cfg.resume the checkpoint's
+    step (whose metrics are kept, later ones dropped). Returns (start, checkpoint path, metrics path,
+    write), ``write(row)`` appending a metrics row on rank 0."""
+    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    start = 0
+    if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        start = load_checkpoint(ckpt_path, model, optimizer, scheduler, d)
+    if d.rank == 0:
+        rows = [json.loads(line) for line in open(metrics_path)] if cfg.resume and os.path.isfile(metrics_path) else []
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+
+    def write(row):
+        if d.rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return start, ckpt_path, metrics_path, write
+
+
 def plot_losses(metrics_path: str, png_path: str, unigram_loss: float) -> None:
     """Training and eval loss against the step, with the unigram baseline."""
     import matplotlib
@@ -390,17 +414,7 @@ def train(cfg: TrainConfig) -> dict:
     random.seed(cfg.seed + d.rank)
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout draws differ across processes
 
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    start = 0
-    if cfg.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        start = load_checkpoint(ckpt_path, model, optimizer, scheduler, d)
-    if main:  # keep the metrics of the steps the checkpoint covers, drop what came after it
-        rows = [json.loads(line) for line in open(metrics_path)] if cfg.resume and os.path.isfile(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+    start, ckpt_path, metrics_path, write = start_run(cfg, model, optimizer, scheduler, d)
 
     net = model
     if d.enabled:
@@ -419,11 +433,6 @@ def train(cfg: TrainConfig) -> dict:
                  f"{sum(b.input_ids.shape[0] for b in data.eval_batches)} eval; vocab {data.info.vocab_size}; "
                  f"model {cfg.model} ({n_params / 1e6:.2f}M parameters), attn {cfg.attn}, {d.world} process(es) "
                  f"on {device}; unigram baseline {data.unigram_loss:.3f}")
-
-    def write(row):
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
     window = {"loss": 0.0, "masked": 0.0, "tokens": 0.0, "time": 0.0, "steps": 0}
     last_eval = None

@@ -228,17 +228,7 @@ def train(cfg: FinetuneConfig) -> dict:
     optimizer, scheduler = mlm_loop.make_optimizer(model, cfg, steps)
     torch.manual_seed(cfg.seed + 1 + d.rank)  # dropout draws differ across processes
 
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    start = 0
-    if cfg.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        start = mlm_loop.load_checkpoint(ckpt_path, model, optimizer, scheduler, d)
-    if main:
-        rows = [json.loads(line) for line in open(metrics_path)] if cfg.resume and os.path.isfile(metrics_path) else []
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= start)
+    start, ckpt_path, metrics_path, write = mlm_loop.start_run(cfg, model, optimizer, scheduler, d)
     net = model
     if d.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -249,11 +239,6 @@ def train(cfg: FinetuneConfig) -> dict:
         idx = list(range(len(data.train)))
         random.Random(cfg.seed * 1000 + epoch).shuffle(idx)
         return idx
-
-    def write(row):
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
     progress = mlm_loop._Progress(main, cfg.progress, steps, start)
     progress.log(f"{cfg.task}: {len(data.train)} train / {len(data.eval)} eval items, {steps} steps of {per_step}; "
