@@ -1,6 +1,6 @@
 """A SQuAD-format question-answering set built from the Python standard library, with no network.
 
-Each context lists a few public functions of one stdlib module with the first sentence of their
+Each context lists a few public stdlib functions and methods (of different modules) with the first sentence of their
 docstrings ("json.dumps: Serialize obj to a JSON formatted str."), read with ``ast`` (nothing is
 imported). Questions ask for either side of an entry:
   * "What does json.dumps do?"                        -> "Serialize obj to a JSON formatted str"
@@ -24,7 +24,7 @@ _SENTENCE = re.compile(r"^([A-Z][^.]{10,120})\.(\s|$)")
 
 
 def stdlib_entries() -> List[Tuple[str, str, str]]:
-    """(module, qualified name, first docstring sentence) of public module-level stdlib functions."""
+    """(module, qualified name, first docstring sentence) of public stdlib functions and methods."""
     from fastattn.mlm.corpus import _stdlib_files
 
     root = sysconfig.get_paths()["stdlib"]
@@ -38,12 +38,16 @@ def stdlib_entries() -> List[Tuple[str, str, str]]:
                 tree = ast.parse(f.read())
         except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
             continue
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
-                doc = ast.get_docstring(node) or ""
-                m = _SENTENCE.match(" ".join(doc.split()))
-                if m and 4 <= len(m.group(1).split()) <= 20:
-                    out.append((module, f"{module}.{node.name}", m.group(1)))
+        # module-level functions and the public methods of module-level classes
+        functions = [(f"{module}.{n.name}", n) for n in tree.body if isinstance(n, ast.FunctionDef)]
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef) and not n.name.startswith("_")):
+            functions += [(f"{module}.{cls.name}.{n.name}", n) for n in cls.body if isinstance(n, ast.FunctionDef)]
+        for name, node in functions:
+            if node.name.startswith("_"):
+                continue
+            m = _SENTENCE.match(" ".join((ast.get_docstring(node) or "").split()))
+            if m and 4 <= len(m.group(1).split()) <= 20:
+                out.append((module, name, m.group(1)))
     return out
 
 
@@ -51,38 +55,34 @@ def build_examples(seed: int = 0, per_context: int = 4, unanswerable: float = 0.
                    eval_fraction: float = 0.1) -> Tuple[List[QAExample], List[QAExample]]:
     """(train, dev) examples; the split is by module (a stable hash of its name)."""
     rng = random.Random(seed)
-    by_module = {}
+    splits = {False: [], True: []}  # held out -> entries
     for module, name, summary in stdlib_entries():
-        by_module.setdefault(module, []).append((name, summary))
-    train, dev = [], []
-    all_entries = [(m, e) for m, es in by_module.items() for e in es]
-    for module in sorted(by_module):
-        entries = by_module[module]
         held_out = int(hashlib.sha1(module.encode()).hexdigest(), 16) % 1000 < eval_fraction * 1000
+        splits[held_out].append((name, summary))
+    train, dev = [], []
+    for held_out, entries in splits.items():
+        # entries of different modules side by side: one module's functions read too much alike
         rng.shuffle(entries)
-        for c in range(0, len(entries), per_context):
+        out = dev if held_out else train
+        for c in range(0, len(entries) - 1, per_context):
             group = entries[c:c + per_context]
-            if len(group) < 2:
-                continue
-            parts, spans = [], []
-            pos = 0
+            parts, spans, pos = [], [], 0
             for name, summary in group:
                 text = f"{name}: {summary}."
                 spans.append((pos, name, pos + len(name) + 2, summary))
                 parts.append(text)
                 pos += len(text) + 1
             context = " ".join(parts)
-            out = dev if held_out else train
+            base = f"{'dev' if held_out else 'train'}-{c}"
             for k, (name_at, name, summary_at, summary) in enumerate(spans):
-                base = f"{module}-{c}-{k}"
-                out.append(QAExample(f"{base}-what", f"What does {name} do?", context,
+                out.append(QAExample(f"{base}-{k}-what", f"What does {name} do?", context,
                                      [{"text": summary, "answer_start": summary_at}]))
-                out.append(QAExample(f"{base}-which", f"Which function: {summary[0].lower() + summary[1:]}?",
+                out.append(QAExample(f"{base}-{k}-which", f"Which function: {summary[0].lower() + summary[1:]}?",
                                      context, [{"text": name, "answer_start": name_at}]))
             if unanswerable > 0 and rng.random() < unanswerable * len(group):
-                other_module, (other, _) = rng.choice(all_entries)
-                if other_module != module:
-                    out.append(QAExample(f"{module}-{c}-none", f"What does {other} do?", context, []))
+                other, _ = rng.choice(entries[:c] + entries[c + per_context:] or group)  # same split, not here
+                if all(other != name for _, name, _, _ in spans):
+                    out.append(QAExample(f"{base}-none", f"What does {other} do?", context, []))
     for ex in train + dev:  # the answers are where the context says
         for a in ex.answers:
             assert ex.context[a["answer_start"]:a["answer_start"] + len(a["text"])] == a["text"], ex
