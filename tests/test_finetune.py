@@ -214,4 +214,9 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path, checkpoint):
     a = BertForQuestionAnswering.from_pretrained(str(tmp_path / "ddp" / "final")).state_dict()
     b = BertForQuestionAnswering.from_pretrained(str(tmp_path / "single" / "final")).state_dict()
     for k in a:  # the same updates up to float32 rounding of the all-reduce (1e-5 vs steps of ~1e-3)
+        if k == "qa_outputs.bias":
+            # Its gradient is exactly zero (a shift of every position's logit leaves the span softmax as it is),
+            # so Adam turns the rounding noise of that zero into steps of up to lr: only that bound holds.
+            assert (a[k] - b[k]).abs().max() <= 2 * 3 * 1e-3, k
+            continue
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
