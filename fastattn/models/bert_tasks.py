@@ -71,20 +71,16 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         answer span (clamped to [0, N] as transformers does; N and beyond are ignored by the loss)."""
         hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
         logits = self.qa_outputs(hidden)  # (B, N, 2), or (T, 2) packed
-        if layout is not None:
-            hidden_at = pad_packed(torch.ones_like(logits[:, :1]), layout).squeeze(-1).bool()  # (B, N)
-            logits = pad_packed(logits, layout).masked_fill(~hidden_at.unsqueeze(-1), float("-inf"))
+        if layout is not None:  # (a layout exists only when attention_mask hides some positions)
+            logits = pad_packed(logits, layout).masked_fill(~attention_mask.bool().unsqueeze(-1), float("-inf"))
         start_logits, end_logits = (x.squeeze(-1).contiguous() for x in logits.split(1, dim=-1))  # (B, N) each
         loss = None
         if start_positions is not None and end_positions is not None:
             n = start_logits.shape[1]
             starts, ends = (p.reshape(-1).clamp(0, n) for p in (start_positions, end_positions))  # (B,)
-            if layout is not None:
-                for name, pos in (("start_positions", starts), ("end_positions", ends)):
-                    inside = pos < n
-                    picked = torch.zeros_like(attention_mask, dtype=torch.bool)
-                    picked[inside.nonzero().flatten(), pos[inside]] = True
-                    refuse_labels_at_padding(picked, attention_mask, layout, name)
+            for name, pos in (("start_positions", starts), ("end_positions", ends)):
+                picked = F.one_hot(pos, n + 1)[:, :n].bool()  # (B, N); position n (ignored) picks nothing
+                refuse_labels_at_padding(picked, attention_mask, layout, name)
             loss = (F.cross_entropy(_upcast(start_logits), starts, ignore_index=n) +
                     F.cross_entropy(_upcast(end_logits), ends, ignore_index=n)) / 2
         return QuestionAnsweringOutput(loss, start_logits, end_logits)
