@@ -9,22 +9,32 @@
 #include "cpu/blocks.h"
 #include "cpu/masking.h"
 
+// The attention variants every op takes after rng_state, defaulting to plain attention (the
+// same list as _VARIANT_ARGS in fastattn/_ops.py, which gives the Triton ops these schemas too):
+// window_size (left, right) with -1 unbounded, the diagonal aligned bottom-right instead of
+// top-left, a logit soft-cap, ALiBi slopes (Hq,) or (B, Hq); forwards also take sinks (Hq,)
+// (backwards do not need them: the lse they get includes the sink).
+#define FASTATTN_VARIANT_ARGS \
+  "int window_left=-1, int window_right=-1, bool bottom_right=False, float softcap=0.0, Tensor? alibi_slopes=None"
+
 TORCH_LIBRARY(fastattn, m) {
   // q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) -> out (B, Hq, Nq, Dv), lse (B, Hq, Nq)
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float scale, float dropout_p, "
-      "Tensor? rng_state) -> (Tensor out, Tensor lse)");
+      "Tensor? rng_state, " FASTATTN_VARIANT_ARGS ", Tensor? sinks=None) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? attn_mask, bool causal, "
-      "float scale, float dropout_p, Tensor? rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "float scale, float dropout_p, Tensor? rng_state, " FASTATTN_VARIANT_ARGS
+      ") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
   // q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv) -> out (total_q, Hq, Dv), lse (Hq, total_q)
   m.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-      "int max_seqlen_k, bool causal, float scale, float dropout_p, Tensor? rng_state) -> (Tensor out, Tensor lse)");
+      "int max_seqlen_k, bool causal, float scale, float dropout_p, Tensor? rng_state, " FASTATTN_VARIANT_ARGS
+      ", Tensor? sinks=None) -> (Tensor out, Tensor lse)");
   m.def(
       "varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, float dropout_p, "
-      "Tensor? rng_state) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "Tensor? rng_state, " FASTATTN_VARIANT_ARGS ") -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

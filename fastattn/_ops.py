@@ -16,11 +16,18 @@ Op contract (all backends):
   varlen_fwd / varlen_bwd: the same on packed (total, H, D) tensors with
       cu_seqlens_q / cu_seqlens_k; lse is (Hq, total_q).
   rng_state: int64 (seed, offset) tensor, required when dropout_p > 0.
+  After rng_state every op takes the variants (defaults: plain attention), see
+  ``Variants``: window_left, window_right (-1: unbounded), bottom_right, softcap,
+  alibi_slopes (Hq,) or (B, Hq); the forwards also take sinks (Hq,) and return
+  an lse that includes them (so the backwards need not), and the gradient of
+  the sinks is computed here from out, grad_out and lse (``sinks_grad``).
   triton_fwd / triton_bwd / triton_varlen_fwd / triton_varlen_bwd: the same
       contracts, served by the Triton kernels (csrc/triton); OP_PAIRS maps a
       backend name to its ops.
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -50,19 +57,38 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fwd_fake(q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
+class Variants(NamedTuple):
+    """The plain (non-tensor) variant arguments every op takes after rng_state, in schema order."""
+
+    window_left: int = -1  # keys d(i) - left .. d(i) + right visible; -1: unbounded
+    window_right: int = -1
+    bottom_right: bool = False  # diagonal d(i) = i + Nk - Nq (flash-attn) instead of i (torch)
+    softcap: float = 0.0  # > 0: logit = softcap * tanh(logit / softcap)
+
+
+PLAIN = Variants()
+
+# The schema text of the variants, as FASTATTN_VARIANT_ARGS in csrc/ops.cpp (the Triton ops get it too).
+_VARIANT_ARGS = ("int window_left=-1, int window_right=-1, bool bottom_right=False, float softcap=0.0, "
+                 "Tensor? alibi_slopes=None")
+
+
+def _fwd_fake(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, window_left=-1, window_right=-1,
+              bottom_right=False, softcap=0.0, alibi_slopes=None, sinks=None):
     B, Hq, Nq, _ = q.shape
     out = q.new_empty(B, Nq, Hq, v.shape[-1]).transpose(1, 2)  # (B, Hq, Nq, Dv)
     lse = q.new_empty(B, Hq, Nq, dtype=lse_dtype(q.dtype))
     return out, lse
 
 
-def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state):
+def _bwd_fake(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state, window_left=-1,
+              window_right=-1, bottom_right=False, softcap=0.0, alibi_slopes=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                     dropout_p, rng_state):
+                     dropout_p, rng_state, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
+                     alibi_slopes=None, sinks=None):
     total_q, Hq, _ = q.shape
     out = q.new_empty(total_q, Hq, v.shape[-1])  # (total_q, Hq, Dv)
     lse = q.new_empty(Hq, total_q, dtype=lse_dtype(q.dtype))
@@ -70,7 +96,8 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                     causal, scale, dropout_p, rng_state):
+                     causal, scale, dropout_p, rng_state, window_left=-1, window_right=-1, bottom_right=False,
+                     softcap=0.0, alibi_slopes=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -92,17 +119,19 @@ if _C is not None:
 # op name -> (launcher in fastattn.triton_kernels.launch, schema as in csrc/ops.cpp)
 _TRITON_OPS = {
     "triton_fwd": ("attn_fwd", "(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float scale, "
-                               "float dropout_p, Tensor? rng_state) -> (Tensor, Tensor)"),
+                               "float dropout_p, Tensor? rng_state, " + _VARIANT_ARGS +
+                               ", Tensor? sinks=None) -> (Tensor, Tensor)"),
     "triton_bwd": ("attn_bwd", "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-                               "Tensor? attn_mask, bool causal, float scale, float dropout_p, Tensor? rng_state) "
-                               "-> (Tensor, Tensor, Tensor)"),
+                               "Tensor? attn_mask, bool causal, float scale, float dropout_p, Tensor? rng_state, "
+                               + _VARIANT_ARGS + ") -> (Tensor, Tensor, Tensor)"),
     "triton_varlen_fwd": ("varlen_fwd", "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
                                         "int max_seqlen_q, int max_seqlen_k, bool causal, float scale, "
-                                        "float dropout_p, Tensor? rng_state) -> (Tensor, Tensor)"),
+                                        "float dropout_p, Tensor? rng_state, " + _VARIANT_ARGS +
+                                        ", Tensor? sinks=None) -> (Tensor, Tensor)"),
     "triton_varlen_bwd": ("varlen_bwd", "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
                                         "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
                                         "int max_seqlen_k, bool causal, float scale, float dropout_p, "
-                                        "Tensor? rng_state) -> (Tensor, Tensor, Tensor)"),
+                                        "Tensor? rng_state, " + _VARIANT_ARGS + ") -> (Tensor, Tensor, Tensor)"),
 }
 
 
@@ -137,23 +166,51 @@ class OpPair:
 OP_PAIRS = {"cpu": OpPair(""), "cuda": OpPair(""), "triton": OpPair("triton_")}
 
 
+def sinks_grad(sinks: Optional[torch.Tensor], out: torch.Tensor, grad_out: torch.Tensor, lse: torch.Tensor,
+               varlen: bool) -> Optional[torch.Tensor]:
+    """d loss / d sinks[h] = -sum over rows of p_sink * rowsum(dO * O), p_sink = exp(sinks[h] - lse).
+
+    A sink is a key of value zero, so its dP is 0 and dS_sink = p_sink (0 - delta); lse (which
+    includes the sink) is -inf only on rows without one, whose p_sink is 0.
+    """
+    if sinks is None or not sinks.requires_grad:
+        return None
+    delta = (grad_out.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # (B, Hq, Nq) or (total_q, Hq)
+    if varlen:
+        delta = delta.transpose(0, 1)  # (Hq, total_q), like lse
+        head_view = (-1, 1)
+    else:
+        head_view = (1, -1, 1)
+    p_sink = torch.exp(sinks.to(lse.dtype).view(head_view) - lse)
+    p_sink = torch.where(torch.isneginf(lse), torch.zeros_like(p_sink), p_sink)
+    dims = (1,) if varlen else (0, 2)
+    return (-(p_sink * delta).sum(dims)).to(sinks.dtype)
+
+
 class AttentionFunction(torch.autograd.Function):
-    """out, lse = fwd(...); backward calls the bwd op (lse is not differentiable)."""
+    """out, lse = fwd(...); backward calls the bwd op (lse is not differentiable).
+
+    Differentiable in q, k, v and sinks; ``variants`` is a :class:`Variants`.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, causal, scale, dropout_p, rng_state, backend="cpu"):
-        out, lse = OP_PAIRS[backend].fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state)
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state)
-        ctx.causal, ctx.scale, ctx.dropout_p, ctx.backend = causal, scale, dropout_p, backend
+    def forward(ctx, q, k, v, attn_mask, causal, scale, dropout_p, rng_state, backend="cpu", variants=PLAIN,
+                alibi_slopes=None, sinks=None):
+        out, lse = OP_PAIRS[backend].fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, *variants,
+                                         alibi_slopes, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state, alibi_slopes, sinks)
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.backend, ctx.variants = causal, scale, dropout_p, backend, variants
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, attn_mask, rng_state = ctx.saved_tensors
+        q, k, v, out, lse, attn_mask, rng_state, alibi_slopes, sinks = ctx.saved_tensors
         grad_q, grad_k, grad_v = OP_PAIRS[ctx.backend].bwd(
-            grad_out, q, k, v, out, lse, attn_mask, ctx.causal, ctx.scale, ctx.dropout_p, rng_state)
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+            grad_out, q, k, v, out, lse, attn_mask, ctx.causal, ctx.scale, ctx.dropout_p, rng_state, *ctx.variants,
+            alibi_slopes)
+        grads = (grad_q, grad_k, grad_v) + (None,) * 8 + (sinks_grad(sinks, out, grad_out, lse, varlen=False),)
+        return grads[:len(ctx.needs_input_grad)]  # as many as forward was given
 
 
 class VarlenAttentionFunction(torch.autograd.Function):
@@ -161,20 +218,21 @@ class VarlenAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-                rng_state, backend="cpu"):
+                rng_state, backend="cpu", variants=PLAIN, alibi_slopes=None, sinks=None):
         out, lse = OP_PAIRS[backend].varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                causal, scale, dropout_p, rng_state)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state)
+                                                causal, scale, dropout_p, rng_state, *variants, alibi_slopes, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state, alibi_slopes, sinks)
         ctx.args = (max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
-        ctx.backend = backend
+        ctx.backend, ctx.variants = backend, variants
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state = ctx.saved_tensors
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state, alibi_slopes, sinks = ctx.saved_tensors
         max_seqlen_q, max_seqlen_k, causal, scale, dropout_p = ctx.args
         grad_q, grad_k, grad_v = OP_PAIRS[ctx.backend].varlen_bwd(
             grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-            dropout_p, rng_state)
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None, None, None, None
+            dropout_p, rng_state, *ctx.variants, alibi_slopes)
+        grads = (grad_q, grad_k, grad_v) + (None,) * 11 + (sinks_grad(sinks, out, grad_out, lse, varlen=True),)
+        return grads[:len(ctx.needs_input_grad)]  # as many as forward was given

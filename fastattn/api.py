@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import dispatch, reference
-from ._ops import AttentionFunction, VarlenAttentionFunction
+from ._ops import AttentionFunction, Variants, VarlenAttentionFunction
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -88,6 +88,69 @@ def _check_mask(attn_mask, q, shape) -> Optional[torch.Tensor]:
     return attn_mask
 
 
+_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _check_head_tensor(t, name: str, q, shapes: dict):
+    """alibi_slopes / sinks: None, or a float tensor on q's device of one of ``shapes`` (label: shape)."""
+    if t is None:
+        return None
+    expected = " or ".join(shapes)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {expected} or None, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor {expected}, got {t.dtype}")
+    if tuple(t.shape) not in shapes.values():
+        raise ValueError(f"{name} must have shape {expected} = {' or '.join(map(str, shapes.values()))}, "
+                         f"got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
+    return t
+
+
+def _check_variants(q, causal: bool, window_size, alignment, softcap, alibi_slopes, sinks, *, heads_q: int,
+                    batch: int, seqlens_differ: bool):
+    """Validates the variant keywords; returns (causal, Variants, alibi_slopes, sinks, names of those used).
+
+    Normalises what is plain attention in disguise (so that every backend that serves the plain
+    case takes it): a window (left, 0) is causal (with a left bound), causal ignores the right bound, and the
+    alignment only matters where a diagonal does (causal, a window or ALiBi) and Nq != Nk.
+    """
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {tuple(window_size)}")
+    if alignment not in _ALIGNMENTS:
+        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float >= 0 (0: no soft-capping), got {type(softcap).__name__}")
+    if not (softcap >= 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a finite float >= 0 (0: no soft-capping), got {softcap}")
+    alibi_slopes = _check_head_tensor(alibi_slopes, "alibi_slopes", q, {"(Hq,)": (heads_q,),
+                                                                        "(B, Hq)": (batch, heads_q)})
+    if alibi_slopes is not None and alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes requires grad, but fastattn does not compute gradients for the slopes; "
+                         "pass alibi_slopes.detach()")
+    sinks = _check_head_tensor(sinks, "sinks", q, {"(Hq,)": (heads_q,)})
+    if causal or right == 0:
+        causal, right = True, -1
+    names = []
+    if left >= 0 or right >= 0:
+        names.append("window")
+    if alignment == "bottom_right" and seqlens_differ and (causal or names or alibi_slopes is not None):
+        names.append("bottom_right")
+    if softcap > 0:
+        names.append("softcap")
+    if alibi_slopes is not None:
+        names.append("alibi")
+    if sinks is not None:
+        names.append("sinks")
+    variants = Variants(left, right, "bottom_right" in names, float(softcap))
+    return causal, variants, alibi_slopes, sinks, tuple(names)
+
+
 def _resolve_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
@@ -111,25 +174,36 @@ def _draw_rng_state(device: torch.device, backend: str = "cpu") -> torch.Tensor:
 # ---------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0, scale: Optional[float] = None,
-              backend: str = "auto", return_lse: bool = False):
+              backend: str = "auto", return_lse: bool = False, window_size=(-1, -1), alignment: str = "top_left",
+              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+              sinks: Optional[torch.Tensor] = None):
     """Fused attention ``softmax(q kᵀ · scale + mask) v``.
 
     Args:
         q: (B, Hq, Nq, D). k: (B, Hkv, Nk, D). v: (B, Hkv, Nk, Dv). Hq must be a
             multiple of Hkv (grouped-query / multi-query attention, K/V not copied).
             float32, float64, bfloat16 or float16, all the same dtype; any strides.
-        causal: query i sees keys j <= i (top-left aligned, as torch's SDPA).
+        causal: query i sees keys j <= d(i), its diagonal (see ``alignment``).
         attn_mask: bool (True = may attend) or float (added to the logits),
             broadcastable to (B, Hq, Nq, Nk). May be combined with ``causal``.
         dropout_p: probability of dropping an attention weight (rescaled by 1/(1-p)).
         scale: logit scale, default 1/sqrt(D).
         backend: "auto" or one of ``fastattn.available_backends()``.
         return_lse: also return the log-sum-exp of the scaled logits.
+        window_size: (left, right): query i sees keys d(i) - left <= j <= d(i) + right
+            (sliding-window attention); -1 = unbounded on that side. ``causal`` sets right = 0.
+        alignment: "top_left" (d(i) = i, torch's SDPA) or "bottom_right" (d(i) = i + Nk - Nq,
+            flash-attn's: the last query sees the last key, as decoding against a cache needs).
+        softcap: > 0 soft-caps the scaled logit s to softcap * tanh(s / softcap) (Gemma 2).
+        alibi_slopes: float (Hq,) or (B, Hq): adds -slope * |d(i) - j| to the logit (ALiBi).
+        sinks: float (Hq,), one logit per query head of a virtual key with value zero (GPT-OSS):
+            in the softmax denominator (and the lse) only; differentiable.
+        Order: scale, softcap, ALiBi, window/causal, attn_mask, softmax (with the sink).
 
     Returns:
         out (B, Hq, Nq, Dv) in q's dtype; with return_lse also lse (B, Hq, Nq),
         float32 (float64 for float64 inputs), natural log, -inf where a row sees
-        no key (such rows give zeros).
+        no key and has no sink (such rows give zeros).
     """
     _check_qkv(q, k, v, "(B, Hq, Nq, D)", "(B, Hkv, Nk, D)", "(B, Hkv, Nk, Dv)", head_axis=1, len_axis=2)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
@@ -138,15 +212,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     dropout_p = _check_dropout(dropout_p)
     B, Hq, Nq, D = q.shape
     attn_mask = _check_mask(attn_mask, q, (B, Hq, Nq, k.shape[2]))
+    causal, variants, alibi_slopes, sinks, used = _check_variants(
+        q, causal, window_size, alignment, softcap, alibi_slopes, sinks, heads_q=Hq, batch=B,
+        seqlens_differ=Nq != k.shape[2])
     scale = _resolve_scale(scale, D)
     name = dispatch.choose_backend(backend, q.device, q.dtype, D, has_mask=attn_mask is not None,
                                    dropout=dropout_p > 0, mask_kind=dispatch.mask_kind(attn_mask),
-                                   value_head_dim=v.shape[-1])
+                                   value_head_dim=v.shape[-1], variants=used)
     rng_state = _draw_rng_state(q.device, name) if dropout_p > 0 else None
     if name == "reference":
-        return reference.attention_reference(q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p,
-                                             scale=scale, rng_state=rng_state, return_lse=return_lse)
-    out, lse = AttentionFunction.apply(q, k, v, attn_mask, bool(causal), scale, dropout_p, rng_state, name)
+        return reference.attention_reference(
+            q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, rng_state=rng_state,
+            return_lse=return_lse, window_size=(variants.window_left, variants.window_right),
+            alignment="bottom_right" if variants.bottom_right else "top_left", softcap=variants.softcap,
+            alibi_slopes=alibi_slopes, sinks=sinks)
+    out, lse = AttentionFunction.apply(q, k, v, attn_mask, bool(causal), scale, dropout_p, rng_state, name,
+                                       variants, alibi_slopes, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -202,7 +283,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                      dropout_p: float = 0.0, scale: Optional[float] = None, backend: str = "auto",
-                     return_lse: bool = False):
+                     return_lse: bool = False, window_size=(-1, -1), alignment: str = "top_left",
+                     softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                     sinks: Optional[torch.Tensor] = None):
     """Attention over packed variable-length sequences (flash-attention's varlen convention).
 
     Args:
@@ -210,7 +293,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) prefix sums of the sequence
             lengths, starting at 0 and ending at total_q / total_k.
         max_seqlen_q, max_seqlen_k: the longest sequence lengths (upper bounds).
-        causal: top-left aligned within each sequence.
+        causal, window_size, alignment, softcap, alibi_slopes, sinks: as for
+            :func:`attention`, within each sequence (alibi_slopes (B, Hq): one row per sequence).
     Returns:
         out (total_q, Hq, Dv); with return_lse also lse (Hq, total_q).
     """
@@ -237,16 +321,24 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         longest = max((b - a for a, b in zip(values, values[1:])), default=0)
         if not isinstance(max_len, int) or longest > max_len:
             raise ValueError(f"max_seqlen_{name[-1]} = {max_len} is smaller than the longest sequence ({longest})")
+    lengths_q = torch.diff(cu_seqlens_q.cpu())
+    lengths_k = torch.diff(cu_seqlens_k.cpu())
+    causal, variants, alibi_slopes, sinks, used = _check_variants(
+        q, causal, window_size, alignment, softcap, alibi_slopes, sinks, heads_q=q.shape[1], batch=batch,
+        seqlens_differ=not torch.equal(lengths_q, lengths_k))
     scale = _resolve_scale(scale, q.shape[-1])
     name = dispatch.choose_backend(backend, q.device, q.dtype, q.shape[-1], dropout=dropout_p > 0, varlen=True,
-                                   value_head_dim=v.shape[-1])
+                                   value_head_dim=v.shape[-1], variants=used)
     rng_state = _draw_rng_state(q.device, name) if dropout_p > 0 else None
     if name == "reference":
-        return reference.varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
-                                                    dropout_p=dropout_p, scale=scale, rng_state=rng_state,
-                                                    return_lse=return_lse)
+        return reference.varlen_attention_reference(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, dropout_p=dropout_p, scale=scale,
+            rng_state=rng_state, return_lse=return_lse, window_size=(variants.window_left, variants.window_right),
+            alignment="bottom_right" if variants.bottom_right else "top_left", softcap=variants.softcap,
+            alibi_slopes=alibi_slopes, sinks=sinks)
     cu_q = cu_seqlens_q.to(device=q.device).contiguous()
     cu_k = cu_seqlens_k.to(device=q.device).contiguous()
     out, lse = VarlenAttentionFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k),
-                                             bool(causal), scale, dropout_p, rng_state, name)
+                                             bool(causal), scale, dropout_p, rng_state, name, variants,
+                                             alibi_slopes, sinks)
     return (out, lse) if return_lse else out

@@ -31,13 +31,26 @@ class Capability:
     dropout: bool = True
     varlen: bool = True
     fused: bool = True  # O(N) memory (False: materialises the N x N scores)
+    variants: frozenset = frozenset()  # of VARIANTS it serves
+
+
+# The attention variants (fastattn.attention's keywords), by the names dispatch uses.
+VARIANTS = {
+    "window": "window_size (sliding-window attention)",
+    "bottom_right": "alignment='bottom_right'",
+    "softcap": "softcap (logit soft-capping)",
+    "alibi": "alibi_slopes (ALiBi)",
+    "sinks": "sinks (attention sinks)",
+}
+_ALL_VARIANTS = frozenset(VARIANTS)
 
 
 _ALL_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 CAPABILITIES = {
-    "cpu": Capability(devices=("cpu",), dtypes=_ALL_FLOATS, max_head_dim=None),
-    "reference": Capability(devices=("any",), dtypes=_ALL_FLOATS, max_head_dim=None, fused=False),
+    "cpu": Capability(devices=("cpu",), dtypes=_ALL_FLOATS, max_head_dim=None, variants=_ALL_VARIANTS),
+    "reference": Capability(devices=("any",), dtypes=_ALL_FLOATS, max_head_dim=None, fused=False,
+                            variants=_ALL_VARIANTS),
     # cuda tensors on a GPU; CPU tensors under TRITON_INTERPRET=1 (see backend_devices)
     "triton": Capability(devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), max_head_dim=256),
     # sm80+; head dims = those built (fastattn._C_cuda.head_dims), Dv == D; masks: bool key-padding only
@@ -106,11 +119,13 @@ def available_backends() -> list:
 
 def why_unsupported(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, *,
                     has_mask: bool = False, dropout: bool = False, varlen: bool = False,
-                    mask_kind: Optional[str] = None, value_head_dim: Optional[int] = None) -> Optional[str]:
+                    mask_kind: Optional[str] = None, value_head_dim: Optional[int] = None,
+                    variants: tuple = ()) -> Optional[str]:
     """None if ``backend`` can serve the call, else the reason it cannot.
 
     ``mask_kind`` (see :func:`mask_kind`) and ``value_head_dim`` (Dv) matter to the
-    "cuda" backend only, which takes key-padding masks and Dv == D.
+    "cuda" backend only, which takes key-padding masks and Dv == D. ``variants``:
+    the names (keys of :data:`VARIANTS`) of the variants the call uses.
     """
     if backend not in available_backends():
         if backend == "triton":
@@ -134,6 +149,9 @@ def why_unsupported(backend: str, device: torch.device, dtype: torch.dtype, head
         return f"backend {backend!r} does not support dropout"
     if varlen and not cap.varlen:
         return f"backend {backend!r} does not support varlen inputs"
+    missing = [VARIANTS[v] for v in variants if v not in cap.variants]
+    if missing:
+        return f"backend {backend!r} does not serve {', '.join(missing)} yet"
     if backend == "cuda":
         return _cuda_unsupported(device, head_dim, value_head_dim, has_mask, mask_kind)
     return None

@@ -79,8 +79,9 @@ def main() -> None:
             head = "/".join(map(str, built or CUDA_GENERATED_HEAD_DIMS)) + ("" if built else " (when built)")
             feats = ["bool key-padding masks only", "dropout", "varlen", "Dv == D", "sm80+"]
         mem = "O(N) memory" if cap.fused else "O(N^2) memory"
+        variants = ", ".join(v for v in dispatch.VARIANTS if v in cap.variants) or "none yet"
         print(f"    {name:<10} devices={'/'.join(dispatch.backend_devices(name))}  dtypes={dtypes}  head_dim={head}  "
-              f"{', '.join(feats)}, causal, GQA; {mem}")
+              f"{', '.join(feats)}, causal, GQA; {mem}; variants: {variants}")
 
 
 if __name__ == "__main__":

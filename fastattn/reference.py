@@ -90,19 +90,56 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def visible_keys(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window_size=(-1, -1),
+                 alignment: str = "top_left", device=None) -> torch.Tensor:
+    """Bool (Nq, Nk): which keys the causal structure and the window let query row i see.
+
+    Row i's diagonal is key ``d(i) = i`` ("top_left") or ``i + Nk - Nq`` ("bottom_right");
+    it sees key j iff ``d(i) - left <= j <= d(i) + right`` (-1: unbounded on that side),
+    and ``causal`` sets ``right = 0``.
+    """
+    left, right = window_size
+    if causal:
+        right = 0
+    d = torch.arange(seqlen_q, device=device)[:, None] + diagonal_offset(seqlen_q, seqlen_k, alignment)
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    allowed = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        allowed &= j >= d - left
+    if right >= 0:
+        allowed &= j <= d + right
+    return allowed
+
+
+def diagonal_offset(seqlen_q: int, seqlen_k: int, alignment: str) -> int:
+    """d(i) - i: 0 for "top_left" (torch's is_causal), Nk - Nq for "bottom_right" (flash-attn's)."""
+    return seqlen_k - seqlen_q if alignment == "bottom_right" else 0
+
+
 def attention_reference(q, k, v, *, causal: bool = False, attn_mask: Optional[torch.Tensor] = None,
                         dropout_p: float = 0.0, scale: Optional[float] = None,
                         rng_state: Optional[torch.Tensor] = None, return_lse: bool = False,
-                        compute_dtype: Optional[torch.dtype] = None, batch_start: int = 0):
+                        compute_dtype: Optional[torch.dtype] = None, batch_start: int = 0,
+                        window_size=(-1, -1), alignment: str = "top_left", softcap: float = 0.0,
+                        alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None):
     """softmax(q kᵀ · scale + mask) v, materialised.
 
     q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv), Hq % Hkv == 0.
     attn_mask: bool (True = may attend) or float (added to the logits),
-    broadcastable to (B, Hq, Nq, Nk). causal: key j visible to query i iff j <= i
-    (top-left aligned, like torch's SDPA). Rows that can see no key give zeros
-    and lse = -inf. Computed in ``compute_dtype`` (float32, or float64 for
-    float64 inputs); the output is cast back to q's dtype, lse stays in the
-    compute dtype. Differentiable through autograd.
+    broadcastable to (B, Hq, Nq, Nk). causal: key j visible to query i iff j <= d(i)
+    (``alignment`` "top_left", torch's SDPA, d(i) = i; "bottom_right", flash-attn's,
+    d(i) = i + Nk - Nq). Rows that can see no key give zeros and lse = -inf.
+
+    Variants, in the order they apply to the logit s = scale · q·k:
+      softcap > 0:   s = softcap · tanh(s / softcap)
+      alibi_slopes:  s -= slope[(b,) h] · |d(i) - j|, float (Hq,) or (B, Hq)
+      window_size:   (left, right), key j visible iff d(i) - left <= j <= d(i) + right (-1: unbounded)
+      attn_mask, then the softmax, where sinks (Hq,) adds one logit per head of a key
+      whose value is zero: it is in the denominator (and the lse) only.
+
+    Computed in ``compute_dtype`` (float32, or float64 for float64 inputs); the output
+    is cast back to q's dtype, lse stays in the compute dtype. Differentiable through
+    autograd (sinks included).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -114,9 +151,14 @@ def attention_reference(q, k, v, *, causal: bool = False, attn_mask: Optional[to
         kc = kc.repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)
         vc = vc.repeat_interleave(group, dim=1)  # (B, Hq, Nk, Dv)
     logits = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
-    allowed = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = torch.ones(Nq, Nk, dtype=torch.bool, device=q.device).tril()
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(cdt).reshape(-1, Hq, 1, 1)  # (B|1, Hq, 1, 1)
+        d = torch.arange(Nq, device=q.device)[:, None] + diagonal_offset(Nq, Nk, alignment)
+        distance = (d - torch.arange(Nk, device=q.device)[None, :]).abs().to(cdt)
+        logits = logits - slopes * distance
+    allowed = visible_keys(Nq, Nk, causal=causal, window_size=window_size, alignment=alignment, device=q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = allowed & attn_mask
@@ -126,10 +168,15 @@ def attention_reference(q, k, v, *, causal: bool = False, attn_mask: Optional[to
             # there, which a row that sees no key needs (logsumexp's backward is NaN on an all -inf row).
             allowed = allowed & ~torch.isneginf(attn_mask)
     logits = logits.masked_fill(~allowed, float("-inf"))
+    if sinks is not None:  # one more logit per row, of a key whose value is zero
+        sink_logits = sinks.to(cdt).view(1, Hq, 1, 1).expand(B, Hq, Nq, 1)
+        logits = torch.cat([logits, sink_logits], dim=-1)
     lse = torch.logsumexp(logits, dim=-1)  # (B, Hq, Nq); -inf where nothing is visible
     # exp(logits - lse) with the fully masked rows pinned to zero (not NaN)
     safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(logits - safe_lse.unsqueeze(-1))
+    if sinks is not None:
+        probs = probs[..., :Nk]
     if dropout_p > 0.0:
         if rng_state is None:
             raise ValueError("attention_reference: dropout_p > 0 needs rng_state (seed, offset)")
@@ -142,12 +189,16 @@ def attention_reference(q, k, v, *, causal: bool = False, attn_mask: Optional[to
 
 def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: bool = False,
                                dropout_p: float = 0.0, scale: Optional[float] = None,
-                               rng_state: Optional[torch.Tensor] = None, return_lse: bool = False):
+                               rng_state: Optional[torch.Tensor] = None, return_lse: bool = False,
+                               window_size=(-1, -1), alignment: str = "top_left", softcap: float = 0.0,
+                               alibi_slopes: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None):
     """Packed sequences, one dense reference call per sequence.
 
     q: (total_q, Hq, D), k: (total_k, Hkv, D), v: (total_k, Hkv, Dv);
     cu_seqlens_*: (batch + 1,) int32 prefix sums. Returns out (total_q, Hq, Dv)
     and, with return_lse, lse (Hq, total_q) as flash-attention's varlen does.
+    The variants are those of :func:`attention_reference`, aligned within each
+    sequence; alibi_slopes of shape (B, Hq) gives sequence b its row b.
     """
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
@@ -156,8 +207,11 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal: b
         qb = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, nq, D)
         kb = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hkv, nk, D)
         vb = v[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hkv, nk, Dv)
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         ob, lb = attention_reference(qb, kb, vb, causal=causal, dropout_p=dropout_p, scale=scale,
-                                     rng_state=rng_state, return_lse=True, batch_start=b)
+                                     rng_state=rng_state, return_lse=True, batch_start=b,
+                                     window_size=window_size, alignment=alignment, softcap=softcap,
+                                     alibi_slopes=slopes, sinks=sinks)
         outs.append(ob[0].transpose(0, 1))  # (nq, Hq, Dv)
         lses.append(lb[0])  # (Hq, nq)
     out = torch.cat(outs, 0) if outs else q.new_zeros(0, q.shape[1], v.shape[2])

@@ -11,7 +11,9 @@ this sweep enumerates shapes instead of drawing them:
   tile with (read from the kernels themselves: ``fastattn._C.cpu_tiling()`` for the CPU kernels,
   the interpreter's block sizes for Triton), crossed with head dims that take every micro-kernel
   path, dtypes, causal, GQA, key padding, bool and float masks (with fully hidden rows), dropout,
-  non-contiguous layouts, thread counts, and varlen batches with empty and length-1 sequences.
+  non-contiguous layouts, thread counts, and varlen batches with empty and length-1 sequences;
+  and the attention variants: sliding windows whose sizes sit on the same block edges, both
+  alignments, soft-capping, ALiBi and sinks, alone and together, dense, varlen and decode shapes.
 
 Each case is checked forward (out, lse) and backward (dq, dk, dv) against the float64 reference
 with the tolerances of tests/conftest.py (the 2x rule for bf16/fp16).
@@ -68,6 +70,12 @@ class Case:
     threads: int = 0  # torch.set_num_threads for this case (0: leave as is)
     lens_q: List[int] = field(default_factory=list)  # varlen
     lens_k: List[int] = field(default_factory=list)
+    # attention variants (fastattn.attention's keywords)
+    window: List[int] = field(default_factory=lambda: [-1, -1])  # window_size (left, right)
+    alignment: str = "top_left"
+    softcap: float = 0.0
+    alibi: str = "none"  # "none" | "heads" (slopes (Hq,)) | "batch" (slopes (B, Hq))
+    sinks: bool = False
     seed: int = 0
 
 
@@ -187,6 +195,67 @@ def cpu_boundary_cases() -> List[Case]:
                 add(name=f"varlen-{dtype}-{'causal' if causal else 'full'}-p{dropout}-{len(cases)}", kind="varlen",
                     dtype=dtype, Hq=4, Hkv=2, D=rng.choice(feature_dims), causal=causal, dropout_p=dropout,
                     lens_q=lq, lens_k=lk, threads=rng.choice((1, 2, 3)))
+    cases += cpu_variant_cases(t, lengths, rng, start=len(cases))
+    return cases
+
+
+def window_sizes(t: dict) -> List[int]:
+    """Window sides on the kernels' edges: 0, 1, and b - 1, b, b + 1 for the panel and block sizes."""
+    sizes = {0, 1}
+    for b in (t["micro_cols"], t["bwd_block_q"], t["bwd_block_k"], t["fwd_block_k"]):
+        sizes.update((b - 1, b, b + 1))
+    return sorted(sizes)
+
+
+def cpu_variant_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[Case]:
+    """Windows, alignments, soft-cap, ALiBi and sinks on boundary lengths, alone and combined."""
+    cases: List[Case] = []
+
+    def add(**kw):
+        cases.append(Case(**kw, seed=start + len(cases)))
+
+    sides = window_sizes(t)
+    short = [n for n in lengths if n <= 600]
+    # 6. Windows: every side size, left-only, right-only and two-sided, causal and not, both alignments.
+    for left in sides + [-1]:
+        for right in (-1, 0, rng.choice(sides)):
+            if left == -1 and right == -1:
+                continue
+            for alignment in ("top_left", "bottom_right"):
+                nq, nk = rng.choice(short), rng.choice(short)
+                add(name=f"window-{left}-{right}-{alignment}-Nq{nq}-Nk{nk}", Hq=2, Hkv=1, Nq=nq, Nk=nk,
+                    D=rng.choice((16, 17, 64)), causal=rng.random() < 0.3, window=[left, right], alignment=alignment)
+    # 7. Each logit variant alone and all of them at once, every dtype, masks and dropout, dense and GQA.
+    combos = [dict(softcap=30.0), dict(softcap=2.0), dict(alibi="heads"), dict(alibi="batch"), dict(sinks=True),
+              dict(alignment="bottom_right", causal=True),
+              dict(softcap=5.0, alibi="batch", sinks=True, alignment="bottom_right", causal=True)]
+    for combo in combos:
+        for dtype in DTYPES:
+            for mask, dropout in (("none", 0.0), (rng.choice(("keypad", "bool", "float")), rng.choice((0.0, 0.3)))):
+                nq, nk = rng.choice(short), rng.choice(short)
+                window = [rng.choice(sides), rng.choice((-1, 0, rng.choice(sides)))] if rng.random() < 0.5 else [-1, -1]
+                kw = dict(dict(causal=False, alignment="top_left"), **combo)
+                add(name=f"variant-{'-'.join(f'{k}{v}' for k, v in combo.items())}-{dtype}-{mask}-p{dropout}-"
+                         f"w{window[0]}.{window[1]}-Nq{nq}-Nk{nk}", dtype=dtype, B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk,
+                    D=rng.choice((1, 17, 64, 129)), mask=mask, dropout_p=dropout, window=window,
+                    layout=rng.choice(("contiguous", "bnhd", "strided")), **kw)
+    # 8. Decode and chunked prefill: 1..3 new queries (and one block's worth) against a longer cache.
+    for nq in (1, 2, 3, t["bwd_block_q"] + 1):
+        for nk in _pick(rng, [n for n in lengths if n > nq], 3):
+            window = rng.choice(([-1, -1], [rng.choice(sides), 0]))
+            add(name=f"decode-Nq{nq}-Nk{nk}-w{window[0]}", B=2, Hq=8, Hkv=2, Nq=nq, Nk=nk, D=rng.choice((16, 64, 128)),
+                causal=True, alignment="bottom_right", window=window, sinks=rng.random() < 0.5,
+                dtype=rng.choice(DTYPES))
+    # 9. Varlen with variants: empty and short sequences, per-sequence ALiBi slopes.
+    edge = [0, 1] + short
+    for combo in combos:
+        lq = [rng.choice(edge) for _ in range(5)]
+        lk = [rng.choice(edge) for _ in range(5)]
+        lq[0], lk[1], lq[2], lk[2] = 0, 0, 1, 1
+        kw = dict(dict(causal=False, alignment="top_left"), **combo)
+        add(name=f"varlen-variant-{'-'.join(f'{k}{v}' for k, v in combo.items())}", kind="varlen", Hq=4, Hkv=2,
+            D=rng.choice((16, 17, 64)), lens_q=lq, lens_k=lk, window=[rng.choice(sides), rng.choice((-1, 0, 5))],
+            dropout_p=rng.choice((0.0, 0.3)), dtype=rng.choice(DTYPES), **kw)
     return cases
 
 
@@ -248,10 +317,10 @@ def _check_all(out, lse, grads, reference, dtype):
     import conftest as C
 
     ref, ref_lse, ref_grads, allowance = reference(torch.float64)
-    low = reference(dtype) if dtype in C.LOW_PRECISION else (None, None, (None,) * 3, None)
+    low = reference(dtype) if dtype in C.LOW_PRECISION else (None, None, (None,) * len(grads), None)
     _compare("out", out, ref, low[0], dtype, "fwd")
     _compare("lse", lse, ref_lse, None, dtype, "lse")
-    for name, g, r, lg, extra in zip(("dq", "dk", "dv"), grads, ref_grads, low[2], allowance):
+    for name, g, r, lg, extra in zip(GRAD_NAMES, grads, ref_grads, low[2], allowance):
         _compare(name, g, r, lg, dtype, "grad", extra)
 
 
@@ -297,6 +366,22 @@ def _make_mask(case, rng_gen, device="cpu"):
     return bias.to(_dtype(case.dtype))
 
 
+def _variant_kwargs(case, gen, batch: int) -> dict:
+    """fastattn.attention's variant keywords for a case (slopes and sinks drawn from ``gen``)."""
+    import torch
+
+    slopes = None
+    if case.alibi != "none":
+        shape = (case.Hq,) if case.alibi == "heads" else (batch, case.Hq)
+        slopes = torch.rand(shape, generator=gen) * 0.5 + 0.01
+    sinks = (torch.randn(case.Hq, generator=gen) * 2).requires_grad_(True) if case.sinks else None
+    return dict(window_size=tuple(case.window), alignment=case.alignment, softcap=case.softcap,
+                alibi_slopes=slopes, sinks=sinks)
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dsinks")
+
+
 def run_dense(case: Case) -> None:
     import torch
 
@@ -316,18 +401,21 @@ def run_dense(case: Case) -> None:
         torch.manual_seed(case.seed + 1)
         rng_state = _draw_rng_state(q.device, case.backend)
         torch.manual_seed(case.seed + 1)
+    variants = _variant_kwargs(case, gen, case.B)
     out, lse = fastattn.attention(q, k, v, causal=case.causal, attn_mask=mask, dropout_p=case.dropout_p,
-                                  backend=case.backend, return_lse=True)
+                                  backend=case.backend, return_lse=True, **variants)
     grad_out = torch.randn(out.shape, dtype=torch.float64, generator=gen).to(dtype)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    inputs = (q, k, v) + ((variants["sinks"],) if case.sinks else ())
+    grads = torch.autograd.grad(out, inputs, grad_out)
 
     def reference(cdt):
-        leaves = [t.detach().to(cdt).requires_grad_(True) for t in (q, k, v)]
+        leaves = [t.detach().to(cdt).requires_grad_(True) for t in inputs]
         m = mask.to(cdt) if mask is not None and mask.is_floating_point() else mask
-        o, l = attention_reference(*leaves, causal=case.causal, attn_mask=m, dropout_p=case.dropout_p,
-                                   rng_state=rng_state, return_lse=True, compute_dtype=cdt)
+        o, l = attention_reference(*leaves[:3], causal=case.causal, attn_mask=m, dropout_p=case.dropout_p,
+                                   rng_state=rng_state, return_lse=True, compute_dtype=cdt,
+                                   **dict(variants, sinks=leaves[3] if case.sinks else None))
         allowance = (_rounded_output_allowance(out, o, l, leaves, grad_out.double(), lambda rows: rows)
-                     if cdt == torch.float64 and dtype in C.LOW_PRECISION else [0.0] * 3)
+                     if cdt == torch.float64 and dtype in C.LOW_PRECISION else [0.0] * len(leaves))
         return o, l, torch.autograd.grad(o, leaves, grad_out.to(cdt)), allowance
 
     _check_all(out, lse, grads, reference, dtype)
@@ -350,29 +438,34 @@ def run_varlen(case: Case) -> None:
         torch.manual_seed(case.seed + 1)
         rng_state = _draw_rng_state(q.device, case.backend)
         torch.manual_seed(case.seed + 1)
+    variants = _variant_kwargs(case, torch.Generator().manual_seed(case.seed), len(case.lens_q))
     out, lse = fastattn.varlen_attention(q, k, v, cu_q, cu_k, max(case.lens_q), max(case.lens_k),
                                          causal=case.causal, dropout_p=case.dropout_p, backend=case.backend,
-                                         return_lse=True)
+                                         return_lse=True, **variants)
     grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out, allow_unused=True) if out.numel() else (None,) * 3
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, (q, k, v))]
+    inputs = (q, k, v) + ((variants["sinks"],) if case.sinks else ())
+    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True) if out.numel() else (None,) * len(inputs)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
     cq, ck = cu_q.tolist(), cu_k.tolist()
+    slopes = variants["alibi_slopes"]
 
     def reference(cdt):  # sequence by sequence, each with its own segment numbers (dropout)
-        leaves = [t.detach().to(cdt).requires_grad_(True) for t in (q, k, v)]
+        leaves = [t.detach().to(cdt).requires_grad_(True) for t in inputs]
         outs, lses = [], []
         for b in range(len(case.lens_q)):
             sq, sk = slice(cq[b], cq[b + 1]), slice(ck[b], ck[b + 1])
+            per_seq = dict(variants, sinks=leaves[3] if case.sinks else None,
+                           alibi_slopes=slopes[b] if slopes is not None and slopes.dim() == 2 else slopes)
             o, l = attention_reference(*(t[s].transpose(0, 1)[None] for t, s in zip(leaves, (sq, sk, sk))),
                                        causal=case.causal, dropout_p=case.dropout_p, rng_state=rng_state,
-                                       return_lse=True, compute_dtype=cdt, batch_start=b)  # (1, H, n, D)
+                                       return_lse=True, compute_dtype=cdt, batch_start=b, **per_seq)  # (1, H, n, D)
             outs.append(o[0].transpose(0, 1))
             lses.append(l[0])
         o, l = torch.cat(outs), torch.cat(lses, 1)
-        allowance = [0.0] * 3
+        allowance = [0.0] * len(leaves)
         if cdt == torch.float64 and dtype in C.LOW_PRECISION and o.numel():
             allowance = _rounded_output_allowance(out, o, l, leaves, grad_out.double(), lambda rows: rows.t())
-        g = torch.autograd.grad(o, leaves, grad_out.to(cdt), allow_unused=True) if o.numel() else (None,) * 3
+        g = torch.autograd.grad(o, leaves, grad_out.to(cdt), allow_unused=True) if o.numel() else (None,) * len(leaves)
         return o, l, [torch.zeros_like(t) if x is None else x for x, t in zip(g, leaves)], allowance
 
     _check_all(out, lse, grads, reference, dtype)
@@ -596,6 +689,7 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", action="store_true", help="run as the isolated worker (reads cases on stdin)")
     ap.add_argument("--backend", default="cpu", choices=("cpu", "triton"), help="kernels to sweep (default cpu)")
     ap.add_argument("--only", choices=("grid", "boundary"), help="one part of the CPU sweep (default both)")
+    ap.add_argument("-k", dest="match", help="only the cases whose name contains this string")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every case, not only failures")
     args = ap.parse_args(argv)
@@ -608,6 +702,8 @@ def main(argv=None) -> int:
         cases = triton_cases()
     else:
         cases = {"grid": cpu_grid_cases, "boundary": cpu_boundary_cases, None: cpu_cases}[args.only]()
+    if args.match:
+        cases = [c for c in cases if args.match in c.name]
     if args.list:
         for c in cases:
             print(c.name)

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "attention_cpu.h"
@@ -48,6 +49,45 @@ void set_dropout(AttnParams& p, double dropout_p, const std::optional<at::Tensor
   const at::Tensor state = rng_state->cpu();
   p.seed = static_cast<uint64_t>(state.data_ptr<int64_t>()[0]);
   p.offset = static_cast<uint64_t>(state.data_ptr<int64_t>()[1]);
+}
+
+// The variants' arguments into p. Returns the float64 copies of the slopes and sinks that p
+// points into: the caller keeps them alive for the kernel call.
+struct VariantTensors {
+  at::Tensor alibi_slopes, sinks;
+};
+
+VariantTensors set_variants(AttnParams& p, int64_t window_left, int64_t window_right, bool bottom_right,
+                            double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                            const std::optional<at::Tensor>& sinks) {
+  CHECK_ARG(window_left >= -1 && window_right >= -1, "window_size must be a pair of ints >= -1 (-1: unbounded), got (",
+            window_left, ", ", window_right, ")");
+  CHECK_ARG(softcap >= 0.0 && std::isfinite(softcap), "softcap must be a finite float >= 0, got ", softcap);
+  p.window_left = window_left;
+  p.window_right = window_right;
+  p.bottom_right = bottom_right;
+  p.softcap = softcap;
+  VariantTensors kept;
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& s = *alibi_slopes;
+    CHECK_ARG(s.device().is_cpu() && at::isFloatingType(s.scalar_type()),
+              "alibi_slopes must be a floating-point CPU tensor, got ", s.scalar_type(), " on ", s.device());
+    CHECK_ARG((s.dim() == 1 && s.size(0) == p.heads_q) || (s.dim() == 2 && s.size(0) == p.batch && s.size(1) == p.heads_q),
+              "alibi_slopes must be (Hq,) = (", p.heads_q, ",) or (B, Hq) = (", p.batch, ", ", p.heads_q, "), got ",
+              s.sizes());
+    kept.alibi_slopes = s.to(at::kDouble).contiguous();
+    p.alibi_slopes = kept.alibi_slopes.const_data_ptr<double>();
+    p.alibi_batch_stride = s.dim() == 2 ? p.heads_q : 0;
+  }
+  if (sinks.has_value()) {
+    const at::Tensor& s = *sinks;
+    CHECK_ARG(s.device().is_cpu() && at::isFloatingType(s.scalar_type()),
+              "sinks must be a floating-point CPU tensor, got ", s.scalar_type(), " on ", s.device());
+    CHECK_ARG(s.dim() == 1 && s.size(0) == p.heads_q, "sinks must be (Hq,) = (", p.heads_q, ",), got ", s.sizes());
+    kept.sinks = s.to(at::kDouble).contiguous();
+    p.sinks = kept.sinks.const_data_ptr<double>();
+  }
+  return kept;
 }
 
 // Allocates the gradients (laid out like q, k, v), records every stride, runs the kernel.
@@ -118,10 +158,14 @@ AttnParams dense_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const std::optional<at::Tensor>& attn_mask, bool causal, double scale,
-                                           double dropout_p, const std::optional<at::Tensor>& rng_state) {
+                                           double dropout_p, const std::optional<at::Tensor>& rng_state,
+                                           int64_t window_left, int64_t window_right, bool bottom_right,
+                                           double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                           const std::optional<at::Tensor>& sinks) {
   check_dense(q, k, v);
   AttnParams p = dense_params(q, k, v, attn_mask, causal, scale);
   set_dropout(p, dropout_p, rng_state);
+  const VariantTensors kept = set_variants(p, window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
   // Output laid out as (B, Nq, Hq, Dv) and returned as a (B, Hq, Nq, Dv) view, like
   // torch's SDPA: merging heads afterwards (transpose + reshape) needs no copy.
   at::Tensor out = at::empty({p.batch, p.seqlen_q, p.heads_q, p.head_dim_v}, q.options()).transpose(1, 2);
@@ -136,7 +180,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
                                                        const at::Tensor& out, const at::Tensor& lse,
                                                        const std::optional<at::Tensor>& attn_mask, bool causal,
                                                        double scale, double dropout_p,
-                                                       const std::optional<at::Tensor>& rng_state) {
+                                                       const std::optional<at::Tensor>& rng_state,
+                                                       int64_t window_left, int64_t window_right, bool bottom_right,
+                                                       double softcap,
+                                                       const std::optional<at::Tensor>& alibi_slopes) {
   check_dense(q, k, v);
   check_cpu_float(out, "out", q);
   check_cpu_float(grad_out, "grad_out", q);
@@ -148,6 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cpu(const at::Tensor& grad_ou
             "lse must be a contiguous (B, Hq, Nq) tensor of dtype ", lse_dtype(q));
   AttnParams p = dense_params(q, k, v, attn_mask, causal, scale);
   set_dropout(p, dropout_p, rng_state);
+  const VariantTensors kept = set_variants(p, window_left, window_right, bottom_right, softcap, alibi_slopes, {});
   return run_bwd(p, strides4, grad_out, q, k, v, out, lse);
 }
 
@@ -203,9 +251,13 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
                                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                                   int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
                                                   double scale, double dropout_p,
-                                                  const std::optional<at::Tensor>& rng_state) {
+                                                  const std::optional<at::Tensor>& rng_state, int64_t window_left,
+                                                  int64_t window_right, bool bottom_right, double softcap,
+                                                  const std::optional<at::Tensor>& alibi_slopes,
+                                                  const std::optional<at::Tensor>& sinks) {
   AttnParams p = varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale);
   set_dropout(p, dropout_p, rng_state);
+  const VariantTensors kept = set_variants(p, window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
   at::Tensor out = at::empty({p.seqlen_q, p.heads_q, p.head_dim_v}, q.options());
   at::Tensor lse = at::empty({p.heads_q, p.seqlen_q}, q.options().dtype(lse_dtype(q)));
   p.out = strides3(out);
@@ -216,9 +268,12 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, bool causal, double scale, double dropout_p, const std::optional<at::Tensor>& rng_state) {
+    int64_t max_seqlen_k, bool causal, double scale, double dropout_p, const std::optional<at::Tensor>& rng_state,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   AttnParams p = varlen_params(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale);
   set_dropout(p, dropout_p, rng_state);
+  const VariantTensors kept = set_variants(p, window_left, window_right, bottom_right, softcap, alibi_slopes, {});
   check_cpu_float(out, "out", q);
   check_cpu_float(grad_out, "grad_out", q);
   CHECK_ARG(out.dim() == 3 && out.sizes() == grad_out.sizes() && out.size(0) == q.size(0) &&

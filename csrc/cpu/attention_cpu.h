@@ -16,19 +16,31 @@
 namespace fastattn {
 namespace cpu {
 
-// Which (query row, key) pairs of one segment the causal structure lets through: top-left
-// aligned, row i sees keys [0, key_end(i)) and key j is seen by rows [row_begin(j), nq).
-// Both kernels take every loop bound from here, so that a block range can never come out
-// empty or negative (a row block above the diagonal, a key block past the last query).
+// Which (query row, key) pairs of one segment the causal structure and the sliding window let
+// through. Row i's diagonal is key d(i) = i + offset (offset 0: top-left aligned, torch's
+// is_causal; Nk - Nq: bottom-right, flash-attn's); it sees keys d(i) - left <= j <= d(i) + right
+// (-1: unbounded on that side; causal is right = 0), i.e. [key_begin(i), key_end(i)), and key j
+// is seen by rows [row_begin(j), row_end(j)). All four are non-decreasing. Both kernels take every
+// loop bound from here, so that a block range can never come out negative (a row block above
+// the diagonal, a key block past the last query, a block left of the window).
 struct VisibleBand {
-  bool causal;
   int64_t nq, nk;
-  int64_t key_end(int64_t i) const { return causal ? std::min(nk, i + 1) : nk; }
-  int64_t row_begin(int64_t j) const { return causal ? std::min(nq, j) : 0; }
-  // How many of the `width` keys from kb on row i sees (0 when it sees none of them).
-  int keys_in_block(int64_t i, int64_t kb, int width) const {
-    return static_cast<int>(std::clamp<int64_t>(key_end(i) - kb, 0, width));
+  int64_t offset;  // d(i) - i
+  int64_t left, right;
+  int64_t key_begin(int64_t i) const { return left < 0 ? 0 : std::clamp<int64_t>(i + offset - left, 0, nk); }
+  int64_t key_end(int64_t i) const { return right < 0 ? nk : std::clamp<int64_t>(i + offset + right + 1, 0, nk); }
+  int64_t row_begin(int64_t j) const { return right < 0 ? 0 : std::clamp<int64_t>(j - offset - right, 0, nq); }
+  int64_t row_end(int64_t j) const { return left < 0 ? nq : std::clamp<int64_t>(j - offset + left + 1, 0, nq); }
+  // The keys kb + [lo, hi) of the `width` keys from kb on that rows [i0, i1] see (lo >= hi: none).
+  struct Range {
+    int lo, hi;
+    bool empty() const { return hi <= lo; }
+  };
+  Range keys_in_block(int64_t i0, int64_t i1, int64_t kb, int width) const {
+    return {static_cast<int>(std::clamp<int64_t>(key_begin(i0) - kb, 0, width)),
+            static_cast<int>(std::clamp<int64_t>(key_end(i1) - kb, 0, width))};
   }
+  Range keys_in_block(int64_t i, int64_t kb, int width) const { return keys_in_block(i, i, kb, width); }
 };
 
 struct AttnParams {
@@ -52,6 +64,14 @@ struct AttnParams {
   uint64_t seed = 0;
   uint64_t offset = 0;
 
+  // Variants (fastattn.attention's window_size, alignment, softcap, alibi_slopes, sinks).
+  int64_t window_left = -1, window_right = -1;  // -1: unbounded; causal makes the right side 0
+  bool bottom_right = false;                    // diagonal d(i) = i + Nk - Nq instead of i
+  double softcap = 0.0;                         // > 0: logit = softcap * tanh(logit / softcap)
+  const double* alibi_slopes = nullptr;         // (B|1, Hq): logit -= slope * |d(i) - j|
+  int64_t alibi_batch_stride = 0;               // 0 for slopes shared by the batch
+  const double* sinks = nullptr;                // (Hq,): logit of a zero-value key in every row's softmax
+
   // Optional attention mask, already broadcast (strides may be 0) to (B, Hq, Nq, Nk).
   const void* mask = nullptr;
   at::ScalarType mask_dtype = at::kBool;
@@ -72,7 +92,10 @@ struct AttnParams {
   int64_t row_index(int64_t b, int64_t h, int64_t i) const {
     return varlen() ? h * seqlen_q + cu_seqlens_q[b] + i : (b * heads_q + h) * seqlen_q + i;
   }
-  VisibleBand band(int64_t b) const { return {causal, len_q(b), len_k(b)}; }
+  VisibleBand band(int64_t b) const {
+    return {len_q(b), len_k(b), bottom_right ? len_k(b) - len_q(b) : 0, window_left, causal ? 0 : window_right};
+  }
+  double alibi_slope(int64_t b, int64_t h) const { return alibi_slopes[b * alibi_batch_stride + h]; }
   int64_t total_rows() const { return varlen() ? heads_q * seqlen_q : batch * heads_q * seqlen_q; }
 };
 

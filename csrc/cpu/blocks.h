@@ -308,6 +308,12 @@ struct RightOperand {
   int64_t ks;
   bool packed;
   int64_t depth;  // packed: rows it was packed with (0: as many as the product uses)
+  // The same operand from its row r on, for a product over rows [r, ...) only (a tile that
+  // sees a band of the keys); a packed operand must know its depth for that.
+  RightOperand rows_from(int64_t r) const {
+    if (!packed) return {ptr + r * ks, ks, false, 0};
+    return {ptr + r * NR, ks, true, depth};
+  }
 };
 
 template <typename acc_t>

@@ -3,10 +3,11 @@
 //   delta_i = rowsum(dO_i * O_i)                      (one pass over the rows)
 //   for each key block j (owned by one task, so dK_j, dV_j need no locks):
 //     for each query head of the K/V head's group, each query block i:
-//       P   = exp(S - lse),  S = scale * Q_i K_jᵀ + mask  (recomputed, never stored)
+//       P   = exp(S - lse),  S = scale * Q_i K_jᵀ + mask  (recomputed, never stored;
+//                                                      soft-capped and ALiBi-biased when asked)
 //       dV_j += (P * Z)ᵀ dO_i                         (Z: dropout keep / (1 - p))
 //       dP   = (dO_i V_jᵀ) * Z
-//       dS   = P * (dP - delta_i)
+//       dS   = P * (dP - delta_i)                     (times 1 - tanh² under a soft-cap)
 //       dK_j += scale * dSᵀ Q_i
 //       dQ_i += scale * dS K_j                        (per-chunk accumulator)
 // Tasks are (batch, K/V head, chunk of key blocks). With few batch x head pairs
@@ -38,7 +39,11 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   const int64_t group = p.heads_q / p.heads_kv;
   const acc_t scale = static_cast<acc_t>(p.scale);
-  const acc_t c = scale * static_cast<acc_t>(kLog2e);
+  const bool softcap = p.softcap > 0.0;
+  // exp2 argument per S = Q Kᵀ element: c S, or (softcap log2 e) t with t = tanh(S scale / softcap)
+  const acc_t c = softcap ? static_cast<acc_t>(p.softcap * kLog2e) : scale * static_cast<acc_t>(kLog2e);
+  const acc_t tanh_in = softcap ? static_cast<acc_t>(p.scale / p.softcap) : acc_t(0);
+  const bool alibi = p.alibi_slopes != nullptr;
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = dropout ? static_cast<acc_t>(1.0 / (1.0 - p.dropout_p)) : acc_t(1);
@@ -94,7 +99,8 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
         do_a(packed_a_size(kBlockQ, Dv)), do_b(packed_b_size(kBlockQ, Dv)), probs(kBlockQ * kBlockK),
         dprobs(kBlockQ * kBlockK),
         dk_acc(static_cast<int64_t>(kBlockK) * D),
-        dv_acc(static_cast<int64_t>(kBlockK) * Dv), bias(kBlockK), keep(kBlockK);
+        dv_acc(static_cast<int64_t>(kBlockK) * Dv), bias(kBlockK), row_bias(kBlockK), keep(kBlockK),
+        dtanh(kBlockK);
     for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
       const auto [b, hk, kv0, kv1, chunk] = tasks[t];
       const int64_t nq = p.len_q(b);
@@ -121,55 +127,77 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
           const scalar_t* qh = q + p.base_q(p.q, b, h);
           const scalar_t* gh = dout + p.base_q(p.grad_out, b, h);
           const int64_t segment = b * p.heads_q + h;
-          // Query rows above row_begin(kb) see none of these keys.
-          for (int64_t qs = band.row_begin(kb) / kBlockQ * kBlockQ; qs < nq; qs += kBlockQ) {
+          const acc_t slope = alibi ? static_cast<acc_t>(p.alibi_slope(b, h) * kLog2e) : acc_t(0);
+          // Only the query rows [row_begin(kb), row_end(last key)) see any of these keys.
+          const int64_t rows_end = band.row_end(kb + bk - 1);
+          for (int64_t qs = band.row_begin(kb) / kBlockQ * kBlockQ; qs < rows_end; qs += kBlockQ) {
             const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, nq - qs));
-            // The tile's last row sees the most keys; none at all when the whole tile lies above
-            // the diagonal, as the last row tile does when kb >= nq (causal, Nq < Nk).
-            const int64_t tile_key_end = band.key_end(qs + bq - 1);
-            if (tile_key_end <= kb) continue;
+            // The keys the tile's rows see (none when the whole tile lies above the diagonal, as
+            // the last row tile does when kb >= nq, causal, Nq < Nk), widened to whole panels.
+            const auto tile = band.keys_in_block(qs, qs + bq - 1, kb, bk);
+            if (tile.empty()) continue;
+            const int col0 = tile.lo / NR * NR;
+            const int col1 = static_cast<int>(std::min<int64_t>(bk, round_up(tile.hi, NR)));
+            const int cols = col1 - col0;
             const auto q_left = left_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_a.get());
             const auto q_right = right_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_b.get());
             const auto do_left = left_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_a.get());
             const auto do_right = right_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_b.get());
-            // On the diagonal only the keys up to the tile's last row matter (whole panels).
-            const int bk_tile = static_cast<int>(std::min<int64_t>(bk, round_up(tile_key_end - kb, NR)));
             acc_t* pr = probs.get();
             acc_t* dpr = dprobs.get();
-            gemm(bq, bk_tile, D, q_left, packed_right(kt_pack.get()), pr, kBlockK, false);     // S  = Q Kᵀ
-            gemm(bq, bk_tile, Dv, do_left, packed_right(vt_pack.get()), dpr, kBlockK, false);  // dP = dO Vᵀ
+            gemm(bq, cols, D, q_left, packed_right(kt_pack.get() + col0 * D), pr + col0, kBlockK, false);  // S = Q Kᵀ
+            gemm(bq, cols, Dv, do_left, packed_right(vt_pack.get() + col0 * Dv), dpr + col0, kBlockK,
+                 false);  // dP = dO Vᵀ
 
             for (int r = 0; r < bq; ++r) {
               const int64_t i = qs + r, row = p.row_index(b, h, i);
               acc_t* x = pr + static_cast<int64_t>(r) * kBlockK;
               acc_t* dx = dpr + static_cast<int64_t>(r) * kBlockK;
-              const int n = band.keys_in_block(i, kb, bk_tile);
-              const acc_t* bias_row = nullptr;
-              if (p.mask && n > 0) {
-                if (!shared_mask_row) fill_mask_bias(p, b, h, i, kb, n, bias.get());
-                bias_row = bias.get();
-              }
-              if (n > 0) scale_bias_exp2(x, n, c, bias_row, lse2[row]);  // P
-              const acc_t di = delta[row];
-              if (dropout && n > 0) {
-                std::fill(keep.get(), keep.get() + n, keep_scale);
-                apply_dropout_keep(p, threshold, segment, i, kb, n, keep.get());
-                for (int j = 0; j < n; ++j) {
-                  const acc_t pj = x[j], zj = keep[j];
-                  dx[j] = pj * (dx[j] * zj - di);  // dS
-                  x[j] = pj * zj;                  // dropped P, for dV
+              const auto keys = band.keys_in_block(i, kb, bk);
+              const int lo = keys.empty() ? col0 : keys.lo, hi = keys.empty() ? col0 : keys.hi, n = hi - lo;
+              if (n > 0) {
+                const acc_t* bias_row = nullptr;  // indexed by the block's key, like x
+                if (p.mask) {
+                  if (!shared_mask_row) fill_mask_bias(p, b, h, i, kb + lo, n, bias.get() + lo);
+                  bias_row = bias.get();
                 }
-              } else {
-                for (int j = 0; j < n; ++j) dx[j] = x[j] * (dx[j] - di);  // dS
+                if (alibi) {
+                  alibi_row(row_bias.get(), bias_row, lo, hi, slope, i + band.offset - kb);
+                  bias_row = row_bias.get();
+                }
+                if (softcap) {
+                  softcap_row(x + lo, n, tanh_in, acc_t(1));  // t
+                  for (int j = lo; j < hi; ++j) dtanh[j] = acc_t(1) - x[j] * x[j];
+                }
+                scale_bias_exp2(x + lo, n, c, bias_row ? bias_row + lo : nullptr, lse2[row]);  // P
+                const acc_t di = delta[row];
+                if (dropout) {
+                  // drawn over the tile's columns (from a panel boundary: the SIMD Philox path)
+                  std::fill(keep.get() + col0, keep.get() + col1, keep_scale);
+                  apply_dropout_keep(p, threshold, segment, i, kb + col0, cols, keep.get() + col0);
+                  for (int j = lo; j < hi; ++j) {
+                    const acc_t pj = x[j], zj = keep[j];
+                    dx[j] = pj * (dx[j] * zj - di);  // dS
+                    x[j] = pj * zj;                  // dropped P, for dV
+                  }
+                } else {
+                  for (int j = lo; j < hi; ++j) dx[j] = x[j] * (dx[j] - di);  // dS
+                }
+                if (softcap)
+                  for (int j = lo; j < hi; ++j) dx[j] *= dtanh[j];  // through the tanh
               }
-              std::fill(x + n, x + bk_tile, acc_t(0));
-              std::fill(dx + n, dx + bk_tile, acc_t(0));
+              std::fill(x + col0, x + lo, acc_t(0));
+              std::fill(dx + col0, dx + lo, acc_t(0));
+              std::fill(x + hi, x + col1, acc_t(0));
+              std::fill(dx + hi, dx + col1, acc_t(0));
             }
             // Pᵀ and dSᵀ are read in place, as the transposes of the row-major tiles.
-            gemm(bk_tile, Dv, bq, strided_left(pr, 1, kBlockK), do_right, dv_acc.get(), Dv, true);  // dV += (P Z)ᵀ dO
-            gemm(bk_tile, D, bq, strided_left(dpr, 1, kBlockK), q_right, dk_acc.get(), D, true);    // dK += dSᵀ Q
-            gemm(bq, D, bk_tile, strided_left(dpr, kBlockK, 1), k_right, dq_chunk + p.row_index(b, h, qs) * D, D,
-                           true);  // dQ += dS K
+            gemm(cols, Dv, bq, strided_left(pr + col0, 1, kBlockK), do_right, dv_acc.get() + col0 * Dv, Dv,
+                 true);  // dV += (P Z)ᵀ dO
+            gemm(cols, D, bq, strided_left(dpr + col0, 1, kBlockK), q_right, dk_acc.get() + col0 * D, D,
+                 true);  // dK += dSᵀ Q
+            gemm(bq, D, cols, strided_left(dpr + col0, kBlockK, 1), k_right.rows_from(col0),
+                 dq_chunk + p.row_index(b, h, qs) * D, D, true);  // dQ += dS K
           }
         }
 

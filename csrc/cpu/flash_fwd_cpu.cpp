@@ -32,11 +32,16 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
               acc_t* lse) {
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   const int64_t group = p.heads_q / p.heads_kv;
-  const acc_t c = static_cast<acc_t>(p.scale) * static_cast<acc_t>(kLog2e);
+  const bool softcap = p.softcap > 0.0;
+  // Q is packed pre-multiplied so that the GEMM gives the logits in base-2 units, or, with a
+  // soft-cap, scale / softcap times them: the row pass then takes (softcap log2 e) tanh of it.
+  const acc_t q_scale = static_cast<acc_t>(softcap ? p.scale / p.softcap : p.scale * kLog2e);
+  const acc_t cap_log2e = static_cast<acc_t>(p.softcap * kLog2e);
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = dropout ? static_cast<acc_t>(1.0 / (1.0 - p.dropout_p)) : acc_t(1);
   const bool shared_mask_row = p.mask != nullptr && p.mask_strides.n == 0;  // e.g. key padding
+  const bool alibi = p.alibi_slopes != nullptr;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
   // Chunks as long as possible (each packed K/V block is reused by more rows), but
@@ -53,14 +58,16 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
       for (int64_t q0 = 0; q0 < nq; q0 += chunk) tasks.push_back({b, h, q0, std::min(nq, q0 + chunk)});
   }
   // Causal chunks further down see more keys: start those first to balance threads.
-  if (p.causal) std::stable_sort(tasks.begin(), tasks.end(), [](auto& x, auto& y) { return x.q1 > y.q1; });
+  if (p.causal && p.window_left < 0)
+    std::stable_sort(tasks.begin(), tasks.end(), [](auto& x, auto& y) { return x.q1 > y.q1; });
 
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const int64_t kChunkQ = round_up(kMaxChunkQ, kBlockQ);
     Scratch<acc_t> q_pack(packed_a_size(kChunkQ, D)), k_pack(packed_b_size(D, kBlockK)),
         v_pack(packed_b_size(kBlockK, Dv)), scores(kBlockQ * kBlockK),
-        o_acc(static_cast<int64_t>(kChunkQ) * Dv), row_max(kChunkQ), row_sum(kChunkQ), bias(kBlockK);
+        o_acc(static_cast<int64_t>(kChunkQ) * Dv), row_max(kChunkQ), row_sum(kChunkQ), bias(kBlockK),
+        row_bias(kBlockK);
     for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
       const auto [b, h, q0, q1] = tasks[t];
       const int64_t hk = h / group;
@@ -68,18 +75,21 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
       const scalar_t* kh = k + p.base_k(p.k, b, hk);
       const scalar_t* vh = v + p.base_k(p.v, b, hk);
       const int64_t segment = b * p.heads_q + h;
+      const VisibleBand band = p.band(b);
+      const acc_t slope = alibi ? static_cast<acc_t>(p.alibi_slope(b, h) * kLog2e) : acc_t(0);
 
-      // Q is packed pre-multiplied by scale * log2(e): the scores come out of the GEMM in base-2 units.
       for (int64_t qs = q0; qs < q1; qs += kBlockQ)
         pack_a(qh + qs * p.q.n, p.q.n, p.q.d, static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs)), D,
-               q_pack.get() + (qs - q0) * D, c);
+               q_pack.get() + (qs - q0) * D, q_scale);
       std::fill(o_acc.get(), o_acc.get() + (q1 - q0) * Dv, acc_t(0));
-      std::fill(row_max.get(), row_max.get() + (q1 - q0), kNegInf);
-      std::fill(row_sum.get(), row_sum.get() + (q1 - q0), acc_t(0));
+      // A sink is a first key of logit sinks[h] (in base 2) and value zero: max and sum start from it.
+      const acc_t sink = p.sinks ? static_cast<acc_t>(p.sinks[h] * kLog2e) : kNegInf;
+      std::fill(row_max.get(), row_max.get() + (q1 - q0), sink);
+      std::fill(row_sum.get(), row_sum.get() + (q1 - q0), sink == kNegInf ? acc_t(0) : acc_t(1));
 
-      const VisibleBand band = p.band(b);
-      const int64_t kv_end = band.key_end(q1 - 1);  // the chunk's last row sees the most keys
-      for (int64_t kb = 0; kb < kv_end; kb += kBlockK) {
+      // The chunk's keys: from the first row's window start to the last row's end (whole panels).
+      const int64_t kv_begin = band.key_begin(q0) / NR * NR, kv_end = band.key_end(q1 - 1);
+      for (int64_t kb = kv_begin; kb < kv_end; kb += kBlockK) {
         int bk = static_cast<int>(std::min<int64_t>(kBlockK, kv_end - kb));
         // A mask broadcast over queries (key padding) gives one bias row for the whole chunk;
         // a key block it hides completely is skipped, a hidden tail is trimmed off.
@@ -89,42 +99,52 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
 
         for (int64_t qs = q0; qs < q1; qs += kBlockQ) {
           const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs));
-          const int64_t tile_key_end = band.key_end(qs + bq - 1);
-          if (tile_key_end <= kb) continue;  // the whole tile is above the diagonal
-          // On the diagonal only the keys up to the tile's last row matter: the columns past
-          // them (rounded up to whole micro-kernel panels) are neither computed nor read.
-          const int bk_tile = static_cast<int>(std::min<int64_t>(bk, round_up(tile_key_end - kb, NR)));
+          // The keys the tile's rows see, widened to whole micro-kernel panels: the columns
+          // outside (above the diagonal, left of the window) are neither computed nor read.
+          const auto tile = band.keys_in_block(qs, qs + bq - 1, kb, bk);
+          if (tile.empty()) continue;
+          const int col0 = tile.lo / NR * NR;
+          const int col1 = static_cast<int>(std::min<int64_t>(bk, round_up(tile.hi, NR)));
           acc_t* s = scores.get();
-          gemm(bq, bk_tile, D, packed_left(q_pack.get() + (qs - q0) * D), packed_right(k_pack.get()), s, kBlockK,
-               false);  // S = c Q Kᵀ
+          gemm(bq, col1 - col0, D, packed_left(q_pack.get() + (qs - q0) * D), packed_right(k_pack.get() + col0 * D),
+               s + col0, kBlockK, false);  // S = c Q Kᵀ
 
           for (int r = 0; r < bq; ++r) {
             const int64_t i = qs + r, row = qs - q0 + r;
             acc_t* x = s + static_cast<int64_t>(r) * kBlockK;
-            const int n = band.keys_in_block(i, kb, bk_tile);
-            if (n <= 0) {
-              std::fill(x, x + bk_tile, acc_t(0));
+            const auto keys = band.keys_in_block(i, kb, bk);
+            if (keys.empty()) {
+              std::fill(x + col0, x + col1, acc_t(0));
               continue;
             }
-            const acc_t* bias_row = nullptr;
+            const int lo = keys.lo, n = keys.hi - keys.lo;
+            if (softcap) softcap_row(x + lo, n, acc_t(1), cap_log2e);
+            const acc_t* bias_row = nullptr;  // indexed by the block's key, like x
             if (p.mask) {
-              if (!shared_mask_row) fill_mask_bias(p, b, h, i, kb, n, bias.get());
+              if (!shared_mask_row) fill_mask_bias(p, b, h, i, kb + lo, n, bias.get() + lo);
               bias_row = bias.get();
             }
+            if (alibi) {
+              alibi_row(row_bias.get(), bias_row, lo, keys.hi, slope, i + band.offset - kb);
+              bias_row = row_bias.get();
+            }
             const acc_t m_old = row_max[row];
-            const acc_t m_new = std::max(m_old, add_bias_max(x, n, bias_row));
+            const acc_t m_new = std::max(m_old, add_bias_max(x + lo, n, bias_row ? bias_row + lo : nullptr));
             const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;  // all masked so far: exp2(-inf) = 0
             const acc_t alpha = std::exp2(m_old - m_use);
-            row_sum[row] = row_sum[row] * alpha + exp2_sum(x, n, m_use);
+            row_sum[row] = row_sum[row] * alpha + exp2_sum(x + lo, n, m_use);
             row_max[row] = m_new;
-            std::fill(x + n, x + bk_tile, acc_t(0));
-            if (dropout) apply_dropout_keep(p, threshold, segment, i, kb, n, x);
+            std::fill(x + col0, x + lo, acc_t(0));
+            std::fill(x + keys.hi, x + col1, acc_t(0));
+            // over the tile's columns (from a panel boundary: the SIMD Philox path); zeros stay zero
+            if (dropout) apply_dropout_keep(p, threshold, segment, i, kb + col0, col1 - col0, x + col0);
             if (alpha != acc_t(1)) {
               acc_t* o = o_acc.get() + row * Dv;
               for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
           }
-          gemm(bq, Dv, bk_tile, strided_left(s, kBlockK, 1), v_right, o_acc.get() + (qs - q0) * Dv, Dv, true);  // O += P V
+          gemm(bq, Dv, col1 - col0, strided_left(s + col0, kBlockK, 1), v_right.rows_from(col0),
+               o_acc.get() + (qs - q0) * Dv, Dv, true);  // O += P V
         }
       }
 
@@ -132,7 +152,7 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
       for (int64_t row = 0; row < q1 - q0; ++row) {
         const int64_t i = q0 + row;
         const acc_t l = row_sum[row];
-        // l == 0: the row sees no key -> zeros and lse = -inf (a NaN l stays NaN).
+        // l == 0: the row sees no key (and has no sink) -> zeros and lse = -inf (a NaN l stays NaN).
         const acc_t inv = l == acc_t(0) ? acc_t(0) : keep_scale / l;
         const acc_t* o = o_acc.get() + row * Dv;
         scalar_t* dst = oh + i * p.out.n;

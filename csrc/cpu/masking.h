@@ -1,10 +1,13 @@
-// Per-row mask and dropout helpers shared by the CPU forward and backward kernels.
+// Per-row helpers shared by the CPU forward and backward kernels: masks, dropout, soft-cap, ALiBi.
 #pragma once
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 #include "../philox.h"
 #include "attention_cpu.h"
@@ -138,6 +141,63 @@ void apply_dropout_keep(const AttnParams& p, uint32_t threshold, int64_t segment
     const Philox4 r = philox4x32_10(static_cast<uint32_t>(j >> 2), c1, c2, c3, p.seed);
     for (int w = static_cast<int>(j & 3); w < 4 && c < n; ++w, ++c)
       if (r.w[w] < threshold) x[c] *= acc_t(0);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Logit variants: soft-capping and ALiBi, row by row.
+// ---------------------------------------------------------------------------
+#if FASTATTN_X86
+// tanh of 8 floats: a [13/6] rational approximation on [-7.9, 7.9] (where tanh is 1 to float
+// precision outside), within 4e-7 of tanh everywhere; an exp-based 1 - 2 / (e^2x + 1) loses
+// the relative accuracy near 0 that a soft-capped logit needs. NaN stays NaN.
+FASTATTN_AVX2 inline __m256 tanh_avx2(__m256 x) {
+  const __m256 bound = _mm256_set1_ps(7.90531110763549805f);
+  x = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), bound), _mm256_min_ps(bound, x));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-2.76076847742355e-16f);
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.00018790482477e-13f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-8.60467152213735e-11f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(5.12229709037114e-08f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(1.48572235717979e-05f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(6.37261928875436e-04f));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(4.89352455891786e-03f));
+  p = _mm256_mul_ps(p, x);
+  __m256 q = _mm256_set1_ps(1.19825839466702e-06f);
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(1.18534705686654e-04f));
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(2.26843463243900e-03f));
+  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(4.89352518554385e-03f));
+  return _mm256_div_ps(p, q);
+}
+
+FASTATTN_AVX2 inline void softcap_row_avx2(float* x, int n, float in_scale, float out_scale) {
+  const __m256 vi = _mm256_set1_ps(in_scale), vo = _mm256_set1_ps(out_scale);
+  int c = 0;
+  for (; c + kSimdFloats <= n; c += kSimdFloats)
+    _mm256_storeu_ps(x + c, _mm256_mul_ps(vo, tanh_avx2(_mm256_mul_ps(vi, _mm256_loadu_ps(x + c)))));
+  for (; c < n; ++c) x[c] = out_scale * std::tanh(in_scale * x[c]);
+}
+#endif
+
+// x[c] = out_scale * tanh(in_scale * x[c]) for c < n: Gemma 2's soft-cap on a row of logits.
+template <typename acc_t>
+void softcap_row(acc_t* x, int n, acc_t in_scale, acc_t out_scale) {
+#if FASTATTN_X86
+  if constexpr (std::is_same_v<acc_t, float>) {
+    static const bool avx2 = cpu_has_avx2_fma();
+    if (avx2) return softcap_row_avx2(x, n, in_scale, out_scale);
+  }
+#endif
+  for (int c = 0; c < n; ++c) x[c] = out_scale * std::tanh(in_scale * x[c]);
+}
+
+// out[c] = (bias ? bias[c] : 0) - slope * |diagonal - c| for c in [lo, hi): the ALiBi bias of
+// the keys kb + c of a row whose diagonal is key kb + diagonal (slope in the kernel's base-2 units).
+template <typename acc_t>
+void alibi_row(acc_t* out, const acc_t* bias, int lo, int hi, acc_t slope, int64_t diagonal) {
+  for (int c = lo; c < hi; ++c) {
+    const acc_t distance = static_cast<acc_t>(std::abs(diagonal - c));
+    out[c] = (bias ? bias[c] : acc_t(0)) - slope * distance;
   }
 }
 

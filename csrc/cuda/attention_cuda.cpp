@@ -242,12 +242,25 @@ void set_dense_qkv(AttnParams& p, const at::Tensor& q, const at::Tensor& k, cons
   p.head_dim = static_cast<int>(q.size(3));
 }
 
+// The variants of the op schemas (csrc/ops.cpp) that these kernels do not serve yet: dispatch
+// sends such calls to Triton; a direct call gets this error rather than a wrong answer.
+void check_no_variants(int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                       const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
+  TORCH_CHECK_VALUE(window_left == -1 && window_right == -1 && !bottom_right && softcap == 0.0 &&
+                        !alibi_slopes.has_value() && !sinks.has_value(),
+                    "fastattn cuda: the CUDA kernels do not serve window_size, bottom-right alignment, softcap, "
+                    "alibi_slopes or sinks yet; use backend='triton' or 'auto'");
+}
+
 // ---------------------------------------------------------------------------
 // Dense ops
 // ---------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                             const c10::optional<at::Tensor>& attn_mask, bool causal, double scale,
-                                            double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+                                            double dropout_p, const c10::optional<at::Tensor>& rng_state,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
+  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
   check_dense_qkv(q_in, k_in, v_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
@@ -276,7 +289,10 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const c10::optional<at::Tensor>& attn_mask, bool causal,
-    double scale, double dropout_p, const c10::optional<at::Tensor>& rng_state) {
+    double scale, double dropout_p, const c10::optional<at::Tensor>& rng_state,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const c10::optional<at::Tensor>& alibi_slopes) {
+  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, c10::nullopt);
   check_dense_qkv(q_in, k_in, v_in);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3), Nk = k_in.size(2);
   check_device_and_dtype(grad_out_in, "grad_out", q_in);
@@ -382,7 +398,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
                                                    const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
                                                    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                    int64_t max_seqlen_k, bool causal, double scale, double dropout_p,
-                                                   const c10::optional<at::Tensor>& rng_state) {
+                                                   const c10::optional<at::Tensor>& rng_state,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
+  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
   check_varlen_qkv(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
@@ -407,7 +426,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale, double dropout_p,
-    const c10::optional<at::Tensor>& rng_state) {
+    const c10::optional<at::Tensor>& rng_state,
+    int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+    const c10::optional<at::Tensor>& alibi_slopes) {
+  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, c10::nullopt);
   check_varlen_qkv(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const int64_t total_q = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   check_device_and_dtype(grad_out_in, "grad_out", q_in);

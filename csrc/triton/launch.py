@@ -93,6 +93,16 @@ def _check_inputs(q, k, v, where: str) -> None:
                          f"the kernels in Triton's CPU interpreter), got {q.device}")
 
 
+def _check_no_variants(where: str, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
+                       alibi_slopes=None, sinks=None) -> None:
+    """The Triton kernels do not serve the attention variants yet: dispatch sends such calls
+    elsewhere; a direct call gets this error rather than a wrong answer."""
+    if (window_left, window_right, bool(bottom_right), float(softcap)) != (-1, -1, False, 0.0) or \
+            alibi_slopes is not None or sinks is not None:
+        raise ValueError(f"fastattn triton {where}: the Triton kernels do not serve window_size, bottom-right "
+                         "alignment, softcap, alibi_slopes or sinks yet; use backend='cpu' or 'reference'")
+
+
 def _dropout_args(dropout_p: float, rng_state: Optional[torch.Tensor]) -> tuple:
     """(seed, offset, threshold, 1/(1-p)) as the kernels take them; the Philox convention of csrc/philox.h."""
     if dropout_p <= 0.0:
@@ -157,9 +167,11 @@ def _forward(q, k, v, out, lse, strides, lse_strides, mask_args, cu_q, cu_k, bat
         BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **options)
 
 
-def attn_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
+def attn_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, window_left=-1, window_right=-1,
+             bottom_right=False, softcap=0.0, alibi_slopes=None, sinks=None):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides ->
     out (B, Hq, Nq, Dv) (stored (B, Nq, Hq, Dv)), lse (B, Hq, Nq) fp32."""
+    _check_no_variants("fwd", window_left, window_right, bottom_right, softcap, alibi_slopes, sinks)
     _check_inputs(q, k, v, "fwd")
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -175,9 +187,11 @@ def attn_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state):
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
-               rng_state):
+               rng_state, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0, alibi_slopes=None,
+               sinks=None):
     """q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); cu_seqlens int32 (batch + 1,) ->
     out (total_q, Hq, Dv), lse (Hq, total_q) fp32."""
+    _check_no_variants("varlen_fwd", window_left, window_right, bottom_right, softcap, alibi_slopes, sinks)
     _check_inputs(q, k, v, "varlen_fwd")
     total_q, Hq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -232,8 +246,10 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, layout, lse_strides, mask
         Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, **common, **options)
 
 
-def attn_bwd(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state):
+def attn_bwd(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state, window_left=-1,
+             window_right=-1, bottom_right=False, softcap=0.0, alibi_slopes=None):
     """Gradients of attn_fwd: (dq, dk, dv) shaped like (and dtype of) q, k, v."""
+    _check_no_variants("bwd", window_left, window_right, bottom_right, softcap, alibi_slopes)
     _check_inputs(q, k, v, "bwd")
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -247,8 +263,10 @@ def attn_bwd(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, r
 
 
 def varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-               scale, dropout_p, rng_state):
+               scale, dropout_p, rng_state, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
+               alibi_slopes=None):
     """Gradients of varlen_fwd: (dq, dk, dv) shaped like q, k, v (packed)."""
+    _check_no_variants("varlen_bwd", window_left, window_right, bottom_right, softcap, alibi_slopes)
     _check_inputs(q, k, v, "varlen_bwd")
     Hq, Hkv = q.shape[1], k.shape[1]
     batch = cu_seqlens_q.numel() - 1
