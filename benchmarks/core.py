@@ -1,6 +1,7 @@
 """What one benchmark row is made of: a case, a candidate, a mode, a timer.
 
-Case        one attention problem (B, Hq, Hkv, N, D, causal, key padding, dropout, dtype)
+Case        one attention problem (B, Hq, Hkv, N, D, causal, key padding, dropout, dtype; a sliding
+            window; a few queries against a longer cache, aligned bottom-right)
 Candidate   one implementation (fastattn backends, torch SDPA backends, the naive PyTorch
             expression, flash-attn, xformers), with a ``prepare`` step kept outside the timer
 Modes       "fwd"      inference forward, under torch.no_grad()
@@ -42,7 +43,12 @@ DTYPE_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float6
 # ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Case:
-    """One attention problem: q (B, Hq, N, D), k/v (B, Hkv, N, D), self-attention (Nq == Nk)."""
+    """One attention problem: q (B, Hq, Nq, D), k/v (B, Hkv, N, D).
+
+    Self-attention (Nq == N) unless ``seqlen_q`` is set: then Nq new queries against a cache of
+    N keys, aligned bottom-right (decoding, chunked prefill). ``window`` > 0: causal sliding-window
+    attention, each query sees itself and the ``window`` keys before it.
+    """
 
     batch: int
     heads: int  # query heads Hq
@@ -53,10 +59,42 @@ class Case:
     key_padding: bool = False  # the last quarter of every sequence's keys masked out
     dropout_p: float = 0.0
     dtype: str = "float32"
+    seqlen_q: int = 0  # Nq; 0 means Nq = N
+    window: int = 0  # left window of a causal sliding window; 0 means none
 
     @property
     def hkv(self) -> int:
         return self.kv_heads or self.heads
+
+    @property
+    def nq(self) -> int:
+        return self.seqlen_q or self.seqlen
+
+    @property
+    def decode(self) -> bool:
+        return self.nq != self.seqlen
+
+    def attention_kwargs(self) -> dict:
+        """fastattn.attention's keywords for the window and the alignment."""
+        kw = {"causal": self.causal}
+        if self.window:
+            kw.update(causal=True, window_size=(self.window, 0))
+        if self.decode:
+            kw["alignment"] = "bottom_right"
+        return kw
+
+    def visible_pairs(self) -> int:
+        """(query, key) pairs one head computes: Nq * N, fewer under causal and a window."""
+        nq, nk = self.nq, self.seqlen
+        if not (self.causal or self.window):
+            return nq * nk
+        offset = nk - nq if self.decode else 0
+        total = 0
+        for i in range(nq):
+            d = i + offset
+            lo = max(0, d - self.window) if self.window else 0
+            total += max(0, min(nk, d + 1) - lo)
+        return total
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -65,20 +103,23 @@ class Case:
     @property
     def variant(self) -> str:
         parts = [name for name, on in (("gqa", self.hkv != self.heads), ("padding", self.key_padding),
-                                       ("dropout", self.dropout_p > 0)) if on]
+                                       ("dropout", self.dropout_p > 0), (f"window{self.window}", self.window > 0),
+                                       ("decode", self.decode)) if on]
         return "+".join(parts) or "plain"
 
     @property
     def label(self) -> str:
         heads = f"{self.heads}/{self.hkv}" if self.hkv != self.heads else f"{self.heads}"
         extra = "".join([" causal" if self.causal else "", " pad25%" if self.key_padding else "",
-                         f" drop{self.dropout_p:g}" if self.dropout_p > 0 else ""])
-        return f"B={self.batch} H={heads} N={self.seqlen} D={self.head_dim}{extra} {DTYPE_SHORT[self.dtype]}"
+                         f" drop{self.dropout_p:g}" if self.dropout_p > 0 else "",
+                         f" window{self.window}" if self.window else ""])
+        n = f"Nq={self.nq} Nk={self.seqlen}" if self.decode else f"N={self.seqlen}"
+        return f"B={self.batch} H={heads} {n} D={self.head_dim}{extra} {DTYPE_SHORT[self.dtype]}"
 
     def as_dict(self) -> dict:
         return {"batch": self.batch, "heads": self.heads, "kv_heads": self.hkv, "seqlen": self.seqlen,
                 "head_dim": self.head_dim, "causal": self.causal, "key_padding": self.key_padding,
-                "dropout_p": self.dropout_p, "dtype": self.dtype}
+                "dropout_p": self.dropout_p, "dtype": self.dtype, "seqlen_q": self.nq, "window": self.window}
 
 
 def attention_flops(case: Case, mode: str) -> float:
@@ -86,22 +127,24 @@ def attention_flops(case: Case, mode: str) -> float:
 
     forward: two matmuls per head, q·kᵀ (2·Nq·Nk·D) and p·v (2·Nq·Nk·Dv):
         2·B·Hq·Nq·Nk·(D + Dv)  =  4·B·Hq·N²·D  when D == Dv and Nq == Nk,
-    halved for causal (Nq == Nk: only the lower triangle is needed).
+    over the visible (query, key) pairs only: about half for causal, Nq·(window + 1) for a window.
     backward = 2.5× forward: five matmuls (recomputed q·kᵀ, dV = pᵀ·dO, dP = dO·vᵀ,
     dQ = dS·k, dK = dSᵀ·q) against the forward's two. fwd_bwd = 3.5× forward.
     Softmax, masking and dropout are not counted; key padding does not reduce the count.
     """
-    B, H, Nq, Nk, D, Dv = case.batch, case.heads, case.seqlen, case.seqlen, case.head_dim, case.head_dim
-    fwd = 2.0 * B * H * Nq * Nk * (D + Dv)
-    if case.causal and Nq == Nk:
-        fwd /= 2
+    B, H, D, Dv = case.batch, case.heads, case.head_dim, case.head_dim
+    if case.causal and not case.window and not case.decode:
+        pairs = case.seqlen * case.seqlen / 2  # the convention of flash-attention's plots
+    else:
+        pairs = case.visible_pairs()
+    fwd = 2.0 * B * H * pairs * (D + Dv)
     return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
 
 
 def score_matrix_bytes(case: Case, elem_bytes: Optional[int] = None) -> int:
-    """Bytes of one (B, Hq, N, N) matrix: what a non-fused implementation materialises."""
+    """Bytes of one (B, Hq, Nq, N) matrix: what a non-fused implementation materialises."""
     elem = elem_bytes or torch.finfo(case.torch_dtype).bits // 8
-    return case.batch * case.heads * case.seqlen * case.seqlen * elem
+    return case.batch * case.heads * case.nq * case.seqlen * elem
 
 
 # ---------------------------------------------------------------------------
@@ -111,10 +154,10 @@ def score_matrix_bytes(case: Case, elem_bytes: Optional[int] = None) -> int:
 class Inputs:
     """Random inputs of one case, allocated once and shared by every candidate."""
 
-    q: torch.Tensor  # (B, Hq, N, D), leaf, requires grad
+    q: torch.Tensor  # (B, Hq, Nq, D), leaf, requires grad
     k: torch.Tensor  # (B, Hkv, N, D)
     v: torch.Tensor  # (B, Hkv, N, Dv)
-    grad_out: torch.Tensor  # (B, Hq, N, Dv)
+    grad_out: torch.Tensor  # (B, Hq, Nq, Dv)
     key_keep: Optional[torch.Tensor]  # bool (B, 1, 1, N), True = may attend; None without padding
 
 
@@ -125,10 +168,10 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
     def randn(*shape):  # drawn on the CPU so every device sees the same numbers
         return torch.randn(*shape, generator=gen).to(device=device, dtype=case.torch_dtype)
 
-    q = randn(B, Hq, N, D).requires_grad_()
+    q = randn(B, Hq, case.nq, D).requires_grad_()
     k = randn(B, Hkv, N, D).requires_grad_()
     v = randn(B, Hkv, N, D).requires_grad_()
-    grad_out = randn(B, Hq, N, D)
+    grad_out = randn(B, Hq, case.nq, D)
     key_keep = None
     if case.key_padding:
         key_keep = torch.ones(B, 1, 1, N, dtype=torch.bool, device=device)
@@ -137,12 +180,17 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
 
 
 def combined_bool_mask(case: Case, inputs: Inputs) -> Optional[torch.Tensor]:
-    """Causal and key padding as one bool mask, for APIs that take one or the other."""
+    """Causal (bottom-right for decode shapes), the window and key padding as one bool mask,
+    for APIs that take one or the other."""
     N, device = case.seqlen, inputs.q.device
     mask = inputs.key_keep
-    if case.causal:
-        tril = torch.ones(N, N, dtype=torch.bool, device=device).tril()  # (N, N)
-        mask = tril if mask is None else mask & tril  # (B, 1, N, N)
+    if case.causal or case.window:
+        d = torch.arange(case.nq, device=device)[:, None] + (N - case.nq)  # each query's diagonal key
+        j = torch.arange(N, device=device)[None, :]
+        visible = j <= d  # (Nq, N)
+        if case.window:
+            visible &= j >= d - case.window
+        mask = visible if mask is None else mask & visible  # (B, 1, Nq, N)
     return mask
 
 
@@ -170,7 +218,7 @@ def reference_slice(case: Case, inputs: Inputs, max_matrix_bytes: int = REF_MAX_
     first k/v heads (with their groups of q heads) are checked.
     """
     group = case.heads // case.hkv
-    per_kv_head = case.seqlen * case.seqlen * 8 * group  # bytes of one k/v head's scores, one batch element
+    per_kv_head = case.nq * case.seqlen * 8 * group  # bytes of one k/v head's scores, one batch element
     if case.batch * case.hkv * per_kv_head <= max_matrix_bytes:
         b, kv = case.batch, case.hkv
     else:
@@ -178,8 +226,9 @@ def reference_slice(case: Case, inputs: Inputs, max_matrix_bytes: int = REF_MAX_
     hq = kv * group
     mask = inputs.key_keep[:b] if inputs.key_keep is not None else None
     with torch.no_grad():
+        kw = case.attention_kwargs()  # the reference takes fastattn.attention's variant keywords
         ref = attention_reference(inputs.q[:b, :hq].double(), inputs.k[:b, :kv].double(),
-                                  inputs.v[:b, :kv].double(), causal=case.causal, attn_mask=mask)
+                                  inputs.v[:b, :kv].double(), attn_mask=mask, **kw)
     full = b == case.batch and kv == case.hkv
     return ReferenceSlice(ref, b, hq, "" if full else f"b<{b} h<{hq}")
 
@@ -239,9 +288,10 @@ def _fastattn_candidate(backend: str) -> Candidate:
     def prepare(case: Case, inputs: Inputs) -> Prepared:
         q, k, v, mask = inputs.q, inputs.k, inputs.v, inputs.key_keep
 
+        kw = case.attention_kwargs()
+
         def call():
-            return fastattn.attention(q, k, v, causal=case.causal, attn_mask=mask, dropout_p=case.dropout_p,
-                                      backend=backend)
+            return fastattn.attention(q, k, v, attn_mask=mask, dropout_p=case.dropout_p, backend=backend, **kw)
 
         return Prepared(call, (q, k, v), inputs.grad_out)
 
@@ -251,8 +301,10 @@ def _fastattn_candidate(backend: str) -> Candidate:
         check = getattr(dispatch, "why_unsupported", None)
         if check is None:  # an older package: find out by calling it
             return None
+        variants = (("window",) if case.window else ()) + (("bottom_right",) if case.decode and case.causal else ())
         return check(backend, device, case.torch_dtype, case.head_dim, has_mask=case.key_padding,
-                     dropout=case.dropout_p > 0, mask_kind="key_padding" if case.key_padding else None)
+                     dropout=case.dropout_p > 0, mask_kind="key_padding" if case.key_padding else None,
+                     **({"variants": variants} if variants else {}))
 
     materialises = backend == "reference"
     return Candidate(f"fastattn:{backend}", "fastattn", prepare, why_unsupported, materialises)
@@ -274,8 +326,10 @@ def _sdpa_candidate(kind: str) -> Candidate:
     def prepare(case: Case, inputs: Inputs) -> Prepared:
         q, k, v = inputs.q, inputs.k, inputs.v
         gqa = case.hkv != case.heads
-        # SDPA takes attn_mask or is_causal, not both
-        mask = combined_bool_mask(case, inputs) if case.key_padding else None
+        # SDPA takes attn_mask or is_causal (top-left), not both: padding, windows and bottom-right
+        # causal go in as the equivalent bool mask
+        needs_mask = case.key_padding or case.window or (case.decode and case.causal)
+        mask = combined_bool_mask(case, inputs) if needs_mask else None
         is_causal = case.causal and mask is None
 
         def call():
@@ -296,8 +350,11 @@ def _flash_attn_candidate() -> Candidate:
         q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (inputs.q, inputs.k, inputs.v))
         grad_out = inputs.grad_out.transpose(1, 2).contiguous()  # (B, N, Hq, Dv)
 
-        def call():
-            return flash_attn_func(q, k, v, dropout_p=case.dropout_p, causal=case.causal)
+        window = (case.window, 0) if case.window else (-1, -1)
+
+        def call():  # causal and windows bottom-right aligned, as flash-attn defines them
+            return flash_attn_func(q, k, v, dropout_p=case.dropout_p, causal=case.causal or bool(case.window),
+                                   window_size=window)
 
         return Prepared(call, (q, k, v), grad_out, to_bhnd=lambda out: out.transpose(1, 2))
 
@@ -329,6 +386,8 @@ def _xformers_candidate() -> Candidate:
     def why_unsupported(case: Case, device: torch.device) -> Optional[str]:
         if case.key_padding:
             return "key padding not wired up (needs a BlockDiagonal / tensor bias)"
+        if case.window or case.decode:
+            return "windows and bottom-right causal not wired up (LowerTriangularFromBottomRight / local masks)"
         if case.hkv != case.heads:
             return "GQA needs the 5-D (B, N, G, H, D) layout"
         return None

@@ -18,12 +18,15 @@ MIB = 2 ** 20
 @dataclass(frozen=True)
 class Target:
     text: str  # the promise, in words
-    metric: str  # "speedup_vs_naive" | "speedup_vs_sdpa" (higher is better) | "memory_vs_sdpa" (lower)
+    metric: str  # "speedup_vs_naive" | "speedup_vs_sdpa" | "speedup_vs_case" (higher is better)
+    #              | "memory_vs_sdpa" (lower)
     case: Case
     mode: str
     threshold: Optional[float]  # None: reported only (the issue gives no number yet)
     backend: str = "fastattn:cpu"
     sdpa_backend: str = "sdpa:flash"  # memory target: torch SDPA's default CPU backend
+    suite: str = "attention"
+    other_case: Optional[Case] = None  # speedup_vs_case: time(other_case) / time(case), same backend
 
 
 _BASE = Case(4, 12, 512, 64)
@@ -40,6 +43,14 @@ for _case in (Case(8, 12, 128, 64), _BASE, Case(1, 12, 2048, 64), Case(1, 16, 20
               Case(4, 12, 512, 64, dropout_p=0.1), Case(4, 12, 512, 64, key_padding=True)):
     for _mode in (("fwd_bwd",) if _case.dropout_p else ("fwd", "fwd_bwd")):
         TARGETS.append(Target("speed against torch SDPA (fastest SDPA backend that runs it)", "speedup_vs_sdpa", _case, _mode, None))
+# The variants issue: a causal window of 256 at N = 8192 does ~16x less work than full causal.
+_WINDOW = Case(1, 8, 8192, 64, causal=True, window=256)
+TARGETS += [
+    Target("sliding window (256, 0) forward+backward >= 10x faster than full causal", "speedup_vs_case", _WINDOW,
+           "fwd_bwd", 10.0, suite="variants", other_case=Case(1, 8, 8192, 64, causal=True)),
+    Target("sliding window forward+backward at least as fast as torch SDPA given the equivalent bool mask",
+           "speedup_vs_sdpa", _WINDOW, "fwd_bwd", 1.0, suite="variants"),
+]
 
 
 @dataclass
@@ -76,8 +87,13 @@ def evaluate_targets(rows: list, targets: list = TARGETS) -> list:
         if t.metric == "memory_vs_sdpa":
             ours, theirs = _memory(rows, t.case, t.backend), _memory(rows, t.case, t.sdpa_backend)
             value = ours / theirs if ours and theirs else None
+        elif t.metric == "speedup_vs_case":
+            row, other = _find(rows, t.case, t.mode, t.backend, t.suite), _find(rows, t.other_case, t.mode,
+                                                                                  t.backend, t.suite)
+            if row is not None and other is not None and row.time_s and other.time_s:
+                value = other.time_s / row.time_s
         else:
-            row = _find(rows, t.case, t.mode, t.backend, "attention")
+            row = _find(rows, t.case, t.mode, t.backend, t.suite)
             value = getattr(row, t.metric) if row is not None else None
         if value is None:
             status = "not measured"
@@ -102,6 +118,8 @@ def format_targets(results: list) -> str:
             what = f"{t.backend} / {t.sdpa_backend} extra peak"
         elif t.metric == "speedup_vs_naive":
             what = f"{t.backend} vs naive"
+        elif t.metric == "speedup_vs_case":
+            what = f"{t.backend} vs itself on {t.other_case.label.split(' D=')[0]}"
         else:
             what = f"{t.backend} vs best SDPA"
         value = "—" if r.value is None else f"{r.value:.2f}x"

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from . import core, memory
-from .config import BenchConfig, attention_cases, device_defaults, memory_cases
+from .config import BenchConfig, attention_cases, device_defaults, memory_cases, variant_cases
 from .core import Case, Row
 
 SUITES: dict = {}
@@ -137,8 +137,10 @@ def _release(device: torch.device) -> None:
 # attention: time, throughput, memory, speedups and error of every candidate on every case
 # ---------------------------------------------------------------------------
 def run_attention_case(case: Case, modes: tuple, ctx: RunContext, cfg: BenchConfig,
-                       log: Callable[[str], None] = print) -> list:
-    """All rows of one case: every candidate in ``ctx.candidates`` x every mode in ``modes``."""
+                       log: Callable[[str], None] = print, suite: str = "attention",
+                       skip_materialising: bool = False) -> list:
+    """All rows of one case: every candidate in ``ctx.candidates`` x every mode in ``modes``
+    (``skip_materialising``: not the ones that hold (B, H, Nq, Nk) score matrices)."""
     device = ctx.device
     train = any(m in core.TRAIN_MODES for m in modes)
     inputs = core.make_inputs(case, device, cfg.seed)
@@ -148,6 +150,9 @@ def run_attention_case(case: Case, modes: tuple, ctx: RunContext, cfg: BenchConf
     notes, errors, prepared, kinds = {}, {}, {}, {}  # kinds: {name: {"fwd", "train"}} that ran in warm-up
     for cand in ctx.candidates:
         reason = _skip_reason(cand, case, device, train)
+        if not reason and skip_materialising and cand.materialises:
+            reason = (f"skipped: materialises the {core.score_matrix_bytes(case) / 2**30:.0f} GiB score matrix "
+                      f"(minutes here; --full runs it)")
         if reason:
             notes[cand.name] = reason
             continue
@@ -209,7 +214,7 @@ def run_attention_case(case: Case, modes: tuple, ctx: RunContext, cfg: BenchConf
         sdpa = [t["median_s"] for (name, m), t in timings.items() if m == mode and name.startswith("sdpa:")]
         best_sdpa = min(sdpa) if sdpa else None
         for cand in ctx.candidates:
-            row = Row("attention", case, mode, cand.name, note=notes.get(cand.name, ""))
+            row = Row(suite, case, mode, cand.name, note=notes.get(cand.name, ""))
             t = timings.get((cand.name, mode))
             if t is not None:
                 row.time_s, row.reps = t["median_s"], t["reps"]
@@ -235,6 +240,27 @@ def attention_suite(cfg: BenchConfig, ctx: RunContext) -> list:
         for case, modes in cases:
             progress.step(f"{case.label} {'/'.join(modes)}")
             rows += run_attention_case(case, modes, ctx, cfg, log=progress.write)
+            progress.done()
+    finally:
+        progress.close()
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# variants: sliding windows beside full causal, and decode shapes (config.variant_cases)
+# ---------------------------------------------------------------------------
+@register_suite("variants")
+def variants_suite(cfg: BenchConfig, ctx: RunContext) -> list:
+    cases = variant_cases(cfg, ctx.device)
+    progress = Progress(len(cases), "variants", cfg.progress)
+    rows = []
+    try:
+        for case, modes in cases:
+            progress.step(f"{case.label} {'/'.join(modes)}")
+            # the long-sequence window rows compare fused kernels (SDPA given the window's bool mask);
+            # the decode rows, whose score matrices are small, also the naive expression and SDPA math
+            rows += run_attention_case(case, modes, ctx, cfg, log=progress.write, suite="variants",
+                                       skip_materialising=not cfg.full and not case.decode)
             progress.done()
     finally:
         progress.close()

@@ -52,7 +52,8 @@ CAPABILITIES = {
     "reference": Capability(devices=("any",), dtypes=_ALL_FLOATS, max_head_dim=None, fused=False,
                             variants=_ALL_VARIANTS),
     # cuda tensors on a GPU; CPU tensors under TRITON_INTERPRET=1 (see backend_devices)
-    "triton": Capability(devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), max_head_dim=256),
+    "triton": Capability(devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), max_head_dim=256,
+                         variants=_ALL_VARIANTS),
     # sm80+; head dims = those built (fastattn._C_cuda.head_dims), Dv == D; masks: bool key-padding only
     "cuda": Capability(devices=("cuda",), dtypes=(torch.bfloat16, torch.float16), max_head_dim=128),
 }

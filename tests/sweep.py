@@ -279,6 +279,19 @@ def triton_cases() -> List[Case]:
                           seed=len(cases)))
     cases.append(Case(name="triton-varlen-empty", kind="varlen", backend="triton", Hq=2, Hkv=1, D=16, causal=True,
                       lens_q=[0, 1, 33, 31, 65], lens_k=[3, 0, 1, 64, 33], seed=len(cases)))
+    # the variants: windows whose sides sit on the block edges, both alignments, with the logit variants
+    block = t["interpret_block_n"]
+    for left, right, alignment, extra in ((block - 1, 0, "bottom_right", {}), (block, 1, "top_left", {}),
+                                          (block + 1, -1, "bottom_right", dict(softcap=3.0)),
+                                          (-1, block, "top_left", dict(alibi="heads")),
+                                          (1, 1, "bottom_right", dict(sinks=True, alibi="batch"))):
+        nq, nk = rng.choice(pairs)
+        cases.append(Case(name=f"triton-window{left}.{right}-{alignment}-Nq{nq}-Nk{nk}", backend="triton", B=2,
+                          Hq=2, Hkv=1, Nq=nq, Nk=nk, D=16, window=[left, right], alignment=alignment,
+                          seed=len(cases), **extra))
+    cases.append(Case(name="triton-varlen-variants", kind="varlen", backend="triton", Hq=2, Hkv=1, D=16, causal=True,
+                      window=[block, 0], alignment="bottom_right", softcap=5.0, alibi="batch", sinks=True,
+                      lens_q=[0, 1, 33, 31, 65], lens_k=[3, 0, 1, 64, 70], seed=len(cases)))
     return cases
 
 

@@ -19,7 +19,8 @@ from fastattn import dispatch, reference
 from fastattn._ops import sinks_grad
 from sweep import _rounded_output_allowance as rounded_output_allowance
 from conftest import (FWD_ATOL, FWD_FLOOR, FWD_RTOL, GRAD_ATOL, GRAD_FLOOR, GRAD_RTOL, LOW_PRECISION, LSE_ATOL,
-                      LSE_RTOL, assert_close, assert_within_2x, cu_seqlens, make_qkv, make_varlen)
+                      LSE_RTOL, assert_close, assert_within_2x, backend_device, cu_seqlens, kernel_backends,
+                      make_qkv, make_varlen)
 
 
 def definition(q, k, v, *, causal=False, window_size=(-1, -1), alignment="top_left", softcap=0.0,
@@ -125,10 +126,9 @@ def test_sinks_gradient_formula_matches_autograd():
 
 
 def _backends_serving(variant_names):
-    """The kernel backends runnable here whose capability table lists every variant (and the reference)."""
-    return [b for b in dispatch.available_backends()
-            if set(variant_names) <= dispatch.CAPABILITIES[b].variants
-            and {"cpu", "any"} & set(dispatch.backend_devices(b))]
+    """The backends under test here (conftest.kernel_backends: interpreted Triton has its own small-shape
+    test below) whose capability table lists every variant, and the reference."""
+    return [b for b in kernel_backends() + ["reference"] if set(variant_names) <= dispatch.CAPABILITIES[b].variants]
 
 
 def _names(combo: dict, Nq: int, Nk: int) -> tuple:
@@ -143,13 +143,21 @@ def _names(combo: dict, Nq: int, Nk: int) -> tuple:
     return tuple(names)
 
 
-def check_variant(backend, q, k, v, kw, *, attn_mask=None, dropout_p=0.0):
-    """fastattn.attention with the variants ``kw`` against the float64 reference: out, lse, dq, dk, dv, dsinks."""
+def check_variant(backend, q, k, v, kw, *, attn_mask=None):
+    """fastattn.attention with the variants ``kw`` against the float64 reference: out, lse, dq, dk, dv, dsinks.
+
+    The inputs are moved to the backend's device (as leaves) first."""
+    device = backend_device(backend) if backend != "reference" else q.device
+    if device != q.device:
+        q, k, v = (t.detach().to(device).requires_grad_(True) for t in (q, k, v))
+        kw = {key: (val.detach().to(device).requires_grad_(val.requires_grad) if isinstance(val, torch.Tensor)
+                    else val) for key, val in kw.items()}
+        attn_mask = attn_mask.to(device) if attn_mask is not None else None
     dtype = q.dtype
     sinks = kw.get("sinks")
     out, lse = fastattn.attention(q, k, v, attn_mask=attn_mask, backend=backend, return_lse=True, **kw)
     inputs = (q, k, v) + ((sinks,) if sinks is not None else ())
-    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(device=device, dtype=dtype)
     grads = torch.autograd.grad(out, inputs, grad_out)
 
     def run_reference(cdt):
@@ -199,6 +207,34 @@ def test_variant_matches_reference(combo, Nq, Nk, dtype):
         check_variant(backend, q, k, v, variant_args(COMBOS[combo], 2, 4, sinks_dtype=sinks_dtype, seed=Nq))
 
 
+TRITON_INTERPRETED = "triton" in dispatch.available_backends() and "cpu" in dispatch.backend_devices("triton")
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="triton's interpreter is not in use (on a GPU the generic test "
+                    "above covers triton)")
+@pytest.mark.parametrize("combo", list(COMBOS))
+@pytest.mark.parametrize("Nq,Nk,dtype", [(7, 33, torch.float32), (33, 7, torch.float32), (40, 40, torch.bfloat16),
+                                         (3, 70, torch.float16)], ids=["7x33", "33x7", "40x40-bf16", "3x70-fp16"])
+def test_triton_variants_in_the_interpreter(combo, Nq, Nk, dtype):
+    """Triton in its CPU interpreter on small shapes that cross its 32 x 32 blocks (edge and interior paths)."""
+    assert set(_names(COMBOS[combo], Nq, Nk)) <= dispatch.CAPABILITIES["triton"].variants
+    torch.manual_seed(Nq + Nk)
+    q, k, v = make_qkv(1, 4, 2, Nq, Nk, 16, dtype=dtype)
+    check_variant("triton", q, k, v, variant_args(COMBOS[combo], 1, 4, seed=Nk))
+
+
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="triton's interpreter is not in use")
+@pytest.mark.parametrize("mask", ["keypad", "float"])
+def test_triton_variants_with_masks_in_the_interpreter(mask):
+    torch.manual_seed(8)
+    q, k, v = make_qkv(1, 2, 1, 9, 70, 16)
+    m = torch.ones(1, 1, 1, 70, dtype=torch.bool)
+    m[..., 50:] = False
+    if mask == "float":
+        m = torch.randn(1, 2, 9, 70).masked_fill(~m, float("-inf"))
+    check_variant("triton", q, k, v, variant_args(COMBOS["all"], 1, 2), attn_mask=m)
+
+
 @pytest.mark.parametrize("combo", ["window-both", "all", "alibi-heads", "softcap"])
 @pytest.mark.parametrize("mask", ["keypad", "bool", "float"])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
@@ -232,15 +268,25 @@ def test_variants_with_dropout_match_reference(combo):
     out.sum().backward()  # runs; the gradients with dropout are checked by the sweep (tests/sweep.py)
 
 
+VARLEN_BACKENDS = ["cpu"] + (["triton"] if TRITON_INTERPRETED else []) + [
+    b for b in kernel_backends() if b not in ("cpu",) and dispatch.CAPABILITIES[b].variants]
+
+
+@pytest.mark.parametrize("name", VARLEN_BACKENDS)
 @pytest.mark.parametrize("combo", list(COMBOS))
-def test_varlen_variants_match_reference(combo):
+def test_varlen_variants_match_reference(name, combo):
+    backend = name  # (conftest parametrises tests that take "backend" over the generic kernel backends)
     torch.manual_seed(5)
     lens_q, lens_k = [0, 5, 1, 40, 17], [9, 0, 1, 33, 60]
-    q, k, v = make_varlen(lens_q, lens_k, 4, 2, 16)
-    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
-    kw = variant_args(COMBOS[combo], len(lens_q), 4)
+    if not set(_names(COMBOS[combo], 1, 2)) <= dispatch.CAPABILITIES[backend].variants:
+        pytest.skip(f"backend {backend!r} does not serve {combo} (it refuses it: test_dispatch_knows_every_variant)")
+    device = backend_device(backend)
+    q, k, v = make_varlen(lens_q, lens_k, 4, 2, 16, device=device)
+    cu_q, cu_k = cu_seqlens(lens_q, device=device), cu_seqlens(lens_k, device=device)
+    kw = {key: val.to(device).detach().requires_grad_(val.requires_grad) if isinstance(val, torch.Tensor) else val
+          for key, val in variant_args(COMBOS[combo], len(lens_q), 4).items()}
     sinks = kw.get("sinks")
-    out, lse = fastattn.varlen_attention(q, k, v, cu_q, cu_k, 40, 60, return_lse=True, backend="cpu", **kw)
+    out, lse = fastattn.varlen_attention(q, k, v, cu_q, cu_k, 40, 60, return_lse=True, backend=backend, **kw)
     inputs = (q, k, v) + ((sinks,) if sinks is not None else ())
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, grad_out)

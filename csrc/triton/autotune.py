@@ -1,7 +1,7 @@
 """Block sizes, warps and stages: the autotuning search space, written as data.
 
 On a GPU the launchers wrap each kernel in ``triton.autotune`` over these
-configs, keyed on what changes the best choice: head dims, causal, mask kind,
+configs, keyed on what changes the best choice: head dims, causal / window, soft-cap, mask kind,
 dropout, varlen and the sequence-length bucket (next power of two, so a new
 length in the same bucket reuses the measurement). ``fits`` drops configs whose
 tiles would not fit in registers/shared memory at large head dims, before any
@@ -65,7 +65,8 @@ INTERPRET_BLOCK_M = 32
 INTERPRET_BLOCK_N = 32
 
 # Autotuning keys (argument names of the kernels).
-TUNING_KEY = ["seqlen_bucket", "head_dim", "head_dim_v", "CAUSAL", "MASK_KIND", "DROPOUT", "IS_VARLEN",
+TUNING_KEY = ["seqlen_bucket", "head_dim", "head_dim_v", "HAS_LEFT", "HAS_RIGHT", "SOFTCAP", "MASK_KIND", "DROPOUT",
+              "IS_VARLEN",
               "INPUT_PRECISION"]
 
 

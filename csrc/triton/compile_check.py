@@ -34,14 +34,19 @@ from triton.compiler import ASTSource  # noqa: E402
 from . import autotune as cfg  # noqa: E402
 from . import flash_bwd, flash_fwd  # noqa: E402
 
-_POINTER_TYPES = {"CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8"}
-_FLOAT_SCALARS = ("qk_scale", "drop_scale", "scale")
+_POINTER_TYPES = {"CuSeqlensQ": "*i32", "CuSeqlensK": "*i32", "Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8",
+                  "Alibi": "*fp32", "Sinks": "*fp32"}
+_FLOAT_SCALARS = ("qk_scale", "drop_scale", "scale", "softcap_scale")
 _INT64_SCALARS = ("seed", "drop_threshold")
 
-# (CAUSAL, MASK_KIND, MASK_ROW, IS_VARLEN, DROPOUT): plain; causal + key padding (row path) + dropout;
-# causal + float tile mask; varlen; causal; key padding
-VARIANTS = [(False, 0, False, False, False), (True, 1, True, False, True), (True, 2, False, False, False),
-            (True, 0, False, True, False), (True, 0, False, False, False), (False, 1, True, False, False)]
+# (causal, MASK_KIND, MASK_ROW, IS_VARLEN, DROPOUT, extra flags): plain; causal + key padding (row path)
+# + dropout; causal + float tile mask; varlen; causal; key padding; sliding window (bottom-right) with
+# soft-cap, ALiBi and sinks
+_ALL_VARIANTS = dict(HAS_LEFT=True, BOTTOM_RIGHT=True, SOFTCAP=True, ALIBI=True, SINKS=True)
+VARIANTS = [(False, 0, False, False, False, {}), (True, 1, True, False, True, {}), (True, 2, False, False, False, {}),
+            (True, 0, False, True, False, {}), (True, 0, False, False, False, {}), (False, 1, True, False, False, {}),
+            (True, 0, False, False, False, _ALL_VARIANTS)]
+_PLAIN = dict(HAS_LEFT=False, BOTTOM_RIGHT=False, SOFTCAP=False, ALIBI=False, SINKS=False)
 
 
 def representative_ints(fn, heads: int, seqlen: int, head_dim: int, mask_kind: int, mask_row: bool,
@@ -153,13 +158,15 @@ def run(dtype: str = "bf16", head_dim: int = 64, arch: int = 90, variants=(1,), 
     rows = []
     block_d = cfg.head_block(head_dim)
     precision = "ieee" if dtype == "fp32" else "tf32"
-    for causal, mask_kind, mask_row, varlen, dropout in (VARIANTS[i] for i in variants):
-        flags = dict(CAUSAL=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row, IS_VARLEN=varlen, DROPOUT=dropout)
+    for causal, mask_kind, mask_row, varlen, dropout, extra_flags in (VARIANTS[i] for i in variants):
+        flags = dict(_PLAIN, **extra_flags, HAS_RIGHT=causal, MASK_KIND=mask_kind, MASK_ROW=mask_row, IS_VARLEN=varlen,
+                     DROPOUT=dropout)
         for name, fn, space, resident, tiles in KERNELS:
             ints = representative_ints(fn, 16, 4096, head_dim, mask_kind, mask_row, varlen)
             extra = cfg.extra_score_tiles(dropout, mask_kind, mask_row)
             for m, n, warps, stages in configs_of(which, space, head_dim, resident, tiles, extra):
-                consts = dict(flags, INPUT_PRECISION=precision, EMULATE_BF16=False, BLOCK_D=block_d,
+                consts = dict({key: val for key, val in flags.items() if key in fn.arg_names},
+                              INPUT_PRECISION=precision, EMULATE_BF16=False, BLOCK_D=block_d,
                               BLOCK_DV=block_d, BLOCK_M=m, BLOCK_N=n)
                 start = time.perf_counter()
                 kernel = compile_kernel(fn, dtype, consts, arch, warps, stages, ints)
@@ -183,7 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 A100, 90 H100/H200)")
     p.add_argument("--variants", default="1", help="comma-separated indices into VARIANTS (0 plain, 1 causal + "
-                   "key padding + dropout, 2 causal + float mask, 3 varlen, 4 causal, 5 key padding) or 'all'")
+                   "key padding + dropout, 2 causal + float mask, 3 varlen, 4 causal, 5 key padding, 6 sliding "
+                   "window + soft-cap + ALiBi + sinks) or 'all'")
     p.add_argument("--configs", default="fixed", choices=("fixed", "tried", "all"),
                    help="fixed: the no-autotune config; tried: those autotuning times at this head dim; all: the "
                    "whole space (registers and spills of each: how the spaces are ordered)")

@@ -2,8 +2,9 @@
 
 With P = softmax(S) recomputed from the saved lse, Pd = dropout(P) and
 delta_i = rowsum(dO_i ∘ O_i):
-    dV = Pdᵀ dO        dP = dropout(dO Vᵀ)        dS = P ∘ (dP - delta)
+    dV = Pdᵀ dO        dP = dropout(dO Vᵀ)        dS = P ∘ (dP - delta) (∘ (1 - tanh²) under a soft-cap)
     dK = scale · dSᵀ Q            dQ = scale · dS K
+Windows and the causal band skip the blocks outside them as the forward does (tiles.py).
 Two kernels, each owning its output so nothing needs atomics and the result is
 deterministic: ``_attn_bwd_dkdv`` (one program per key block and K/V head, looping
 over the q heads of its GQA group and over the query blocks) and ``_attn_bwd_dq``
@@ -15,7 +16,8 @@ import triton.language as tl
 
 from .dropout import dropout_keep_tile
 from .flash_fwd import RUNTIME_VALUES, sequence_bounds
-from .tiles import cast, in_bounds, key_block_visible, mma, visible_key_range, visible_scores
+from .tiles import (band_key_range, band_query_range, cast, diagonal_offset, in_bounds, key_block_visible, mma,
+                    ordered, softcap_grad, visible_key_range, visible_scores)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -58,15 +60,16 @@ def _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln):
 def _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_base, start_m, cols_start, cols,
                       offs_m, offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v, stride_qn, stride_qd,
                       stride_gn, stride_gd, stride_ln, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment,
-                      drop_threshold, drop_scale,
-                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
+                      drop_threshold, drop_scale, offset, window_left, window_right, softcap_scale, alibi_slope,
+                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                      MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, EDGE: tl.constexpr):
     """Query block ``start_m``'s share of dK and dV of this key block.
 
     Works on the transposed tile (keys x queries) as Triton's tutorial does: every product
     then takes its operands as loaded (tl.trans of a loaded tile is a free view of shared
     memory), where the (queries x keys) form would transpose P and dS in registers.
-    EDGE=False: every row of the block is in range and (causal) at or below the diagonal.
+    EDGE=False: every row of the block is in range and sees every key of the block (the band).
     """
     rows = start_m + offs_m
     qt_ok = in_bounds(rows[None, :], seqlen_q, offs_d[:, None], head_dim, EDGE)
@@ -76,7 +79,8 @@ def _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_b
     lse2, delta = _row_stats(Lse, Delta, lse_off, rows, seqlen_q, stride_ln)
     qkt = mma(k, qt, INPUT_PRECISION, EMULATE_BF16)  # (N, M)
     st = visible_scores(qkt, rows[None, :], cols[:, None], seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
-                        qk_scale, CAUSAL, MASK_KIND, MASK_ROW, EDGE)
+                        qk_scale, offset, window_left, window_right, softcap_scale, alibi_slope,
+                        HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, MASK_ROW, EDGE)
     pt = tl.math.exp2(st - lse2[None, :])  # (N, M) probabilities, transposed
     dpt = mma(v, tl.trans(do), INPUT_PRECISION, EMULATE_BF16)  # (N, M) = (dO Vᵀ)ᵀ
     if DROPOUT:
@@ -87,13 +91,13 @@ def _dkdv_query_block(dk, dv, k, v, q_base, do_base, Lse, Delta, lse_off, mask_b
     else:
         pdt = pt
     dv += mma(cast(pdt, do.dtype, EMULATE_BF16), do, INPUT_PRECISION, EMULATE_BF16)
-    dst = pt * (dpt - delta[None, :])
+    dst = pt * (dpt - delta[None, :]) * softcap_grad(qkt, qk_scale, SOFTCAP)
     dk += mma(cast(dst, qt.dtype, EMULATE_BF16), tl.trans(qt), INPUT_PRECISION, EMULATE_BF16)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
-def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ, CuSeqlensK,
+def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ, CuSeqlensK, Alibi,
                    stride_qb, stride_qh, stride_qn, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
@@ -104,8 +108,10 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
                    stride_mb, stride_mh, stride_mm, stride_mn,
                    num_heads_q, num_heads_k, group, dense_seqlen_q, dense_seqlen_k, head_dim, head_dim_v,
                    scale, qk_scale, seed, rng_offset, drop_threshold, drop_scale,
+                   window_left, window_right, softcap_scale, alibi_batch_stride,
                    seqlen_bucket,  # only an autotuning key
-                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                    IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -133,22 +139,21 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
 
-    lo = 0
-    if CAUSAL:  # query blocks above the diagonal never see this key block
-        lo = (start_n // BLOCK_M) * BLOCK_M
-    hi = tl.where(start_n < seqlen_k, seqlen_q, 0)
-    # Query blocks [interior_lo, interior_hi) are whole and (causal) wholly at or below the
-    # diagonal: the fast path. Before them the diagonal blocks, after them a partial last block.
-    # Keys past seqlen_k need no test: their dK/dV rows are never stored.
-    interior_lo = lo
-    if CAUSAL:
-        interior_lo = tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M
-    interior_hi = (seqlen_q // BLOCK_M) * BLOCK_M
-    interior_lo = tl.minimum(interior_lo, hi)
-    interior_hi = tl.maximum(tl.minimum(interior_hi, hi), interior_lo)
+    # Query blocks above the diagonal or below the window never see this key block: not visited.
+    # [interior_lo, interior_hi) are whole and see every key of it: the fast path. Before them
+    # the diagonal blocks, after them the window's edge and a partial last block. Keys past
+    # seqlen_k need no test: their dK/dV rows are never stored.
+    offset = diagonal_offset(seqlen_q, seqlen_k, BOTTOM_RIGHT)
+    lo, interior_lo, interior_hi, hi = band_query_range(start_n, seqlen_q, offset, window_left, window_right,
+                                                        HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
+    hi = tl.where(start_n < seqlen_k, hi, 0)
+    interior_lo, interior_hi = ordered(lo, interior_lo, interior_hi, hi)
     for g in range(0, group):  # the q heads sharing this K/V head (GQA); no atomics
         off_h = off_hk * group + g
         mask_base = Mask + off_b * stride_mb + off_h * stride_mh
+        alibi_slope = 0.0
+        if ALIBI:
+            alibi_slope = tl.load(Alibi + off_b * alibi_batch_stride + off_h).to(tl.float32) * LOG2E
         visit = True
         if MASK_ROW:  # a fully masked key block contributes nothing for this head
             visit = key_block_visible(mask_base, cols, seqlen_k, stride_mn, MASK_KIND)
@@ -157,7 +162,7 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
             q_base = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qn
             do_base = GradOut + off_b * stride_gb + off_h * stride_gh + q_start * stride_gn
             lse_off = off_b * stride_lb + off_h * stride_lh + q_start * stride_ln
-            # pass 0: diagonal blocks [lo, interior_lo); pass 1: fast path; pass 2: partial last block
+            # pass 0: diagonal blocks [lo, interior_lo); pass 1: fast path; pass 2: window edge, partial last block
             for phase in tl.static_range(3):
                 if phase == 0:
                     pass_lo, pass_hi = lo, interior_lo
@@ -170,8 +175,10 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
                                                start_m, start_n, cols, offs_m, offs_d, offs_dv, seqlen_q, seqlen_k,
                                                head_dim, head_dim_v, stride_qn, stride_qd, stride_gn, stride_gd,
                                                stride_ln, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment,
-                                               drop_threshold, drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT,
-                                               INPUT_PRECISION, EMULATE_BF16, EDGE=phase != 1)
+                                               drop_threshold, drop_scale, offset, window_left, window_right,
+                                               softcap_scale, alibi_slope, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI,
+                                               MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
+                                               EDGE=phase != 1)
 
     dk = dk * scale
     tl.store(GradK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + cols)[:, None] * stride_dkn
@@ -186,9 +193,11 @@ def _attn_bwd_dkdv(Q, K, V, GradOut, Lse, Delta, GradK, GradV, Mask, CuSeqlensQ,
 def _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d, offs_dv,
                   seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
                   stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
-                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
+                  offset, window_left, window_right, softcap_scale, alibi_slope,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                  MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, EDGE: tl.constexpr):
-    """Key block ``start_n``'s share of dQ. EDGE=False: whole block, (causal) left of the diagonal."""
+    """Key block ``start_n``'s share of dQ. EDGE=False: whole block, inside the band for every row."""
     cols = start_n + offs_n
     k_ok = in_bounds(cols[:, None], seqlen_k, offs_d[None, :], head_dim, EDGE)
     vt_ok = in_bounds(cols[None, :], seqlen_k, offs_dv[:, None], head_dim_v, EDGE)
@@ -196,18 +205,19 @@ def _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, ro
     vt = tl.load(v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd, mask=vt_ok, other=0.0)  # (Dv, N)
     qk = mma(q, tl.trans(k), INPUT_PRECISION, EMULATE_BF16)
     s = visible_scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
-                       qk_scale, CAUSAL, MASK_KIND, MASK_ROW, EDGE)
+                       qk_scale, offset, window_left, window_right, softcap_scale, alibi_slope,
+                       HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, MASK_ROW, EDGE)
     p = tl.math.exp2(s - lse2[:, None])
     dp = mma(do, vt, INPUT_PRECISION, EMULATE_BF16)
     if DROPOUT:
         keep = dropout_keep_tile(seed, rng_offset, segment, rows, start_n, drop_threshold, offs_n.shape[0])
         dp = tl.where(keep, dp * drop_scale, 0.0)
-    ds = p * (dp - delta[:, None])
+    ds = p * (dp - delta[:, None]) * softcap_grad(qk, qk_scale, SOFTCAP)
     return dq + mma(cast(ds, k.dtype, EMULATE_BF16), k, INPUT_PRECISION, EMULATE_BF16)
 
 
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
-def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlensK,
+def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlensK, Alibi,
                  stride_qb, stride_qh, stride_qn, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -217,8 +227,10 @@ def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlen
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  num_heads_q, group, dense_seqlen_q, dense_seqlen_k, head_dim, head_dim_v,
                  scale, qk_scale, seed, rng_offset, drop_threshold, drop_scale,
+                 window_left, window_right, softcap_scale, alibi_batch_stride,
                  seqlen_bucket,  # only an autotuning key
-                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
                  IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -249,30 +261,33 @@ def _attn_bwd_dq(Q, K, V, GradOut, Lse, Delta, GradQ, Mask, CuSeqlensQ, CuSeqlen
     segment = off_b * num_heads_q + off_h
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
-    hi = seqlen_k
-    if CAUSAL:
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+    alibi_slope = 0.0
+    if ALIBI:
+        alibi_slope = tl.load(Alibi + off_b * alibi_batch_stride + off_h).to(tl.float32) * LOG2E
+
+    offset = diagonal_offset(seqlen_q, seqlen_k, BOTTOM_RIGHT)  # as in the forward: the band's key blocks only
+    lo, interior_lo, interior_hi, hi = band_key_range(start_m, seqlen_k, offset, window_left, window_right,
+                                                      HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     hi = tl.where(start_m < seqlen_q, hi, 0)
-    lo = 0
     if MASK_ROW:  # as in the forward: only the blocks from the first to the last visible key
         key_lo, key_hi = visible_key_range(mask_base, seqlen_k, stride_mn, MASK_KIND, BLOCK_N)
-        lo = key_lo
+        lo = tl.maximum(lo, key_lo)
         hi = tl.minimum(hi, key_hi)
-    interior_hi = seqlen_k  # as in the forward: whole key blocks left of the diagonal first
-    if CAUSAL:
-        interior_hi = tl.minimum(seqlen_k, start_m + 1)
-    interior_hi = tl.maximum(tl.minimum((interior_hi // BLOCK_N) * BLOCK_N, hi), lo)
-    for edge in tl.static_range(2):  # as in the forward: pass 0 the fast path, pass 1 the edge blocks
-        if edge == 0:
-            pass_lo, pass_hi = lo, interior_hi
+    interior_lo, interior_hi = ordered(lo, interior_lo, interior_hi, hi)
+    for phase in tl.static_range(3):  # as in the forward: edge, fast path, edge
+        if phase == 0:
+            pass_lo, pass_hi = lo, interior_lo
+        elif phase == 1:
+            pass_lo, pass_hi = interior_lo, interior_hi
         else:
             pass_lo, pass_hi = interior_hi, hi
         for start_n in range(pass_lo, pass_hi, BLOCK_N):
             dq = _dq_key_block(dq, q, do, lse2, delta, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d,
                                offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
                                stride_vd, stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold,
-                               drop_scale, CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
-                               EDGE=edge == 1)
+                               drop_scale, offset, window_left, window_right, softcap_scale, alibi_slope,
+                               HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION,
+                               EMULATE_BF16, EDGE=phase != 1)
 
     dq = dq * scale
     tl.store(GradQ + off_b * stride_dqb + off_h * stride_dqh + (q_start + rows)[:, None] * stride_dqn

@@ -15,13 +15,15 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_keep_tile
-from .tiles import cast, in_bounds, mma, visible_key_range, visible_scores
+from .tiles import band_key_range, cast, diagonal_offset, in_bounds, mma, ordered, visible_key_range, visible_scores
 
 LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
 # Integer arguments that change from call to call: Triton would otherwise specialise (and
 # recompile) on "equals 1" / "divisible by 16", e.g. for one dropout seed in sixteen.
 # Strides and head dims stay specialised (contiguity and alignment make faster loads).
-RUNTIME_VALUES = ["seed", "rng_offset", "drop_threshold", "dense_seqlen_q", "dense_seqlen_k", "seqlen_bucket"]
+RUNTIME_VALUES = ["seed", "rng_offset", "drop_threshold", "dense_seqlen_q", "dense_seqlen_k", "seqlen_bucket",
+                  "window_left", "window_right"]
 
 
 @triton.jit
@@ -40,12 +42,14 @@ def sequence_bounds(CuSeqlens, off_b, dense_len, IS_VARLEN: tl.constexpr):
 def _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, offs_n, offs_d, offs_dv,
                    seqlen_q, seqlen_k, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
                    stride_mm, stride_mn, qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
-                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
+                   offset, window_left, window_right, softcap_scale, alibi_slope,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                   MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr, DROPOUT: tl.constexpr,
                    INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, EDGE: tl.constexpr):
     """One step of the online softmax: key block ``start_n`` folded into (acc, l_i, m_i).
 
-    EDGE=False: the block is wholly inside the key sequence and (causal) left of the
-    diagonal for every row, so loads need no key bound and scores no bound/causal select.
+    EDGE=False: the block is wholly inside the key sequence and inside the causal /
+    window band for every row, so loads need no key bound and scores no band select.
     """
     cols = start_n + offs_n
     k_ok = in_bounds(cols[None, :], seqlen_k, offs_d[:, None], head_dim, EDGE)
@@ -53,7 +57,8 @@ def _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, o
     kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=k_ok, other=0.0)  # (D, N)
     qk = mma(q, kt, INPUT_PRECISION, EMULATE_BF16)
     s = visible_scores(qk, rows[:, None], cols[None, :], seqlen_q, seqlen_k, mask_base, stride_mm, stride_mn,
-                       qk_scale, CAUSAL, MASK_KIND, MASK_ROW, EDGE)
+                       qk_scale, offset, window_left, window_right, softcap_scale, alibi_slope,
+                       HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, MASK_ROW, EDGE)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet: no NaN
     p = tl.math.exp2(s - m_safe[:, None])
@@ -69,7 +74,7 @@ def _fwd_key_block(acc, l_i, m_i, q, k_base, v_base, mask_base, start_n, rows, o
 
 
 @triton.jit(do_not_specialize=RUNTIME_VALUES)
-def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
+def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK, Alibi, Sinks,
               stride_qb, stride_qh, stride_qn, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
@@ -78,8 +83,10 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
               stride_mb, stride_mh, stride_mm, stride_mn,
               num_heads_q, group, dense_seqlen_q, dense_seqlen_k, head_dim, head_dim_v,
               qk_scale, seed, rng_offset, drop_threshold, drop_scale,
+              window_left, window_right, softcap_scale, alibi_batch_stride,
               seqlen_bucket,  # only an autotuning key
-              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, BOTTOM_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+              ALIBI: tl.constexpr, SINKS: tl.constexpr, MASK_KIND: tl.constexpr, MASK_ROW: tl.constexpr,
               IS_VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
               INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -87,7 +94,10 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
 
     Q (B, Hq, Nq, D) or packed (total_q, Hq, D); K, V likewise with Hkv heads;
     Out like Q with Dv; Lse (B, Hq, Nq) or (Hq, total_q) fp32; Mask (B, Hq, Nq, Nk)
-    with stride-0 broadcast dims (uint8 for bool); qk_scale = scale * log2(e).
+    with stride-0 broadcast dims (uint8 for bool); qk_scale = scale * log2(e) (scale / softcap
+    with SOFTCAP, softcap_scale = softcap * log2(e)). Variants (tiles.py): the band
+    (HAS_LEFT / HAS_RIGHT, window_left / window_right, BOTTOM_RIGHT), ALiBi slopes fp32
+    (B|1, Hq) with alibi_batch_stride, Sinks fp32 (Hq,) starting every row's max and sum.
     """
     tl.static_assert(BLOCK_D >= 16)
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
@@ -115,26 +125,32 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (log2 domain)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp2(s - m_i)
+    if SINKS:  # a first key of logit sinks[h] and value zero: the max and the sum start from it
+        sink = tl.load(Sinks + off_h).to(tl.float32) * LOG2E
+        m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + sink
+        l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)  # a sink of -inf is no sink
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    alibi_slope = 0.0
+    if ALIBI:
+        alibi_slope = tl.load(Alibi + off_b * alibi_batch_stride + off_h).to(tl.float32) * LOG2E
 
-    hi = seqlen_k
-    if CAUSAL:  # key blocks right of the diagonal are never visible: not visited
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+    # Key blocks outside the band of these rows (right of the diagonal, left of the window) are never visited.
+    offset = diagonal_offset(seqlen_q, seqlen_k, BOTTOM_RIGHT)
+    lo, interior_lo, interior_hi, hi = band_key_range(start_m, seqlen_k, offset, window_left, window_right,
+                                                      HAS_LEFT, HAS_RIGHT, BLOCK_M, BLOCK_N)
     hi = tl.where(start_m < seqlen_q, hi, 0)  # programs past a short varlen sequence do nothing
-    lo = 0
     if MASK_ROW:  # key-padding style mask: only the blocks from the first to the last visible key
         key_lo, key_hi = visible_key_range(mask_base, seqlen_k, stride_mn, MASK_KIND, BLOCK_N)
-        lo = key_lo
+        lo = tl.maximum(lo, key_lo)
         hi = tl.minimum(hi, key_hi)
-    # Key blocks [lo, interior_hi) are whole and (causal) left of the diagonal for all BLOCK_M
-    # rows: the fast path. The rest (a partial last block, the diagonal blocks) test each element.
-    interior_hi = seqlen_k
-    if CAUSAL:
-        interior_hi = tl.minimum(seqlen_k, start_m + 1)
-    interior_hi = tl.maximum(tl.minimum((interior_hi // BLOCK_N) * BLOCK_N, hi), lo)
-    for edge in tl.static_range(2):  # pass 0: [lo, interior_hi) fast path; pass 1: [interior_hi, hi)
-        if edge == 0:
-            pass_lo, pass_hi = lo, interior_hi
+    # Key blocks [interior_lo, interior_hi) are whole and inside the band for all BLOCK_M rows: the
+    # fast path. The rest (the window's left edge, the diagonal, a partial last block) test each element.
+    interior_lo, interior_hi = ordered(lo, interior_lo, interior_hi, hi)
+    for phase in tl.static_range(3):  # [lo, interior_lo) edge, then the fast path, then [interior_hi, hi) edge
+        if phase == 0:
+            pass_lo, pass_hi = lo, interior_lo
+        elif phase == 1:
+            pass_lo, pass_hi = interior_lo, interior_hi
         else:
             pass_lo, pass_hi = interior_hi, hi
         for start_n in range(pass_lo, pass_hi, BLOCK_N):
@@ -142,10 +158,11 @@ def _attn_fwd(Q, K, V, Out, Lse, Mask, CuSeqlensQ, CuSeqlensK,
                                            offs_d, offs_dv, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                            stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
                                            qk_scale, seed, rng_offset, segment, drop_threshold, drop_scale,
-                                           CAUSAL, MASK_KIND, MASK_ROW, DROPOUT, INPUT_PRECISION, EMULATE_BF16,
-                                           EDGE=edge == 1)
+                                           offset, window_left, window_right, softcap_scale, alibi_slope,
+                                           HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI, MASK_KIND, MASK_ROW, DROPOUT,
+                                           INPUT_PRECISION, EMULATE_BF16, EDGE=phase != 1)
 
-    empty = l_i == 0.0  # no visible key: output 0, lse -inf
+    empty = l_i == 0.0  # no visible key (and no sink): output 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     row_ok = rows < seqlen_q

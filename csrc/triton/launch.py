@@ -15,6 +15,7 @@ IEEE fp32; with "high"/"medium" (or ``torch.backends.cuda.matmul.allow_tf32``)
 it uses TF32 tensor cores (10-bit mantissa inputs, about 3x faster on Hopper).
 """
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ import triton
 from . import autotune as cfg
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
 
@@ -93,14 +95,25 @@ def _check_inputs(q, k, v, where: str) -> None:
                          f"the kernels in Triton's CPU interpreter), got {q.device}")
 
 
-def _check_no_variants(where: str, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
-                       alibi_slopes=None, sinks=None) -> None:
-    """The Triton kernels do not serve the attention variants yet: dispatch sends such calls
-    elsewhere; a direct call gets this error rather than a wrong answer."""
-    if (window_left, window_right, bool(bottom_right), float(softcap)) != (-1, -1, False, 0.0) or \
-            alibi_slopes is not None or sinks is not None:
-        raise ValueError(f"fastattn triton {where}: the Triton kernels do not serve window_size, bottom-right "
-                         "alignment, softcap, alibi_slopes or sinks yet; use backend='cpu' or 'reference'")
+@dataclass
+class _Variants:
+    """The variants as the kernels take them (tiles.py)."""
+
+    consts: dict  # HAS_LEFT, HAS_RIGHT, BOTTOM_RIGHT, SOFTCAP, ALIBI
+    alibi: torch.Tensor  # fp32 slopes (B|1, Hq), or a dummy pointer
+    runtime: tuple  # window_left, window_right, softcap_scale, alibi_batch_stride
+    qk_scale: float  # scale * log2(e), or scale / softcap under a soft-cap
+
+
+def _variant_args(q, causal, scale, window_left, window_right, bottom_right, softcap, alibi_slopes) -> _Variants:
+    """Causal is the band's right side at 0 (whatever window_right says, as fastattn.attention defines it)."""
+    right = 0 if causal else window_right
+    consts = dict(HAS_LEFT=window_left >= 0, HAS_RIGHT=right >= 0, BOTTOM_RIGHT=bool(bottom_right),
+                  SOFTCAP=softcap > 0, ALIBI=alibi_slopes is not None)
+    alibi = q if alibi_slopes is None else alibi_slopes.to(device=q.device, dtype=torch.float32).contiguous()
+    alibi_batch_stride = alibi.shape[-1] if alibi_slopes is not None and alibi.dim() == 2 else 0
+    runtime = (max(window_left, 0), max(right, 0), softcap * LOG2E, alibi_batch_stride)
+    return _Variants(consts, alibi, runtime, scale / softcap if softcap > 0 else scale * LOG2E)
 
 
 def _dropout_args(dropout_p: float, rng_state: Optional[torch.Tensor]) -> tuple:
@@ -147,7 +160,7 @@ def _varlen_strides(t: torch.Tensor) -> tuple:
 # Forward
 # ---------------------------------------------------------------------------
 def _forward(q, k, v, out, lse, strides, lse_strides, mask_args, cu_q, cu_k, batch, Hq, Hkv, Nq, Nk, max_q,
-             causal, scale, dropout_p, rng_state):
+             causal, scale, dropout_p, rng_state, variants: _Variants, sinks):
     kern = kernels()
     mask, mask_strides, mask_kind, mask_row = mask_args
     seed, offset, threshold, drop_scale = _dropout_args(dropout_p, rng_state)
@@ -155,13 +168,14 @@ def _forward(q, k, v, out, lse, strides, lse_strides, mask_args, cu_q, cu_k, bat
     sq, sk, sv, so = strides
     varlen = cu_q is not None
     options = kern.options("fwd", max(D, Dv))
+    sinks_arg = q if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()
     kern.fwd[_grid(max_q, "BLOCK_M", batch * Hq, options)](
-        q, k, v, out, lse, mask, cu_q if varlen else q, cu_k if varlen else q,
+        q, k, v, out, lse, mask, cu_q if varlen else q, cu_k if varlen else q, variants.alibi, sinks_arg,
         *sq, *sk, *sv, *so, *lse_strides, *mask_strides,
         Hq, Hq // Hkv, Nq, Nk, D, Dv,
-        scale * 1.4426950408889634, seed, offset, threshold, drop_scale,
+        variants.qk_scale, seed, offset, threshold, drop_scale, *variants.runtime,
         cfg.seqlen_bucket(max(max_q, Nk)),
-        CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
+        **variants.consts, SINKS=sinks is not None, MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
         DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(q.dtype),
         EMULATE_BF16=kern.interpret and q.dtype == torch.bfloat16,
         BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv), **options)
@@ -171,7 +185,6 @@ def attn_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, window_lef
              bottom_right=False, softcap=0.0, alibi_slopes=None, sinks=None):
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), any strides ->
     out (B, Hq, Nq, Dv) (stored (B, Nq, Hq, Dv)), lse (B, Hq, Nq) fp32."""
-    _check_no_variants("fwd", window_left, window_right, bottom_right, softcap, alibi_slopes, sinks)
     _check_inputs(q, k, v, "fwd")
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -182,7 +195,8 @@ def attn_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, window_lef
         return out.zero_(), lse
     _forward(q, k, v, out, lse, tuple(_dense_strides(t) for t in (q, k, v, out)), lse.stride(),
              _mask_args(attn_mask, q, B, Hq, Nq, Nk), None, None, B, Hq, Hkv, Nq, Nk, Nq,
-             causal, scale, dropout_p, rng_state)
+             causal, scale, dropout_p, rng_state,
+             _variant_args(q, causal, scale, window_left, window_right, bottom_right, softcap, alibi_slopes), sinks)
     return out, lse
 
 
@@ -191,7 +205,6 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
                sinks=None):
     """q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); cu_seqlens int32 (batch + 1,) ->
     out (total_q, Hq, Dv), lse (Hq, total_q) fp32."""
-    _check_no_variants("varlen_fwd", window_left, window_right, bottom_right, softcap, alibi_slopes, sinks)
     _check_inputs(q, k, v, "varlen_fwd")
     total_q, Hq, D = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
@@ -204,7 +217,8 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     lse_strides = (0, lse.stride(0), lse.stride(1))
     _forward(q, k, v, out, lse, tuple(_varlen_strides(t) for t in (q, k, v, out)), lse_strides,
              (q, (0, 0, 0, 0), 0, False), cu_seqlens_q, cu_seqlens_k, batch, Hq, Hkv, 0, 0, max_seqlen_q,
-             causal, scale, dropout_p, rng_state)
+             causal, scale, dropout_p, rng_state,
+             _variant_args(q, causal, scale, window_left, window_right, bottom_right, softcap, alibi_slopes), sinks)
     return out, lse
 
 
@@ -212,7 +226,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
 # Backward
 # ---------------------------------------------------------------------------
 def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, layout, lse_strides, mask_args, cu_q, cu_k, batch, Hq, Hkv,
-              Nq, Nk, max_q, max_k, causal, scale, dropout_p, rng_state):
+              Nq, Nk, max_q, max_k, causal, scale, dropout_p, rng_state, variants: _Variants):
     kern = kernels()
     strides = _dense_strides if layout == "dense" else _varlen_strides
     sq, sk, sv, so, sg, sdq, sdk, sdv = (strides(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
@@ -228,20 +242,20 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, layout, lse_strides, mask
         out, grad_out, delta, cu_q_arg, *so, *sg, *lse_strides, Hq, Nq, Dv,
         IS_VARLEN=varlen, BLOCK_M=bm, BLOCK_DV=cfg.head_block(Dv))
 
-    common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
+    common = dict(**variants.consts, MASK_KIND=mask_kind, MASK_ROW=bool(mask_row), IS_VARLEN=varlen,
                   DROPOUT=dropout_p > 0.0, INPUT_PRECISION=input_precision(q.dtype),
                   EMULATE_BF16=kern.interpret and q.dtype == torch.bfloat16,
                   BLOCK_D=cfg.head_block(D), BLOCK_DV=cfg.head_block(Dv))
-    scalars = (scale, scale * 1.4426950408889634, seed, offset, threshold, drop_scale,
+    scalars = (scale, variants.qk_scale, seed, offset, threshold, drop_scale, *variants.runtime,
                cfg.seqlen_bucket(max(max_q, max_k)))
     options = kern.options("dkdv", max(D, Dv))
     kern.dkdv[_grid(max_k, "BLOCK_N", batch * Hkv, options)](
-        q, k, v, grad_out, lse, delta, dk, dv, mask, cu_q_arg, cu_k_arg,
+        q, k, v, grad_out, lse, delta, dk, dv, mask, cu_q_arg, cu_k_arg, variants.alibi,
         *sq, *sk, *sv, *sg, *lse_strides, *sdk, *sdv, *mask_strides,
         Hq, Hkv, Hq // Hkv, Nq, Nk, D, Dv, *scalars, **common, **options)
     options = kern.options("dq", max(D, Dv))
     kern.dq[_grid(max_q, "BLOCK_M", batch * Hq, options)](
-        q, k, v, grad_out, lse, delta, dq, mask, cu_q_arg, cu_k_arg,
+        q, k, v, grad_out, lse, delta, dq, mask, cu_q_arg, cu_k_arg, variants.alibi,
         *sq, *sk, *sv, *sg, *lse_strides, *sdq, *mask_strides,
         Hq, Hq // Hkv, Nq, Nk, D, Dv, *scalars, **common, **options)
 
@@ -249,7 +263,6 @@ def _backward(grad_out, q, k, v, out, lse, dq, dk, dv, layout, lse_strides, mask
 def attn_bwd(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, rng_state, window_left=-1,
              window_right=-1, bottom_right=False, softcap=0.0, alibi_slopes=None):
     """Gradients of attn_fwd: (dq, dk, dv) shaped like (and dtype of) q, k, v."""
-    _check_no_variants("bwd", window_left, window_right, bottom_right, softcap, alibi_slopes)
     _check_inputs(q, k, v, "bwd")
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -258,7 +271,8 @@ def attn_bwd(grad_out, q, k, v, out, lse, attn_mask, causal, scale, dropout_p, r
         return dq.zero_(), dk.zero_(), dv.zero_()
     _backward(grad_out, q, k, v, out, lse, dq, dk, dv, "dense", lse.stride(),
               _mask_args(attn_mask, q, B, Hq, Nq, Nk), None, None, B, Hq, Hkv, Nq, Nk, Nq, Nk,
-              causal, scale, dropout_p, rng_state)
+              causal, scale, dropout_p, rng_state,
+              _variant_args(q, causal, scale, window_left, window_right, bottom_right, softcap, alibi_slopes))
     return dq, dk, dv
 
 
@@ -266,7 +280,6 @@ def varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
                scale, dropout_p, rng_state, window_left=-1, window_right=-1, bottom_right=False, softcap=0.0,
                alibi_slopes=None):
     """Gradients of varlen_fwd: (dq, dk, dv) shaped like q, k, v (packed)."""
-    _check_no_variants("varlen_bwd", window_left, window_right, bottom_right, softcap, alibi_slopes)
     _check_inputs(q, k, v, "varlen_bwd")
     Hq, Hkv = q.shape[1], k.shape[1]
     batch = cu_seqlens_q.numel() - 1
@@ -275,7 +288,8 @@ def varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
         return dq, dk, dv
     _backward(grad_out, q, k, v, out, lse, dq, dk, dv, "varlen", (0, lse.stride(0), lse.stride(1)),
               (q, (0, 0, 0, 0), 0, False), cu_seqlens_q, cu_seqlens_k, batch, Hq, Hkv, 0, 0,
-              max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, rng_state)
+              max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, rng_state,
+              _variant_args(q, causal, scale, window_left, window_right, bottom_right, softcap, alibi_slopes))
     return dq, dk, dv
 
 
