@@ -106,8 +106,9 @@ def test_register_adds_attention_and_mask_functions():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
     assert AttentionInterface._global_mapping["fastattn"] is fhf.attention_forward
-    # the mask function is what makes transformers build padding masks for us at all
-    assert AttentionMaskInterface._global_mapping["fastattn"] is AttentionMaskInterface._global_mapping["sdpa"]
+    # the mask function is what makes transformers build padding masks for us at all: ours keeps causal and
+    # sliding-window bands O(Lk) and gives the sdpa mask for everything else
+    assert AttentionMaskInterface._global_mapping["fastattn"] is fhf.band_mask
     assert fhf.register("fastattn_custom") == "fastattn_custom"
     with pytest.raises(ValueError, match="without '/'"):
         fhf.register("org/kernel")
@@ -353,14 +354,103 @@ def test_position_bias_folded_into_the_mask():
         fhf.attention_forward(_Layer(), q, k, v, mask, position_bias=bias.clone().requires_grad_())
 
 
+def test_softcap_and_sinks_go_to_the_kernel():
+    """Gemma 2's softcap and GPT-OSS's s_aux (one logit per query head) reach fastattn.attention natively."""
+    q, k, v = (torch.randn(1, 2, 3, 4, dtype=torch.float64) for _ in range(3))
+    sinks = torch.randn(2, dtype=torch.float64)
+    out, _ = fhf.attention_forward(_Layer(), q, k, v, None, softcap=3.0, s_aux=sinks)
+    from fastattn.reference import attention_reference
+
+    close("out", out, attention_reference(q, k, v, softcap=3.0, sinks=sinks).transpose(1, 2), 1e-10, 1e-10)
+
+
 def test_unsupported_features_raise():
     q = k = v = torch.randn(1, 2, 3, 4)
-    with pytest.raises(ValueError, match="softcap"):
-        fhf.attention_forward(_Layer(), q, k, v, None, softcap=30.0)
-    with pytest.raises(ValueError, match="attention sinks"):
-        fhf.attention_forward(_Layer(), q, k, v, None, s_aux=torch.zeros(2))
     with pytest.warns(UserWarning, match="output_attentions"):
         fhf.attention_forward(_Layer(), q, k, v, None, output_attentions=True)
     with pytest.raises(ValueError, match="multiple of the number of k/v heads"):
         fhf.attention_forward(_Layer(), torch.randn(1, 3, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4),
                               None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders that need the variants: sliding windows, soft-capping, sinks (against "eager")
+# ---------------------------------------------------------------------------------------------
+WINDOW = 5  # shorter than the sequences below, so the window matters
+
+
+def decoder(family: str):
+    """(model class, tiny config) of a decoder family, built locally (no download)."""
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    alternating = ["sliding_attention", "full_attention"]
+    return {
+        "llama": lambda: (transformers.LlamaForCausalLM, transformers.LlamaConfig(**common)),
+        "mistral": lambda: (transformers.MistralForCausalLM, transformers.MistralConfig(**common, sliding_window=WINDOW)),
+        "qwen2": lambda: (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(
+            **common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+        "gemma2": lambda: (transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+            **common, sliding_window=WINDOW, attn_logit_softcapping=5.0, final_logit_softcapping=30.0)),
+        "gemma3": lambda: (transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig(
+            **common, sliding_window=WINDOW, layer_types=alternating)),
+        "gpt_oss": lambda: (transformers.GptOssForCausalLM, transformers.GptOssConfig(
+            **dict(common, intermediate_size=64), num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+            layer_types=alternating)),
+    }[family]()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma2", "gemma3", "gpt_oss"])
+def test_decoders_match_eager_without_materialising_masks(family, device, calls):
+    """Logits at the real positions of a left-padded batch and greedy generate() tokens (DynamicCache,
+    sliding-window layers) equal "eager"'s; every fastattn call got the band natively (causal, the window,
+    bottom-right) with at most a (B, 1, 1, Lk) key-padding mask: nothing of size Lq x Lk was built."""
+    require_fused(device, dtype=torch.float32, has_mask=True)
+    model_cls, config = decoder(family)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    eager = model_cls(config).to(device).eval()
+    with torch.no_grad():  # sinks start at zero: give them values that matter
+        for m in eager.modules():
+            if isinstance(getattr(m, "sinks", None), torch.nn.Parameter):
+                m.sinks.normal_()
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation("fastattn")
+    ids = torch.randint(1, 128, (2, 12)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        ref, out = eager(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+    real = mask.bool()
+    close("logits at real positions", out[real], ref[real])
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))
+    assert "reference" not in calls["backends"] and calls["dense"]
+    sliding = getattr(config, "sliding_window", None) and (family != "qwen2" or config.use_sliding_window)
+    windows = set()
+    for k in calls["dense"]:
+        m = k.get("attn_mask")
+        assert m is None or (m.dim() == 4 and m.shape[1:3] == (1, 1)), f"an Lq x Lk mask was built: {m.shape}"
+        assert k.get("causal") and k.get("alignment") == "bottom_right"
+        windows.add(tuple(k.get("window_size", (-1, -1))))
+        if family == "gemma2":
+            assert k.get("softcap") == 5.0
+        if family == "gpt_oss":
+            assert k.get("sinks") is not None
+    assert ((WINDOW - 1, 0) in windows) == bool(sliding), windows
+
+
+def test_static_cache_generate_matches_eager(device, calls):
+    """A static cache: generate() builds the masks ahead of the forward (a band where the queries end at the
+    last key, the sdpa mask where the cache's unfilled tail runs past them); tokens equal eager's."""
+    require_fused(device, dtype=torch.float32, has_mask=True)
+    model_cls, config = decoder("mistral")
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    eager = model_cls(config).to(device).eval()
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation("fastattn")
+    ids = torch.randint(1, 128, (1, 7)).to(device)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))

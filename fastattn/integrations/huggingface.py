@@ -8,20 +8,27 @@
 ``register`` adds two entries to transformers' registries under the same name:
   * the attention function (``AttentionInterface``): transformers calls it with
     query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D) and wants (B, Lq, Hq, Dv) back;
-  * the mask function (``AttentionMaskInterface``): the ``sdpa`` one, which builds a
-    bool (B, 1, Lq, Lk) mask (True = may attend) or None where causality alone is
-    enough. Without it transformers hands a custom implementation ``attention_mask=None``
-    and padding would be silently ignored.
+  * the mask function (``AttentionMaskInterface``): for the patterns the kernels know,
+    causal and sliding-window causal (each with padding), it returns a ``CausalBandMask``
+    (the band's window and a (B, 1, 1, Lk) key-padding mask: O(Lk) memory) which the
+    attention function turns into ``causal`` + ``window_size`` + ``alignment="bottom_right"``;
+    anything else (bidirectional, packed, custom overlays, a static cache whose queries do
+    not end at the last key) gets the ``sdpa`` bool (B, 1, Lq, Lk) mask. Without a mask
+    function transformers hands a custom implementation ``attention_mask=None`` and padding
+    would be silently ignored.
 
 The attention function runs ``fastattn.attention`` (GQA without repeating K/V, dropout
-with fastattn's RNG) or, for sequences packed into one row (padding-free training,
-``position_ids`` restarting, or flash-attention style ``cu_seq_lens_q/k`` kwargs),
-``fastattn.varlen_attention``. Results equal the ``sdpa`` implementation's.
+with fastattn's RNG, Gemma 2's ``softcap`` and GPT-OSS's sinks ``s_aux`` natively) or,
+for sequences packed into one row (padding-free training, ``position_ids`` restarting, or
+flash-attention style ``cu_seq_lens_q/k`` kwargs), ``fastattn.varlen_attention``.
+Results equal the ``sdpa`` (or, for models without one, the ``eager``) implementation's.
 transformers is imported only by this module (``pip install fastattn[hf]``).
 """
 from __future__ import annotations
 
+import inspect
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -47,8 +54,85 @@ def register(name: str = NAME) -> str:
         raise ImportError("fastattn.integrations.huggingface needs transformers >= 4.53 (AttentionMaskInterface, "
                           "without which a custom attention gets no padding mask): pip install 'fastattn[hf]'") from e
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register(name, band_mask)
     return name
+
+
+# ---------------------------------------------------------------------------------------------
+# The mask function: causal and sliding-window bands stay O(Lk)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CausalBandMask:
+    """What transformers' causal (``window`` 0) or sliding-window (``window`` w: key j visible to
+    query i iff i - w < j <= i) mask is, for queries that end at the last key: the band and a
+    bool key-padding mask (B, 1, 1, Lk) (None: no padding). ``dense()`` materialises the sdpa mask."""
+
+    window: int
+    key_padding: Optional[torch.Tensor]
+    batch_size: int
+    q_length: int
+    kv_length: int
+    sdpa_args: dict  # how to build the equivalent sdpa mask
+
+    # It reads as a prepared 4-D mask to transformers (generate() builds masks ahead of the forward for
+    # compileable caches, and the forward's mask creation passes 4-D masks through unchanged).
+    ndim = 4
+
+    @property
+    def shape(self) -> tuple:
+        return (self.batch_size, 1, self.q_length, self.kv_length)
+
+    def dense(self) -> Optional[torch.Tensor]:
+        from transformers.masking_utils import sdpa_mask
+
+        return sdpa_mask(**self.sdpa_args)
+
+
+def _band_window(mask_function) -> Optional[int]:
+    """0 for transformers' causal mask function, w for its sliding_window_causal_mask_function(w), else None."""
+    from transformers import masking_utils as mu
+
+    if mask_function is mu.causal_mask_function:
+        return 0
+    if getattr(mask_function, "__qualname__", "") != "and_masks.<locals>.and_mask":
+        return None
+    parts = inspect.getclosurevars(mask_function).nonlocals.get("mask_functions", ())
+    if len(parts) != 2 or parts[1] is not mu.causal_mask_function:
+        return None
+    overlay = parts[0]
+    if getattr(overlay, "__qualname__", "") != "sliding_window_overlay.<locals>.inner_mask":
+        return None
+    window = inspect.getclosurevars(overlay).nonlocals.get("sliding_window")
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def band_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0, mask_function=None,
+              attention_mask: Optional[torch.Tensor] = None, local_size=None, allow_is_causal_skip: bool = True,
+              allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, device="cpu", **kwargs):
+    """transformers mask function: a CausalBandMask where the kernels can apply the pattern themselves,
+    else exactly the ``sdpa`` mask (same arguments)."""
+    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+    if isinstance(attention_mask, CausalBandMask):  # prepared ahead (generate with a compileable cache): as-is,
+        return attention_mask                        # as transformers passes prepared 4-D tensor masks through
+    mask_function = causal_mask_function if mask_function is None else mask_function
+    sdpa_args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
+                     allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap, device=device)
+    window = None if use_vmap else _band_window(mask_function)
+    # bottom-right alignment is the band only when the queries end at the last key (a dynamic or sliding
+    # cache, no cache); a static cache's unfilled tail (tensor q_offset) keeps the dense mask
+    if (window is None or not isinstance(q_offset, int) or not isinstance(kv_offset, int)
+            or q_offset - kv_offset != kv_length - q_length):
+        return sdpa_mask(**sdpa_args)
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    key_padding = None
+    if padding is not None:
+        keep = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
+        if not bool(keep.all()):
+            key_padding = keep[:, None, None, :]  # (B, 1, 1, Lk)
+    return CausalBandMask(window, key_padding, batch_size, q_length, kv_length, sdpa_args)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -65,22 +149,31 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         is_causal: overrides ``module.is_causal``; used only when there is no mask, as in ``sdpa``.
         kwargs: ``position_ids`` / ``cu_seq_lens_q``, ``cu_seq_lens_k``, ``max_length_q``,
             ``max_length_k`` select the packed (varlen) path; ``position_bias`` (an additive bias
-            that needs no gradient) is folded into the mask; ``softcap`` and attention sinks
-            (``s_aux``) are not supported.
+            that needs no gradient) is folded into the mask; ``softcap`` (Gemma 2) and the
+            attention sinks ``s_aux`` (GPT-OSS: one logit per query head) go to the kernel;
+            ``sliding_window`` is read from the mask (its pattern is the mask function's).
     Returns:
         (attn_output (B, Lq, Hq, Dv), None): fastattn computes no attention weights.
     """
+    variants = {}
     if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='fastattn' does not support softcap (logit soft-capping); "
-                         "use attn_implementation='eager' for this model")
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise ValueError("attn_implementation='fastattn' does not support attention sinks (s_aux); "
-                         "use attn_implementation='eager' for this model")
+        variants["softcap"] = float(kwargs["softcap"])
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
+    if sinks is not None:
+        variants["sinks"] = sinks
     if kwargs.get("output_attentions", False):
         warnings.warn("attn_implementation='fastattn' does not return attention weights "
                       "(output_attentions=True); use attn_implementation='eager' to get them", stacklevel=2)
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_len, kv_len = query.shape[2], key.shape[2]
+    if isinstance(attention_mask, CausalBandMask):
+        band = attention_mask
+        if (band.q_length, band.kv_length) == (q_len, kv_len) and kwargs.get("position_bias") is None:
+            window = (band.window - 1, 0) if band.window else (-1, -1)
+            out = api.attention(query, key, value, causal=True, alignment="bottom_right", window_size=window,
+                                attn_mask=band.key_padding, dropout_p=dropout, scale=scaling, **variants)
+            return out.transpose(1, 2).contiguous(), None  # (B, Lq, Hq, Dv)
+        attention_mask = band.dense()  # shapes transformers did not announce: the sdpa mask, as always
     if attention_mask is not None and attention_mask.shape[-1] > kv_len:
         attention_mask = attention_mask[..., :kv_len]  # masks built for a longer (static) cache
 
@@ -93,7 +186,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         cu_q, cu_k, max_q, max_k = packed
         out = api.varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1),  # (total, H, D) views
                                    value[0].transpose(0, 1), cu_q, cu_k, max_q, max_k, causal=bool(is_causal),
-                                   dropout_p=dropout, scale=scaling)  # (total_q, Hq, Dv)
+                                   dropout_p=dropout, scale=scaling, **variants)  # (total_q, Hq, Dv)
         return out.unsqueeze(0), None  # (1, Lq, Hq, Dv)
 
     # As sdpa: the causal flag only without a mask and outside single-token decoding.
@@ -102,7 +195,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # prefill into an empty static cache: top-left causal never reaches the keys past q_len
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     out = api.attention(query, key, value, causal=causal, attn_mask=attention_mask, dropout_p=dropout,
-                        scale=scaling)  # (B, Hq, Lq, Dv), stored as (B, Lq, Hq, Dv)
+                        scale=scaling, **variants)  # (B, Hq, Lq, Dv), stored as (B, Lq, Hq, Dv)
     return out.transpose(1, 2).contiguous(), None
 
 
