@@ -65,6 +65,22 @@ def _check_dropout(dropout_p) -> float:
     return float(dropout_p)
 
 
+def _causal_bias(attn_mask, causal: bool, alignment: str):
+    """torch.nn.attention.bias.CausalBias (causal_upper_left / causal_lower_right) as what it means:
+    (attn_mask=None, causal=True, its alignment); other masks unchanged. A CausalBias is a tensor
+    subclass whose storage is a placeholder: read as a mask it would be silently wrong."""
+    if not isinstance(attn_mask, torch.Tensor) or type(attn_mask).__name__ != "CausalBias":
+        return attn_mask, causal, alignment
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if not isinstance(attn_mask, CausalBias):
+        return attn_mask, causal, alignment
+    if causal:
+        raise ValueError("CausalBias should not be used with causal=True")  # torch's error, word for word
+    lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT and attn_mask.seq_len_q != attn_mask.seq_len_kv
+    return None, True, "bottom_right" if lower_right else "top_left"
+
+
 def _check_mask(attn_mask, q, shape) -> Optional[torch.Tensor]:
     if attn_mask is None:
         return None
@@ -211,6 +227,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     causal = _check_causal(causal)
     dropout_p = _check_dropout(dropout_p)
     B, Hq, Nq, D = q.shape
+    attn_mask, causal, alignment = _causal_bias(attn_mask, causal, alignment)
     attn_mask = _check_mask(attn_mask, q, (B, Hq, Nq, k.shape[2]))
     causal, variants, alibi_slopes, sinks, used = _check_variants(
         q, causal, window_size, alignment, softcap, alibi_slopes, sinks, heads_q=Hq, batch=B,
@@ -239,9 +256,12 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
     query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev); at least 3-D
     (a 3-D input has one head). Hq != Hkv needs ``enable_gqa=True``, as in torch. A mask
-    together with ``is_causal=True`` applies both, as torch does.
+    together with ``is_causal=True`` applies both, as torch does. ``attn_mask`` may be a
+    ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` / ``causal_lower_right``):
+    causal attention with that alignment, as torch computes it.
     """
     _check_causal(is_causal, "is_causal")
+    attn_mask, is_causal, alignment = _causal_bias(attn_mask, is_causal, "top_left")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -276,7 +296,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"{tuple(full)}") from None
         mask = mask.unsqueeze(1) if query.dim() == 3 else mask.reshape(-1, *mask.shape[-3:])
-    out = attention(q, k, v, causal=is_causal, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    out = attention(q, k, v, causal=is_causal, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                    alignment=alignment)
     return out.reshape(*query.shape[:-1], value.shape[-1])
 
 

@@ -188,3 +188,40 @@ def test_call_like_torch():
     out = fastattn.scaled_dot_product_attention(q, k, v, mask, 0.0, False, scale=0.7)
     ref = F.scaled_dot_product_attention(q, k, v, mask, 0.0, False, scale=0.7)
     assert_close("out", out, ref, **SDPA_TOL[torch.float64])
+
+
+@pytest.mark.parametrize("variant", ["causal_upper_left", "causal_lower_right"])
+@pytest.mark.parametrize("Nq,Nk", [(5, 9), (9, 5), (7, 7)])
+@pytest.mark.parametrize("dims", [4, 3])
+def test_causal_bias_masks_run_causal_with_their_alignment(variant, Nq, Nk, dims):
+    """torch.nn.attention.bias.CausalBias: causal attention aligned top-left or bottom-right, as torch
+    computes it (its tensor storage is a placeholder: reading it as a mask would be silently wrong)."""
+    import torch.nn.attention.bias as bias
+
+    mask = getattr(bias, variant)(Nq, Nk)
+    shape = (2, 3) if dims == 4 else (2,)
+    q = torch.randn(*shape, Nq, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(*shape, Nk, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(*shape, Nk, 16, dtype=torch.float64, requires_grad=True)
+    out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    rows = ref.isfinite().all(-1)  # torch's math path gives NaN on rows that see nothing (we give zeros)
+    assert_close("out", out[rows], ref[rows], **SDPA_TOL[torch.float64])
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), g),
+                          torch.autograd.grad(ref.nan_to_num(), (q, k, v), g)):
+        assert_close(f"d{name}", a, b.nan_to_num(), **SDPA_GRAD_TOL[torch.float64])
+
+
+def test_causal_bias_compiles_and_refuses_is_causal_like_torch():
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(5, 9)
+    q, k, v = torch.randn(2, 3, 5, 16), torch.randn(2, 3, 9, 16), torch.randn(2, 3, 9, 16)
+    compiled = torch.compile(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                             fullgraph=True, backend="aot_eager")
+    assert_close("compiled", compiled(q, k, v), F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                 **SDPA_TOL[torch.float32])
+    _, torch_exc = _outcome(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True))
+    with pytest.raises(type(torch_exc), match="CausalBias should not be used with causal=True"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
