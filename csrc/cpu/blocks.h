@@ -188,7 +188,15 @@ void pack_b(const src_t* src, int64_t rs, int64_t cs, int K, int N, acc_t* dst) 
   }
 }
 
-inline int64_t packed_a_size(int M, int K) { return round_up(M, MR) * K; }
+// Row r of a left operand packed as pack_a lays it out (panels of MR rows), from src[k * cs] * scale:
+// for rows gathered from different places (the query heads of a GQA group).
+template <typename acc_t, typename src_t>
+void pack_a_row(const src_t* src, int64_t cs, int K, acc_t* panels, int r, acc_t scale) {
+  acc_t* panel = panels + static_cast<int64_t>(r / MR) * MR * K;
+  for (int k = 0; k < K; ++k) panel[k * MR + r % MR] = load_as<acc_t>(src + k * cs) * scale;
+}
+
+inline int64_t packed_a_size(int64_t M, int64_t K) { return round_up(M, MR) * K; }
 inline int64_t packed_b_size(int K, int N) { return round_up(N, NR) * K; }
 
 // ---------------------------------------------------------------------------

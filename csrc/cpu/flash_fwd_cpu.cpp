@@ -1,11 +1,12 @@
 // Forward pass of blocked flash attention on the CPU.
 //
-// One task = (batch b, query head h, chunk of up to ~kMaxChunkQ query rows). A task
-// streams key/value blocks of kBlockK rows: each block is packed once and then
-// reused by every query micro-block of kBlockQ rows in the chunk, which keeps
-// its own running max m, normaliser l and output accumulator (online softmax,
-// base 2 with the softmax scale pre-multiplied by log2 e). Extra memory is the
-// per-thread scratch below, O(chunk x head_dim + block): never O(N^2).
+// One task = (batch b, K/V head hk, a chunk [q0, q1) of query rows) and takes those rows of
+// every query head of hk's group (GQA/MQA: the K/V of a group are read once, and a decoding
+// step's few rows per head make one block of group x rows together). A task streams key/value
+// blocks of kBlockK rows: each block is packed once and then reused by every query micro-block
+// of kBlockQ rows of the task, each row keeping its own running max m, normaliser l and output
+// accumulator (online softmax, base 2 with the softmax scale pre-multiplied by log2 e). Extra
+// memory is the per-thread scratch below, O(rows x head_dim + block): never O(N^2).
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -23,8 +24,9 @@ constexpr int kBlockQ = 48;       // query rows per micro-block (a multiple of M
 constexpr int kBlockK = 256;      // keys per block (a multiple of NR and of 4)
 constexpr int kMaxChunkQ = 512;   // query rows per task at most: they share each packed K/V block
 
+// Rows of a task: row r is query q0 + r % (q1 - q0) of head hk * group + r / (q1 - q0).
 struct FwdTask {
-  int64_t b, h, q0, q1;
+  int64_t b, hk, q0, q1;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -40,22 +42,38 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
   const bool dropout = p.dropout_p > 0.0;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const acc_t keep_scale = dropout ? static_cast<acc_t>(1.0 / (1.0 - p.dropout_p)) : acc_t(1);
-  const bool shared_mask_row = p.mask != nullptr && p.mask_strides.n == 0;  // e.g. key padding
+  // A mask broadcast over queries (e.g. key padding) and over the task's heads: one bias row per block.
+  const bool block_mask_row = p.mask != nullptr && p.mask_strides.n == 0 && (group == 1 || p.mask_strides.h == 0);
   const bool alibi = p.alibi_slopes != nullptr;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-  // Chunks as long as possible (each packed K/V block is reused by more rows), but
-  // at least ~4 tasks per thread so that the threads stay balanced.
+  // Chunks as long as possible (each packed K/V block is reused by more rows), but at least
+  // ~4 tasks per thread so that the threads stay balanced. Without GQA the chunks are whole
+  // micro-blocks of one head, as they always were; with it, a chunk's rows of all heads of the
+  // group share the kMaxChunkQ budget.
   const int64_t threads = at::get_num_threads();
-  const int64_t min_chunks = (4 * threads + p.batch * p.heads_q - 1) / std::max<int64_t>(p.batch * p.heads_q, 1);
+  const int64_t pairs = std::max<int64_t>(p.batch * p.heads_kv, 1);
+  const int64_t min_chunks = (4 * threads + pairs - 1) / pairs;
   std::vector<FwdTask> tasks;
+  int64_t max_rows = 1;
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t nq = p.len_q(b);
-    const int64_t chunks = std::clamp<int64_t>(std::max((nq + kMaxChunkQ - 1) / kMaxChunkQ, min_chunks), 1,
-                                               std::max<int64_t>((nq + kBlockQ - 1) / kBlockQ, 1));
-    const int64_t chunk = round_up((nq + chunks - 1) / chunks, kBlockQ);
-    for (int64_t h = 0; h < p.heads_q; ++h)
-      for (int64_t q0 = 0; q0 < nq; q0 += chunk) tasks.push_back({b, h, q0, std::min(nq, q0 + chunk)});
+    if (nq == 0) continue;
+    int64_t chunk;
+    if (group == 1) {
+      const int64_t chunks = std::clamp<int64_t>(std::max((nq + kMaxChunkQ - 1) / kMaxChunkQ, min_chunks), 1,
+                                                 std::max<int64_t>((nq + kBlockQ - 1) / kBlockQ, 1));
+      chunk = round_up((nq + chunks - 1) / chunks, kBlockQ);
+    } else {
+      const int64_t chunks = std::clamp<int64_t>(
+          std::max((nq * group + kMaxChunkQ - 1) / kMaxChunkQ, min_chunks), 1, nq);
+      chunk = (nq + chunks - 1) / chunks;
+    }
+    for (int64_t hk = 0; hk < p.heads_kv; ++hk)
+      for (int64_t q0 = 0; q0 < nq; q0 += chunk) {
+        tasks.push_back({b, hk, q0, std::min(nq, q0 + chunk)});
+        max_rows = std::max(max_rows, group * (tasks.back().q1 - q0));
+      }
   }
   // Causal chunks further down see more keys: start those first to balance threads.
   if (p.causal && p.window_left < 0)
@@ -63,99 +81,111 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
 
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    const int64_t kChunkQ = round_up(kMaxChunkQ, kBlockQ);
-    Scratch<acc_t> q_pack(packed_a_size(kChunkQ, D)), k_pack(packed_b_size(D, kBlockK)),
-        v_pack(packed_b_size(kBlockK, Dv)), scores(kBlockQ * kBlockK),
-        o_acc(static_cast<int64_t>(kChunkQ) * Dv), row_max(kChunkQ), row_sum(kChunkQ), bias(kBlockK),
-        row_bias(kBlockK);
+    const int64_t kRows = round_up(max_rows, kBlockQ);
+    Scratch<acc_t> q_pack(packed_a_size(kRows, D)), k_pack(packed_b_size(D, kBlockK)),
+        v_pack(packed_b_size(kBlockK, Dv)), scores(kBlockQ * kBlockK), o_acc(kRows * Dv), row_max(kRows),
+        row_sum(kRows), bias(kBlockK), row_bias(kBlockK);
     for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
-      const auto [b, h, q0, q1] = tasks[t];
-      const int64_t hk = h / group;
-      const scalar_t* qh = q + p.base_q(p.q, b, h);
+      const auto [b, hk, q0, q1] = tasks[t];
+      const int64_t n = q1 - q0, rows = group * n;
+      auto head_of = [&](int64_t r) { return hk * group + r / n; };
+      auto query_of = [&](int64_t r) { return q0 + r % n; };
       const scalar_t* kh = k + p.base_k(p.k, b, hk);
       const scalar_t* vh = v + p.base_k(p.v, b, hk);
-      const int64_t segment = b * p.heads_q + h;
       const VisibleBand band = p.band(b);
-      const acc_t slope = alibi ? static_cast<acc_t>(p.alibi_slope(b, h) * kLog2e) : acc_t(0);
 
-      for (int64_t qs = q0; qs < q1; qs += kBlockQ)
-        pack_a(qh + qs * p.q.n, p.q.n, p.q.d, static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs)), D,
-               q_pack.get() + (qs - q0) * D, q_scale);
-      std::fill(o_acc.get(), o_acc.get() + (q1 - q0) * Dv, acc_t(0));
+      // Q rows, pre-scaled: one head's rows are packed a micro-block at a time (the SIMD packer);
+      // a group's rows, whose heads change inside a micro-block, row by row.
+      if (group == 1) {
+        for (int64_t qs = q0; qs < q1; qs += kBlockQ)
+          pack_a(q + p.base_q(p.q, b, hk) + qs * p.q.n, p.q.n, p.q.d, static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs)),
+                 D, q_pack.get() + (qs - q0) * D, q_scale);
+      } else {
+        std::fill(q_pack.get() + rows / MR * MR * D, q_pack.get() + round_up(rows, MR) * D, acc_t(0));
+        for (int64_t r = 0; r < rows; ++r)
+          pack_a_row(q + p.base_q(p.q, b, head_of(r)) + query_of(r) * p.q.n, p.q.d, D, q_pack.get(),
+                     static_cast<int>(r), q_scale);
+      }
+      std::fill(o_acc.get(), o_acc.get() + rows * Dv, acc_t(0));
       // A sink is a first key of logit sinks[h] (in base 2) and value zero: max and sum start from it.
-      const acc_t sink = p.sinks ? static_cast<acc_t>(p.sinks[h] * kLog2e) : kNegInf;
-      std::fill(row_max.get(), row_max.get() + (q1 - q0), sink);
-      std::fill(row_sum.get(), row_sum.get() + (q1 - q0), sink == kNegInf ? acc_t(0) : acc_t(1));
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t sink = p.sinks ? static_cast<acc_t>(p.sinks[head_of(r)] * kLog2e) : kNegInf;
+        row_max[r] = sink;
+        row_sum[r] = sink == kNegInf ? acc_t(0) : acc_t(1);
+      }
 
       // The chunk's keys: from the first row's window start to the last row's end (whole panels).
       const int64_t kv_begin = band.key_begin(q0) / NR * NR, kv_end = band.key_end(q1 - 1);
       for (int64_t kb = kv_begin; kb < kv_end; kb += kBlockK) {
         int bk = static_cast<int>(std::min<int64_t>(kBlockK, kv_end - kb));
-        // A mask broadcast over queries (key padding) gives one bias row for the whole chunk;
-        // a key block it hides completely is skipped, a hidden tail is trimmed off.
-        if (shared_mask_row && (bk = fill_mask_bias(p, b, h, 0, kb, bk, bias.get())) == 0) continue;
+        // One bias row for the whole task (key padding); a key block it hides completely is skipped,
+        // a hidden tail is trimmed off.
+        if (block_mask_row && (bk = fill_mask_bias(p, b, hk * group, 0, kb, bk, bias.get())) == 0) continue;
         pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, k_pack.get());  // Kᵀ: (D x bk)
         const auto v_right = right_operand(vh + kb * p.v.n, p.v.n, p.v.d, bk, Dv, v_pack.get());  // V: (bk x Dv)
 
-        for (int64_t qs = q0; qs < q1; qs += kBlockQ) {
-          const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs));
+        for (int64_t r0 = 0; r0 < rows; r0 += kBlockQ) {
+          const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, rows - r0));
           // The keys the tile's rows see, widened to whole micro-kernel panels: the columns
           // outside (above the diagonal, left of the window) are neither computed nor read.
-          const auto tile = band.keys_in_block(qs, qs + bq - 1, kb, bk);
+          // A tile across two heads holds the chunk's first and last query.
+          const bool across_heads = r0 / n != (r0 + bq - 1) / n;
+          const auto tile = band.keys_in_block(across_heads ? q0 : query_of(r0),
+                                               across_heads ? q1 - 1 : query_of(r0 + bq - 1), kb, bk);
           if (tile.empty()) continue;
           const int col0 = tile.lo / NR * NR;
           const int col1 = static_cast<int>(std::min<int64_t>(bk, round_up(tile.hi, NR)));
           acc_t* s = scores.get();
-          gemm(bq, col1 - col0, D, packed_left(q_pack.get() + (qs - q0) * D), packed_right(k_pack.get() + col0 * D),
+          gemm(bq, col1 - col0, D, packed_left(q_pack.get() + r0 * D), packed_right(k_pack.get() + col0 * D),
                s + col0, kBlockK, false);  // S = c Q Kᵀ
 
-          for (int r = 0; r < bq; ++r) {
-            const int64_t i = qs + r, row = qs - q0 + r;
-            acc_t* x = s + static_cast<int64_t>(r) * kBlockK;
+          for (int rr = 0; rr < bq; ++rr) {
+            const int64_t row = r0 + rr, h = head_of(row), i = query_of(row);
+            acc_t* x = s + static_cast<int64_t>(rr) * kBlockK;
             const auto keys = band.keys_in_block(i, kb, bk);
             if (keys.empty()) {
               std::fill(x + col0, x + col1, acc_t(0));
               continue;
             }
-            const int lo = keys.lo, n = keys.hi - keys.lo;
-            if (softcap) softcap_row(x + lo, n, acc_t(1), cap_log2e);
+            const int lo = keys.lo, cnt = keys.hi - keys.lo;
+            if (softcap) softcap_row(x + lo, cnt, acc_t(1), cap_log2e);
             const acc_t* bias_row = nullptr;  // indexed by the block's key, like x
             if (p.mask) {
-              if (!shared_mask_row) fill_mask_bias(p, b, h, i, kb + lo, n, bias.get() + lo);
+              if (!block_mask_row) fill_mask_bias(p, b, h, i, kb + lo, cnt, bias.get() + lo);
               bias_row = bias.get();
             }
             if (alibi) {
+              const acc_t slope = static_cast<acc_t>(p.alibi_slope(b, h) * kLog2e);
               alibi_row(row_bias.get(), bias_row, lo, keys.hi, slope, i + band.offset - kb);
               bias_row = row_bias.get();
             }
             const acc_t m_old = row_max[row];
-            const acc_t m_new = std::max(m_old, add_bias_max(x + lo, n, bias_row ? bias_row + lo : nullptr));
+            const acc_t m_new = std::max(m_old, add_bias_max(x + lo, cnt, bias_row ? bias_row + lo : nullptr));
             const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;  // all masked so far: exp2(-inf) = 0
             const acc_t alpha = std::exp2(m_old - m_use);
-            row_sum[row] = row_sum[row] * alpha + exp2_sum(x + lo, n, m_use);
+            row_sum[row] = row_sum[row] * alpha + exp2_sum(x + lo, cnt, m_use);
             row_max[row] = m_new;
             std::fill(x + col0, x + lo, acc_t(0));
             std::fill(x + keys.hi, x + col1, acc_t(0));
             // over the tile's columns (from a panel boundary: the SIMD Philox path); zeros stay zero
-            if (dropout) apply_dropout_keep(p, threshold, segment, i, kb + col0, col1 - col0, x + col0);
+            if (dropout) apply_dropout_keep(p, threshold, b * p.heads_q + h, i, kb + col0, col1 - col0, x + col0);
             if (alpha != acc_t(1)) {
               acc_t* o = o_acc.get() + row * Dv;
               for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
           }
           gemm(bq, Dv, col1 - col0, strided_left(s + col0, kBlockK, 1), v_right.rows_from(col0),
-               o_acc.get() + (qs - q0) * Dv, Dv, true);  // O += P V
+               o_acc.get() + r0 * Dv, Dv, true);  // O += P V
         }
       }
 
-      scalar_t* oh = out + p.base_q(p.out, b, h);
-      for (int64_t row = 0; row < q1 - q0; ++row) {
-        const int64_t i = q0 + row;
+      for (int64_t row = 0; row < rows; ++row) {
+        const int64_t h = head_of(row), i = query_of(row);
         const acc_t l = row_sum[row];
         // l == 0: the row sees no key (and has no sink) -> zeros and lse = -inf (a NaN l stays NaN).
         const acc_t inv = l == acc_t(0) ? acc_t(0) : keep_scale / l;
         const acc_t* o = o_acc.get() + row * Dv;
-        scalar_t* dst = oh + i * p.out.n;
+        scalar_t* dst = out + p.base_q(p.out, b, h) + i * p.out.n;
         for (int d = 0; d < Dv; ++d) dst[d * p.out.d] = static_cast<scalar_t>(o[d] * inv);
         lse[p.row_index(b, h, i)] =
             l == acc_t(0) ? kNegInf : (row_max[row] + std::log2(l)) * static_cast<acc_t>(kLn2);
