@@ -46,6 +46,10 @@ def _check_layout(t, name: str, ndim: int, layout: str) -> None:
 
 
 def _window(window_size) -> tuple:
+    """(left, right) as ints; like flash-attn, any pair indexable as window_size[0], window_size[1]
+    (a tuple, a list, a 2-element tensor as flash-attn's own tests pass)."""
+    if isinstance(window_size, torch.Tensor) and window_size.numel() == 2 and not window_size.is_floating_point():
+        window_size = window_size.tolist()
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size must be a pair (left, right), -1 for unbounded, got {window_size!r}")
     return tuple(int(w) if isinstance(w, torch.Tensor) else w for w in window_size)

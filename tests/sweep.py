@@ -46,6 +46,7 @@ GRID_MAX = 160  # every (Nq, Nk) in 1..GRID_MAX
 HEAD_DIMS = (1, 8, 15, 16, 17, 59, 64, 65, 128, 129, 256)
 DTYPES = ("float32", "bfloat16", "float16")
 CASE_TIMEOUT_S = 300.0  # a case that takes longer is a hang
+STARTUP_TIMEOUT_S = 300.0  # a worker importing torch under ASan on a loaded machine can take a while
 
 
 @dataclass
@@ -612,7 +613,7 @@ class IsolatedRunner:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr, env=self.env, bufsize=0)
         self._buffer = b""
-        msg = self._read(self.timeout_s)
+        msg = self._read(max(self.timeout_s, STARTUP_TIMEOUT_S))  # startup is not a case: its own limit
         if msg is None or msg.get("event") != "ready":
             raise RuntimeError(f"sweep worker did not start: {self._death()}")
 
