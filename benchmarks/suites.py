@@ -231,19 +231,25 @@ def run_attention_case(case: Case, modes: tuple, ctx: RunContext, cfg: BenchConf
     return rows
 
 
-@register_suite("attention")
-def attention_suite(cfg: BenchConfig, ctx: RunContext) -> list:
-    cases = attention_cases(cfg, ctx.device)
-    progress = Progress(len(cases), "attention", cfg.progress)
+def _run_cases(suite: str, cases: list, cfg: BenchConfig, ctx: RunContext,
+               skip_materialising: Callable[[Case], bool] = lambda case: False) -> list:
+    """run_attention_case over [(Case, modes)], with a progress line per case."""
+    progress = Progress(len(cases), suite, cfg.progress)
     rows = []
     try:
         for case, modes in cases:
             progress.step(f"{case.label} {'/'.join(modes)}")
-            rows += run_attention_case(case, modes, ctx, cfg, log=progress.write)
+            rows += run_attention_case(case, modes, ctx, cfg, log=progress.write, suite=suite,
+                                       skip_materialising=skip_materialising(case))
             progress.done()
     finally:
         progress.close()
     return rows
+
+
+@register_suite("attention")
+def attention_suite(cfg: BenchConfig, ctx: RunContext) -> list:
+    return _run_cases("attention", attention_cases(cfg, ctx.device), cfg, ctx)
 
 
 # ---------------------------------------------------------------------------
@@ -251,20 +257,10 @@ def attention_suite(cfg: BenchConfig, ctx: RunContext) -> list:
 # ---------------------------------------------------------------------------
 @register_suite("variants")
 def variants_suite(cfg: BenchConfig, ctx: RunContext) -> list:
-    cases = variant_cases(cfg, ctx.device)
-    progress = Progress(len(cases), "variants", cfg.progress)
-    rows = []
-    try:
-        for case, modes in cases:
-            progress.step(f"{case.label} {'/'.join(modes)}")
-            # the long-sequence window rows compare fused kernels (SDPA given the window's bool mask);
-            # the decode rows, whose score matrices are small, also the naive expression and SDPA math
-            rows += run_attention_case(case, modes, ctx, cfg, log=progress.write, suite="variants",
-                                       skip_materialising=not cfg.full and not case.decode)
-            progress.done()
-    finally:
-        progress.close()
-    return rows
+    # the long-sequence window rows compare fused kernels (SDPA given the window's bool mask);
+    # the decode rows, whose score matrices are small, also the naive expression and SDPA math
+    return _run_cases("variants", variant_cases(cfg, ctx.device), cfg, ctx,
+                      skip_materialising=lambda case: not cfg.full and not case.decode)
 
 
 # ---------------------------------------------------------------------------
