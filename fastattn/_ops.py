@@ -65,6 +65,11 @@ class Variants(NamedTuple):
     bottom_right: bool = False  # diagonal d(i) = i + Nk - Nq (flash-attn) instead of i (torch)
     softcap: float = 0.0  # > 0: logit = softcap * tanh(logit / softcap)
 
+    def keywords(self) -> dict:
+        """The same variants as fastattn.attention's (and the reference's) keyword arguments."""
+        return dict(window_size=(self.window_left, self.window_right),
+                    alignment="bottom_right" if self.bottom_right else "top_left", softcap=self.softcap)
+
 
 PLAIN = Variants()
 

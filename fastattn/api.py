@@ -240,9 +240,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if name == "reference":
         return reference.attention_reference(
             q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, rng_state=rng_state,
-            return_lse=return_lse, window_size=(variants.window_left, variants.window_right),
-            alignment="bottom_right" if variants.bottom_right else "top_left", softcap=variants.softcap,
-            alibi_slopes=alibi_slopes, sinks=sinks)
+            return_lse=return_lse, **variants.keywords(), alibi_slopes=alibi_slopes, sinks=sinks)
     out, lse = AttentionFunction.apply(q, k, v, attn_mask, bool(causal), scale, dropout_p, rng_state, name,
                                        variants, alibi_slopes, sinks)
     return (out, lse) if return_lse else out
@@ -323,6 +321,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     causal = _check_causal(causal)
     dropout_p = _check_dropout(dropout_p)
     batch = None
+    lengths = {}  # per sequence, from the prefix sums read once here (a GPU tensor is copied to the host once)
     for name, cu, total, max_len in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
                                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
@@ -333,6 +332,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                              f"{cu.numel()}")
         batch = cu.numel() - 1
         values = cu.tolist()
+        lengths[name] = [b - a for a, b in zip(values, values[1:])]
         if values[0] != 0:
             raise ValueError(f"{name} must start at 0, got {values[0]}")
         if any(b < a for a, b in zip(values, values[1:])):
@@ -342,11 +342,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         longest = max((b - a for a, b in zip(values, values[1:])), default=0)
         if not isinstance(max_len, int) or longest > max_len:
             raise ValueError(f"max_seqlen_{name[-1]} = {max_len} is smaller than the longest sequence ({longest})")
-    lengths_q = torch.diff(cu_seqlens_q.cpu())
-    lengths_k = torch.diff(cu_seqlens_k.cpu())
     causal, variants, alibi_slopes, sinks, used = _check_variants(
         q, causal, window_size, alignment, softcap, alibi_slopes, sinks, heads_q=q.shape[1], batch=batch,
-        seqlens_differ=not torch.equal(lengths_q, lengths_k))
+        seqlens_differ=lengths["cu_seqlens_q"] != lengths["cu_seqlens_k"])
     scale = _resolve_scale(scale, q.shape[-1])
     name = dispatch.choose_backend(backend, q.device, q.dtype, q.shape[-1], dropout=dropout_p > 0, varlen=True,
                                    value_head_dim=v.shape[-1], variants=used)
@@ -354,9 +352,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if name == "reference":
         return reference.varlen_attention_reference(
             q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, dropout_p=dropout_p, scale=scale,
-            rng_state=rng_state, return_lse=return_lse, window_size=(variants.window_left, variants.window_right),
-            alignment="bottom_right" if variants.bottom_right else "top_left", softcap=variants.softcap,
-            alibi_slopes=alibi_slopes, sinks=sinks)
+            rng_state=rng_state, return_lse=return_lse, **variants.keywords(), alibi_slopes=alibi_slopes,
+            sinks=sinks)
     cu_q = cu_seqlens_q.to(device=q.device).contiguous()
     cu_k = cu_seqlens_k.to(device=q.device).contiguous()
     out, lse = VarlenAttentionFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k),
