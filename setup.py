@@ -8,8 +8,10 @@ Extensions, each with one switch:
   fastattn._C_cuda  CUDA kernels from csrc/cuda/*.cu. FASTATTN_CUDA=1 forces it (and
                     fails loudly if torch has no CUDA or nvcc is missing), FASTATTN_CUDA=0
                     skips it; by default it is built when torch has CUDA and nvcc is found.
-                    Architectures from TORCH_CUDA_ARCH_LIST (default "8.0;9.0"; the kernels
-                    need sm80+); MAX_JOBS caps parallel compile jobs, NVCC_THREADS the threads
+                    Architectures from TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": sm80 code
+                    also runs on sm86/sm89, sm90 code on H100/H200, and the compute_90 PTX is
+                    compiled by the driver for newer GPUs such as sm100/sm120, which would otherwise
+                    get "no kernel image"; the kernels need sm80+); MAX_JOBS caps parallel compile jobs, NVCC_THREADS the threads
                     of each nvcc. FASTATTN_CUDA_HEAD_DIMS (e.g. "64,128"; default: all that
                     csrc/cuda/generate_kernels.py writes) builds a subset of the kernels.
 The Triton kernels in csrc/triton/ are Python sources shipped as fastattn.triton_kernels.
@@ -109,6 +111,9 @@ def nvcc_toolkit_dirs(nvcc):
     return existing(includes), existing(libraries)
 
 
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
 def cuda_extension():
     """The CUDA extension per FASTATTN_CUDA, or None when it is not built."""
     import torch
@@ -129,10 +134,14 @@ def cuda_extension():
     if not sources:
         print("fastattn: no CUDA kernels in csrc/cuda yet; building the CPU extension only", file=sys.stderr)
         return None
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
     sources, head_dims = cuda_kernel_sources(sources)
     toolkit_includes, toolkit_libraries = nvcc_toolkit_dirs(nvcc)
     defines = [f"-DFASTATTN_CUDA_HDIM{d}" for d in head_dims]  # which head dims attention_cuda.cpp dispatches
+    # the arch list, for fastattn.info and the "no kernel image" message (no ';' or spaces: a shell reads it)
+    arch_list = re.sub(r"[;\s]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
+    if re.fullmatch(r"[0-9A-Za-z.+,]*", arch_list):
+        defines.append(f"-DFASTATTN_CUDA_ARCH_LIST={arch_list}")
     nvcc_threads = os.environ.get("NVCC_THREADS", "").strip()
     nvcc_flags = ["-O3", "--use_fast_math", *defines]
     if nvcc_threads:

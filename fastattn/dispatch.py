@@ -8,6 +8,8 @@ Backends:
 """
 from __future__ import annotations
 
+import functools
+
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -79,11 +81,31 @@ def _compute_capability(index: Optional[int]) -> tuple:
     return tuple(torch.cuda.get_device_capability(index))
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_image_problem_cached(index: int) -> str:
+    return _ops._C_cuda.kernel_image_problem(index)
+
+
+@torch.compiler.assume_constant_result
+def _kernel_image_problem(index: Optional[int]) -> str:
+    """Empty when the built CUDA kernels have an image this GPU can run (probed once per device)."""
+    if _ops._C_cuda is None or not hasattr(_ops._C_cuda, "kernel_image_problem"):
+        return ""
+    return _kernel_image_problem_cached(torch.cuda.current_device() if index is None else index)
+
+
 def _cuda_unsupported(device: torch.device, head_dim: int, value_head_dim: Optional[int], has_mask: bool,
                       mask: Optional[str]) -> Optional[str]:
     """What the CUDA C++ kernels lack for a call the generic checks let through."""
-    if _compute_capability(device.index) < (8, 0):
+    capability = _compute_capability(device.index)
+    if capability < (8, 0):
         return "backend 'cuda' needs compute capability 8.0+ (mma.sync bf16/fp16, cp.async)"
+    problem = _kernel_image_problem(device.index)
+    if problem:  # e.g. a GPU newer than the build's archs, built without PTX
+        arch_list = getattr(_ops._C_cuda, "arch_list", "unknown")
+        return (f"backend 'cuda' has no kernel this GPU (sm{capability[0]}{capability[1]}) can run: {problem}; "
+                f"fastattn was built with TORCH_CUDA_ARCH_LIST={arch_list!r}: rebuild with this GPU's arch "
+                f"(or an older one with +PTX) in TORCH_CUDA_ARCH_LIST")
     if head_dim not in cuda_head_dims():
         return f"backend 'cuda' has kernels for head dims {list(cuda_head_dims())}, got {head_dim}"
     if value_head_dim is not None and value_head_dim != head_dim:

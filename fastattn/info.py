@@ -45,7 +45,8 @@ def collect() -> dict:
         "extensions": {
             "cpu (fastattn._C)": "built" if _ops._C is not None else f"missing ({_ops._C_IMPORT_ERROR})",
             "cuda (fastattn._C_cuda)": (f"built: head dims {list(_ops._C_cuda.head_dims)}, fp16/bf16, sm80+, "
-                                        "bool key-padding masks" if _ops._C_cuda is not None else
+                                        f"bool key-padding masks; archs {getattr(_ops._C_cuda, 'arch_list', '?')}"
+                                        if _ops._C_cuda is not None else
                                         "not built (FASTATTN_CUDA=1 with a CUDA torch and nvcc)"),
             "triton kernels": _triton_state(),
         },

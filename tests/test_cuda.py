@@ -94,9 +94,29 @@ def fake_cuda_build(monkeypatch):
     monkeypatch.setattr(_ops, "_C_cuda", FakeExtension())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     dispatch._warned.clear()
+    dispatch._kernel_image_problem_cached.cache_clear()
     yield
     dispatch._warned.clear()
+    dispatch._kernel_image_problem_cached.cache_clear()
+
+
+def test_dispatch_refuses_a_gpu_without_kernel_image(fake_cuda_build, monkeypatch):
+    """A GPU newer than the build's archs (no PTX): 'cuda' is not chosen, and the reason says how to fix it."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+
+    class NoImageExtension:
+        head_dims = [64, 128]
+        arch_list = "8.0,9.0"
+
+        @staticmethod
+        def kernel_image_problem(index):
+            return "no kernel image is available for execution on the device"
+
+    monkeypatch.setattr(_ops, "_C_cuda", NoImageExtension())
+    reason = dispatch.why_unsupported("cuda", torch.device("cuda"), torch.bfloat16, 64)
+    assert "sm120" in reason and "no kernel image" in reason and "TORCH_CUDA_ARCH_LIST='8.0,9.0'" in reason
 
 
 def test_dispatch_cuda_rules(fake_cuda_build):
@@ -140,6 +160,38 @@ def test_dispatch_auto_passes_over_cuda_with_one_warning(fake_cuda_build, monkey
 @pytest.mark.parametrize("op", ["fwd", "bwd", "varlen_fwd", "varlen_bwd"])
 def test_ops_have_cuda_kernels(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattn::{op}", "CUDA")
+
+
+def test_resource_check_parses_cuobjdump():
+    sys.path.insert(0, str(ROOT / "csrc" / "cuda"))
+    import resource_check
+
+    text = """
+Fatbin elf code:
+================
+arch = sm_80
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _ZN8fastattn4cuda21flash_bwd_dkdv_kernel:
+  REG:168 STACK:16 SHARED:0 LOCAL:0 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _ZN8fastattn4cuda16flash_fwd_kernel:
+  REG:255 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    rows = resource_check.parse_resource_usage(text)
+    assert [(r.arch, r.registers, r.stack) for r in rows] == [("sm_80", 168, 16), ("sm_80", 255, 0)]
+    assert "stack 16 B" in rows[0].problems()[0] and rows[1].problems() == []
+
+
+@needs_build
+def test_kernel_resources():
+    """Every kernel of every cubin: no stack or local memory, <= 255 registers, no static shared memory."""
+    sys.path.insert(0, str(ROOT / "csrc" / "cuda"))
+    import resource_check
+
+    if resource_check.find_cuobjdump() is None:
+        pytest.skip("no cuobjdump (CUDA toolkit, PATH or triton's bundled copy)")
+    assert resource_check.main([_ops._C_cuda.__file__]) == 0
 
 
 @needs_build

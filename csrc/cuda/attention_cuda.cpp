@@ -8,10 +8,16 @@
 //   float16 / bfloat16 on sm80+; q/k/v head dims equal and in head_dims();
 //   attn_mask: bool key-padding masks broadcastable as (B|1, 1, 1, Nk) only;
 //   causal (top-left), GQA (Hq % Hkv == 0), dropout (Philox, csrc/philox.h), varlen.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 #include <torch/library.h>
+#if defined(FASTATTN_CUDA_EMULATION)
+// The host emulation of the device (tests/test_cuda_emulation.py): this file's own code runs
+// on CPU tensors, as the kernels' memory, with the emulated GPU of emulation/device_emulation.h.
+#include "emulation/device_emulation.h"
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 #include <limits>
 #include <vector>
@@ -79,7 +85,18 @@ bool launch_bwd(const AttnParams& p, void* stream) {
   }
 }
 
+#if defined(FASTATTN_CUDA_EMULATION)
+void* current_stream() { return nullptr; }
+// The emulated device's memory is host memory.
+bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+#else
 void* current_stream() { return static_cast<void*>(at::cuda::getCurrentCUDAStream().stream()); }
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+#endif
 
 void run_fwd(const AttnParams& p, at::ScalarType dtype, bool causal) {
   const bool ok = dtype == at::kHalf ? (causal ? launch_fwd<Fp16, true>(p, current_stream())
@@ -106,7 +123,7 @@ void run_bwd(const AttnParams& p, at::ScalarType dtype, bool causal) {
 // Input checks
 // ---------------------------------------------------------------------------
 void check_device_and_dtype(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(t.is_cuda(), "fastattn cuda: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(on_kernel_device(t), "fastattn cuda: ", name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK_VALUE(t.device() == q.device(), "fastattn cuda: ", name, " is on ", t.device(), " but q is on ",
                     q.device());
   TORCH_CHECK_TYPE(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, "fastattn cuda: ", name,
@@ -116,7 +133,11 @@ void check_device_and_dtype(const at::Tensor& t, const char* name, const at::Ten
 }
 
 void check_arch(const at::Tensor& q) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  const emu::DeviceModel* prop = &emu::device();
+#else
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.get_device());
+#endif
   TORCH_CHECK(prop->major >= 8, "fastattn cuda: the CUDA kernels need compute capability 8.0+ (Ampere or newer), "
               "got ", prop->major, ".", prop->minor, " on ", q.device());
 }
@@ -187,7 +208,7 @@ void set_dropout(AttnParams& p, double dropout_p, const c10::optional<at::Tensor
                    rs.scalar_type(), " of shape ", rs.sizes());
   p.dropout_threshold = dropout_threshold(dropout_p);
   p.dropout_rescale = static_cast<float>(1.0 / (1.0 - dropout_p));
-  if (rs.is_cuda()) {
+  if (on_kernel_device(rs)) {
     // Read by the kernels: a CUDA graph replays them with whatever the graph's own
     // generator kernels wrote there, so no host value is baked into the graph.
     TORCH_CHECK_VALUE(rs.device() == q.device(), "fastattn cuda: rng_state is on ", rs.device(), " but q is on ",
@@ -262,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
   check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
   check_dense_qkv(q_in, k_in, v_in);
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const DeviceGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Nk = k.size(2);
   at::Tensor out = at::empty({B, Nq, Hq, D}, q.options());  // (B, Nq, Hq, D), returned as (B, Hq, Nq, D)
@@ -306,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
                         lse_in.device() == q_in.device(),
                     "fastattn cuda: lse must be a float32 (B, Hq, Nq) = (", B, ", ", Hq, ", ", Nq, ") tensor on ",
                     q_in.device(), ", got ", lse_in.scalar_type(), " of shape ", lse_in.sizes(), " on ", lse_in.device());
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const DeviceGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const at::Tensor dout = kernel_layout(grad_out_in), out = kernel_layout(out_in), lse = lse_in.contiguous();
   GradBuffer dq(q_in), dk(k_in), dv(v_in);
@@ -403,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
   check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
   check_varlen_qkv(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const DeviceGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const int64_t total_q = q.size(0), Hq = q.size(1), D = q.size(2);
   at::Tensor out = at::empty({total_q, Hq, D}, q.options());           // (total_q, Hq, D)
@@ -444,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
                         lse_in.device() == q_in.device(),
                     "fastattn cuda: lse must be a float32 (Hq, total_q) = (", Hq, ", ", total_q, ") tensor on ",
                     q_in.device(), ", got ", lse_in.scalar_type(), " of shape ", lse_in.sizes());
-  const c10::cuda::CUDAGuard guard(q_in.device());
+  const DeviceGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const at::Tensor dout = kernel_layout(grad_out_in), out = kernel_layout(out_in), lse = lse_in.contiguous();
   GradBuffer dq(q_in), dk(k_in), dv(v_in);
@@ -481,16 +502,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
 }  // namespace cuda
 }  // namespace fastattn
 
+#if defined(FASTATTN_CUDA_EMULATION)
+namespace fastattn {
+namespace cuda {
+void register_emulator_checks(pybind11::module& m);  // emulation/emulator_checks.cpp
+}  // namespace cuda
+}  // namespace fastattn
+#else
 TORCH_LIBRARY_IMPL(fastattn, CUDA, m) {
   m.impl("fwd", &fastattn::cuda::fwd_cuda);
   m.impl("bwd", &fastattn::cuda::bwd_cuda);
   m.impl("varlen_fwd", &fastattn::cuda::varlen_fwd_cuda);
   m.impl("varlen_bwd", &fastattn::cuda::varlen_bwd_cuda);
 }
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn CUDA kernels (importing this module registers the torch.ops.fastattn CUDA kernels)";
   m.attr("head_dims") = fastattn::cuda::supported_head_dims();
   m.attr("dtypes") = std::vector<std::string>{"float16", "bfloat16"};
   m.attr("min_compute_capability") = std::make_tuple(8, 0);
+#ifdef FASTATTN_CUDA_ARCH_LIST
+#define FASTATTN_STRINGIFY(...) #__VA_ARGS__
+#define FASTATTN_EXPAND_STRINGIFY(...) FASTATTN_STRINGIFY(__VA_ARGS__)
+  // TORCH_CUDA_ARCH_LIST of the build, with commas for semicolons (setup.py)
+  m.attr("arch_list") = std::string(FASTATTN_EXPAND_STRINGIFY(FASTATTN_CUDA_ARCH_LIST));
+#else
+  m.attr("arch_list") = std::string("unknown");
+#endif
+  m.def("kernel_image_problem", [](int64_t device) -> std::string {
+    // Empty when the kernels can run on `device`; else why not (e.g. built without its arch or PTX).
+    const fastattn::cuda::DeviceGuard guard(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(device)));
+    const int error = fastattn::cuda::probe_kernel_image();
+    if (error == 0) return "";
+#if defined(FASTATTN_CUDA_EMULATION)
+    return "error " + std::to_string(error);
+#else
+    (void)cudaGetLastError();  // the probe's error is not sticky; clear it for the next caller
+    return cudaGetErrorString(static_cast<cudaError_t>(error));
+#endif
+  }, "empty when the CUDA kernels can run on this device, else the CUDA error of probing for them");
+#if defined(FASTATTN_CUDA_EMULATION)
+  // The ops' CUDA kernels as plain functions of CPU tensors, on the emulated device.
+  m.def("fwd", &fastattn::cuda::fwd_cuda);
+  m.def("bwd", &fastattn::cuda::bwd_cuda);
+  m.def("varlen_fwd", &fastattn::cuda::varlen_fwd_cuda);
+  m.def("varlen_bwd", &fastattn::cuda::varlen_bwd_cuda);
+  m.def("set_device", &fastattn::emu::set_device, "emulate sm80, sm86, sm89, sm90, sm100 or sm120");
+  fastattn::cuda::register_emulator_checks(m);
+  m.def("counters", []() {
+    const fastattn::emu::Counters& c = fastattn::emu::counters();
+    return std::map<std::string, int64_t>{{"blocks", c.blocks},     {"mma", c.mma},           {"ldmatrix", c.ldmatrix},
+                                          {"cp_async", c.cp_async}, {"barriers", c.barriers}, {"shuffles", c.shuffles}};
+  });
+#endif
 }

@@ -15,9 +15,6 @@
 // delta = rowsum(dO ∘ O) comes from flash_bwd_preprocess.cu. With dropout (Z keep
 // mask, r = 1/(1-p)): dV uses P∘Z·r, and dP is taken as dO Vᵀ ∘ Z·r.
 #pragma once
-#include <c10/cuda/CUDAException.h>
-#include <cuda_runtime.h>
-
 #include <cmath>
 
 #include "flash_common.cuh"
@@ -25,14 +22,17 @@
 namespace fastattn {
 namespace cuda {
 
-template <int kHeadDim>
+// kBlockN_ = 64 normally; 32 where a GPU's opt-in shared memory is too small for 64
+// (D = 128 needs 104,448 B with 64: over the 101,376 B of sm86, sm89 and sm120).
+template <int kHeadDim, int kBlockN_ = 64>
 struct BwdDqConfig {
-  static constexpr int kBlockM = 64;  // query rows per CTA (16 per warp)
-  static constexpr int kBlockN = 64;  // keys per pipeline stage
+  static constexpr int kBlockM = 64;        // query rows per CTA (16 per warp)
+  static constexpr int kBlockN = kBlockN_;  // keys per pipeline stage
   static constexpr int kThreads = 4 * kWarpSize;
   static constexpr int kStride = TileLayout<kHeadDim>::kStride;
   // Q + dO tiles + two K tiles + two V tiles
   static constexpr int kSmemElems = (2 * kBlockM + 4 * kBlockN) * kStride;
+  static constexpr int kSmemBytes(int elem_bytes) { return kSmemElems * elem_bytes; }
 };
 
 template <int kHeadDim>
@@ -49,10 +49,10 @@ struct BwdDkDvConfig {
 // ---------------------------------------------------------------------------
 // dQ
 // ---------------------------------------------------------------------------
-template <typename Tag, int kHeadDim, bool kCausal>
-__global__ void __launch_bounds__(BwdDqConfig<kHeadDim>::kThreads)
+template <typename Tag, int kHeadDim, bool kCausal, int kBlockKeys>
+__global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
     flash_bwd_dq_kernel(const AttnParams p) {
-  using Cfg = BwdDqConfig<kHeadDim>;
+  using Cfg = BwdDqConfig<kHeadDim, kBlockKeys>;
   using Tr = ElemTraits<Tag>;
   using T = typename Tr::T;
   constexpr int kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStride = Cfg::kStride;
@@ -398,27 +398,40 @@ void set_smem_limit(Kernel kernel, int smem_bytes) {
   }
 }
 
+template <typename Tag, int kHeadDim, bool kCausal, int kBlockKeys>
+void launch_bwd_dq(const AttnParams& params, cudaStream_t s) {
+  using Cfg = BwdDqConfig<kHeadDim, kBlockKeys>;
+  constexpr int smem_bytes = Cfg::kSmemBytes(static_cast<int>(sizeof(typename ElemTraits<Tag>::T)));
+  auto kernel = flash_bwd_dq_kernel<Tag, kHeadDim, kCausal, kBlockKeys>;
+  set_smem_limit(kernel, smem_bytes);
+  const dim3 grid((params.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, params.num_heads_q, params.batch);
+  FASTATTN_LAUNCH(kernel, grid, Cfg::kThreads, smem_bytes, s, params);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // dQ and dK/dV kernels on the same stream; delta must already be computed.
 template <typename Tag, int kHeadDim, bool kCausal>
 void run_flash_bwd(const AttnParams& params, void* stream) {
   using T = typename ElemTraits<Tag>::T;
+  constexpr int kElem = static_cast<int>(sizeof(T));
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  {
-    using Cfg = BwdDqConfig<kHeadDim>;
-    constexpr int smem_bytes = Cfg::kSmemElems * static_cast<int>(sizeof(T));
-    auto kernel = flash_bwd_dq_kernel<Tag, kHeadDim, kCausal>;
-    set_smem_limit(kernel, smem_bytes);
-    const dim3 grid((params.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, params.num_heads_q, params.batch);
-    kernel<<<grid, Cfg::kThreads, smem_bytes, s>>>(params);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  static_assert(BwdDqConfig<kHeadDim, 32>::kSmemBytes(kElem) <= kSmallestSmemOptin &&
+                    BwdDkDvConfig<kHeadDim>::kSmemBytes(kElem) <= kSmallestSmemOptin,
+                "every backward configuration must fit the smallest opt-in shared memory of an sm80+ GPU");
+  if constexpr (BwdDqConfig<kHeadDim, 64>::kSmemBytes(kElem) <= kSmallestSmemOptin) {
+    launch_bwd_dq<Tag, kHeadDim, kCausal, 64>(params, s);
+  } else if (BwdDqConfig<kHeadDim, 64>::kSmemBytes(kElem) <= max_smem_optin()) {
+    launch_bwd_dq<Tag, kHeadDim, kCausal, 64>(params, s);
+  } else {
+    launch_bwd_dq<Tag, kHeadDim, kCausal, 32>(params, s);
   }
   {
     using Cfg = BwdDkDvConfig<kHeadDim>;
-    constexpr int smem_bytes = Cfg::kSmemBytes(static_cast<int>(sizeof(T)));
+    constexpr int smem_bytes = Cfg::kSmemBytes(kElem);
     auto kernel = flash_bwd_dkdv_kernel<Tag, kHeadDim, kCausal>;
     set_smem_limit(kernel, smem_bytes);
     const dim3 grid((params.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN, params.num_heads_kv, params.batch);
-    kernel<<<grid, Cfg::kThreads, smem_bytes, s>>>(params);
+    FASTATTN_LAUNCH(kernel, grid, Cfg::kThreads, smem_bytes, s, params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -1,8 +1,6 @@
 // delta = rowsum(dO ∘ O) in float32, the per-row term of dS = P ∘ (dP - delta).
 // One warp per (row, q head); O and dO are read in their storage dtype, as the
 // forward wrote O.
-#include <c10/cuda/CUDAException.h>
-
 #include "flash_common.cuh"
 
 namespace fastattn {
@@ -33,9 +31,14 @@ __global__ void __launch_bounds__(kPreprocessWarps * kWarpSize) flash_bwd_prepro
 template <typename Tag>
 void run_flash_bwd_preprocess(const AttnParams& params, void* stream) {
   const dim3 grid((params.seqlen_q + kPreprocessWarps - 1) / kPreprocessWarps, params.num_heads_q, params.batch);
-  flash_bwd_preprocess_kernel<Tag>
-      <<<grid, kPreprocessWarps * kWarpSize, 0, static_cast<cudaStream_t>(stream)>>>(params);
+  FASTATTN_LAUNCH(flash_bwd_preprocess_kernel<Tag>, grid, kPreprocessWarps * kWarpSize, 0,
+                  static_cast<cudaStream_t>(stream), params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+int probe_kernel_image() {
+  cudaFuncAttributes attributes;
+  return static_cast<int>(cudaFuncGetAttributes(&attributes, flash_bwd_preprocess_kernel<Fp16>));
 }
 
 template void run_flash_bwd_preprocess<Fp16>(const AttnParams&, void*);

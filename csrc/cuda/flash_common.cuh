@@ -10,8 +10,20 @@
 // 16x16 block, which is how P and dS go from one product into the next without
 // shared memory.
 #pragma once
+#if defined(FASTATTN_CUDA_EMULATION)
+// Host stand-ins for the CUDA types and the warp-level instructions below, so that this
+// code also compiles for the CPU and runs there (tests/test_cuda_emulation.py).
+#include "emulation/device_emulation.h"
+#define FASTATTN_LAUNCH(kernel, grid, threads, smem_bytes, stream, params) \
+  ::fastattn::emu::launch(kernel, grid, threads, smem_bytes, params)
+#else
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#define FASTATTN_LAUNCH(kernel, grid, threads, smem_bytes, stream, params) \
+  kernel<<<grid, threads, smem_bytes, stream>>>(params)
+#endif
 #include <cstdint>
 
 #include "../philox.h"
@@ -19,6 +31,11 @@
 
 namespace fastattn {
 namespace cuda {
+
+// The smallest opt-in dynamic shared memory per block among the GPUs the kernels claim
+// (sm86, sm89, sm120: 99 KB; sm80 has 163 KB, sm90 227 KB). A configuration within it
+// launches everywhere; a larger one only after max_smem_optin() says the GPU has room.
+constexpr int kSmallestSmemOptin = 101376;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -42,11 +59,15 @@ struct ElemTraits<Fp16> {
     return __half22float2(*reinterpret_cast<__half2*>(&x));
   }
   __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(FASTATTN_CUDA_EMULATION)
+    emu::mma_m16n8k16(emu::Mma::kF16, c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -62,11 +83,15 @@ struct ElemTraits<Bf16> {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
   }
   __device__ __forceinline__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(FASTATTN_CUDA_EMULATION)
+    emu::mma_m16n8k16(emu::Mma::kBf16, c, a, b0, b1);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -80,25 +105,45 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 // 16-byte global -> shared copy that bypasses registers; src_bytes = 0 writes zeros
 // (rows past the end of a sequence, so no garbage ever reaches an mma).
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  emu::cp_async_16(dst, src, valid);
+#else
   const int src_bytes = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+#endif
 }
+#if defined(FASTATTN_CUDA_EMULATION)
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  emu::cp_async_wait(kPending);
+}
+#else
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
+#endif
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  emu::ldmatrix_x4(r, addr, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#if defined(FASTATTN_CUDA_EMULATION)
+  emu::ldmatrix_x4(r, addr, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
+#endif
 }
 
 // ---------------------------------------------------------------------------
@@ -205,9 +250,21 @@ struct DropoutRng {
   }
   __device__ __forceinline__ bool keep(int i, int j) const {
     const Philox4 w = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), segment, offset, seed);
-    return w.w[j & 3] >= threshold;
+    // w.w[j & 3] by selects: a runtime index into w would put it in local memory (a stack
+    // frame with STL/LDL in every kernel that drops, which the resource check refuses).
+    const uint32_t even = (j & 2) ? w.w[2] : w.w[0];
+    const uint32_t odd = (j & 2) ? w.w[3] : w.w[1];
+    return ((j & 1) ? odd : even) >= threshold;
   }
 };
+
+// cudaDevAttrMaxSharedMemoryPerBlockOptin of the current device.
+inline int max_smem_optin() {
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
 
 // Reductions over the 4 lanes of a quad (the lanes that share a C-fragment row).
 __device__ __forceinline__ float quad_max(float x) {

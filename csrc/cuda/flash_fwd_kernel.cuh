@@ -9,9 +9,6 @@
 //   O = O * exp2(m_old - m_new) + P V   (P reused from the S accumulators as A fragments)
 // Epilogue: O / l (times 1/(1-p) with dropout), lse = (m + log2 l) * ln 2.
 #pragma once
-#include <c10/cuda/CUDAException.h>
-#include <cuda_runtime.h>
-
 #include <cmath>
 
 #include "flash_common.cuh"
@@ -216,12 +213,13 @@ void run_flash_fwd(const AttnParams& params, void* stream) {
   using Cfg = FwdConfig<kHeadDim>;
   using T = typename ElemTraits<Tag>::T;
   constexpr int smem_bytes = Cfg::kSmemElems * static_cast<int>(sizeof(T));
+  static_assert(smem_bytes <= kSmallestSmemOptin, "the forward must fit every sm80+ GPU's shared memory");
   auto kernel = flash_fwd_kernel<Tag, kHeadDim, kCausal>;
   if (smem_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   }
   const dim3 grid((params.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, params.num_heads_q, params.batch);
-  kernel<<<grid, Cfg::kThreads, smem_bytes, static_cast<cudaStream_t>(stream)>>>(params);
+  FASTATTN_LAUNCH(kernel, grid, Cfg::kThreads, smem_bytes, static_cast<cudaStream_t>(stream), params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

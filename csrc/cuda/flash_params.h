@@ -71,6 +71,10 @@ void run_flash_fwd(const AttnParams& params, void* stream);
 template <typename T, int kHeadDim, bool kCausal>
 void run_flash_bwd(const AttnParams& params, void* stream);
 
+// 0 when this build has a kernel image the current device can run, else the
+// cudaError_t of asking for one (e.g. no kernel image for an arch that was not built).
+int probe_kernel_image();
+
 // delta = rowsum(dout * out) in float32 (flash_bwd_preprocess.cu).
 template <typename T>
 void run_flash_bwd_preprocess(const AttnParams& params, void* stream);
