@@ -30,9 +30,9 @@ struct BwdDqConfig {
   static constexpr int kBlockN = kBlockN_;  // keys per pipeline stage
   static constexpr int kThreads = 4 * kWarpSize;
   static constexpr int kStride = TileLayout<kHeadDim>::kStride;
-  // Q + dO tiles + two K tiles + two V tiles
+  // Q + dO tiles + two K tiles + two V tiles, then two key-padding mask blocks (bytes)
   static constexpr int kSmemElems = (2 * kBlockM + 4 * kBlockN) * kStride;
-  static constexpr int kSmemBytes(int elem_bytes) { return kSmemElems * elem_bytes; }
+  static constexpr int kSmemBytes(int elem_bytes) { return kSmemElems * elem_bytes + 2 * kBlockN; }
 };
 
 template <int kHeadDim>
@@ -63,8 +63,11 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
   T* sdO = sQ + kBlockM * kStride;         // (kBlockM, kStride)
   T* sK = sdO + kBlockM * kStride;         // 2 x (kBlockN, kStride)
   T* sV = sK + 2 * kBlockN * kStride;      // 2 x (kBlockN, kStride)
+  uint8_t* sMask = reinterpret_cast<uint8_t*>(sV + 2 * kBlockN * kStride);  // 2 x kBlockN
 
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // Causal: longest query blocks first, as in the forward.
+  const int m_block = kCausal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int g = lane / 4, t = lane % 4;
   const SeqBounds sb = seq_bounds(p, b);
@@ -102,6 +105,9 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
   if (num_n > 0) {
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k, p.k_row_stride, 0, sb.seqlen_k, tid);
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v, p.v_row_stride, 0, sb.seqlen_k, tid);
+    if (key_mask != nullptr) {
+      load_key_mask_block<kBlockN, Cfg::kThreads>(sMask, key_mask, p.key_mask_col_stride, 0, sb.seqlen_k, tid);
+    }
   }
   cp_async_commit();
 
@@ -119,6 +125,10 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
                                                         (n + 1) * kBlockN, sb.seqlen_k, tid);
       load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV + (buf ^ 1) * kBlockN * kStride, v, p.v_row_stride,
                                                         (n + 1) * kBlockN, sb.seqlen_k, tid);
+      if (key_mask != nullptr) {
+        load_key_mask_block<kBlockN, Cfg::kThreads>(sMask + (buf ^ 1) * kBlockN, key_mask, p.key_mask_col_stride,
+                                                    (n + 1) * kBlockN, sb.seqlen_k, tid);
+      }
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -127,6 +137,7 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
     __syncthreads();
     const T* cK = sK + buf * kBlockN * kStride;
     const T* cV = sV + buf * kBlockN * kStride;
+    const uint8_t* cMask = sMask + buf * kBlockN;
     const int n0 = n * kBlockN;
 
     float s[kSTiles][4], dp[kSTiles][4];
@@ -166,7 +177,7 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
           bool hidden = false;
           if (need_mask) {
             hidden = j + c >= sb.seqlen_k || (kCausal && j + c > i) ||
-                     (key_mask != nullptr && !key_mask[(j + c) * p.key_mask_col_stride]);
+                     (key_mask != nullptr && !cMask[j + c - n0]);
           }
           const float prob = hidden ? 0.f : exp2f(s[nt][e] * p.scale_log2 - row_lse[r]);
           float dprob = dp[nt][e];
@@ -302,7 +313,7 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
     __syncthreads();
     const int h = hk * group + step / steps_per_head;
     const int mq0 = (m_begin + step % steps_per_head) * kBlockM;
-    if (p.dropout) rng.segment = static_cast<uint32_t>(b * p.num_heads_q + h);
+    if (p.dropout) rng.segment = dropout_segment(p, b, h);
     const T* cQ = sQ + buf * kBlockM * kStride;
     const T* cdO = sdO + buf * kBlockM * kStride;
     const float* cLse = sLse + buf * kBlockM;

@@ -173,6 +173,18 @@ __device__ __forceinline__ void load_tile_async(T* smem, const T* gmem, int64_t 
   }
 }
 
+// The key-padding mask of keys n0 .. n0 + kBlockN - 1 into shared memory (1 = visible; keys
+// past the end are 0), by plain stores that the __syncthreads before their use makes visible:
+// one global read per key and block instead of one per score element.
+template <int kBlockN, int kThreads>
+__device__ __forceinline__ void load_key_mask_block(uint8_t* smem, const uint8_t* key_mask, int64_t col_stride,
+                                                    int n0, int seqlen_k, int tid) {
+  for (int c = tid; c < kBlockN; c += kThreads) {
+    const int j = n0 + c;
+    smem[c] = j < seqlen_k && key_mask[j * col_stride] != 0;
+  }
+}
+
 // A fragment of the 16x16 block at (row0, col0) of a row-major smem tile.
 template <int kStride, typename T>
 __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* smem, int row0, int col0, int lane) {
@@ -226,6 +238,12 @@ __device__ __forceinline__ int64_t lse_offset(const AttnParams& p, const SeqBoun
 // ---------------------------------------------------------------------------
 // Dropout: keep/drop of (query i, key j) in segment b * Hq + h, as csrc/philox.h.
 // ---------------------------------------------------------------------------
+// s = b * Hq + h in uint32 arithmetic (csrc/philox.h's segment; in int the product of
+// batch and heads, each up to 65535, could overflow).
+__device__ __forceinline__ uint32_t dropout_segment(const AttnParams& p, int b, int h) {
+  return static_cast<uint32_t>(b) * static_cast<uint32_t>(p.num_heads_q) + static_cast<uint32_t>(h);
+}
+
 struct DropoutRng {
   uint64_t seed;
   uint32_t offset, segment, threshold;
@@ -237,7 +255,7 @@ struct DropoutRng {
       seed = p.seed;
       offset = static_cast<uint32_t>(p.offset);
     }
-    segment = static_cast<uint32_t>(b * p.num_heads_q + h);
+    segment = dropout_segment(p, b, h);
     threshold = p.dropout_threshold;
   }
   // Keep bits of keys j and j + 1 of query row i; j is even, so both share one Philox call.

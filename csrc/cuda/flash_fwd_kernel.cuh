@@ -23,8 +23,9 @@ struct FwdConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kStride = TileLayout<kHeadDim>::kStride;
-  // Q tile + two K tiles + two V tiles
+  // Q tile + two K tiles + two V tiles, then two key-padding mask blocks (bytes)
   static constexpr int kSmemElems = (kBlockM + 4 * kBlockN) * kStride;
+  static constexpr int kSmemBytes(int elem_bytes) { return kSmemElems * elem_bytes + 2 * kBlockN; }
 };
 
 template <typename Tag, int kHeadDim, bool kCausal>
@@ -43,8 +44,12 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
   T* sQ = reinterpret_cast<T*>(smem_raw);  // (kBlockM, kStride)
   T* sK = sQ + kBlockM * kStride;          // 2 x (kBlockN, kStride)
   T* sV = sK + 2 * kBlockN * kStride;      // 2 x (kBlockN, kStride)
+  uint8_t* sMask = reinterpret_cast<uint8_t*>(sV + 2 * kBlockN * kStride);  // 2 x kBlockN
 
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // Causal: the last query blocks see the most keys, so they are launched first (a short
+  // block at the end of the grid, not a long one, is what the GPU's tail waits on).
+  const int m_block = kCausal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int g = lane / 4, t = lane % 4;
 
@@ -68,14 +73,23 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
   if (num_n > 0) {
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k, p.k_row_stride, 0, sb.seqlen_k, tid);
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v, p.v_row_stride, 0, sb.seqlen_k, tid);
+    if (key_mask != nullptr) {
+      load_key_mask_block<kBlockN, Cfg::kThreads>(sMask, key_mask, p.key_mask_col_stride, 0, sb.seqlen_k, tid);
+    }
   }
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
 
-  uint32_t q_frag[kKSteps][4];  // this warp's 16 query rows, all of D
+  // This warp's 16 query rows as A fragments, all of D: kept in registers up to D = 96; at
+  // D = 128 they would be 32 more live registers next to the 64 of O, which spills on sm_80
+  // (255 registers), so they are re-read from the Q tile (which stays in shared memory) per key block.
+  constexpr bool kQInRegisters = kHeadDim < 128;
+  uint32_t q_frag[kQInRegisters ? kKSteps : 1][4];
+  if constexpr (kQInRegisters) {
 #pragma unroll
-  for (int kk = 0; kk < kKSteps; ++kk) load_a_frag<kStride>(q_frag[kk], sQ, warp * 16, kk * 16, lane);
+    for (int kk = 0; kk < kKSteps; ++kk) load_a_frag<kStride>(q_frag[kk], sQ, warp * 16, kk * 16, lane);
+  }
 
   float o[kOTiles][4];
 #pragma unroll
@@ -94,6 +108,10 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
                                                         (n + 1) * kBlockN, sb.seqlen_k, tid);
       load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV + (buf ^ 1) * kBlockN * kStride, v, p.v_row_stride,
                                                         (n + 1) * kBlockN, sb.seqlen_k, tid);
+      if (key_mask != nullptr) {
+        load_key_mask_block<kBlockN, Cfg::kThreads>(sMask + (buf ^ 1) * kBlockN, key_mask, p.key_mask_col_stride,
+                                                    (n + 1) * kBlockN, sb.seqlen_k, tid);
+      }
       cp_async_commit();
       cp_async_wait<1>();  // everything but the prefetch has landed
     } else {
@@ -102,6 +120,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
     __syncthreads();
     const T* cK = sK + buf * kBlockN * kStride;
     const T* cV = sV + buf * kBlockN * kStride;
+    const uint8_t* cMask = sMask + buf * kBlockN;
     const int n0 = n * kBlockN;
 
     // S = Q Kᵀ for 16 rows x kBlockN keys per warp.
@@ -110,12 +129,14 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
     for (int i = 0; i < kSTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk) {
+      if constexpr (!kQInRegisters) load_a_frag<kStride>(q_frag[0], sQ, warp * 16, kk * 16, lane);
+      const uint32_t(&qa)[4] = q_frag[kQInRegisters ? kk : 0];
 #pragma unroll
       for (int np = 0; np < kSTiles / 2; ++np) {
         uint32_t bk[4];
         load_b_frags_nk<kStride>(bk, cK, np * 16, kk * 16, lane);
-        Tr::mma(s[2 * np], q_frag[kk], bk[0], bk[1]);
-        Tr::mma(s[2 * np + 1], q_frag[kk], bk[2], bk[3]);
+        Tr::mma(s[2 * np], qa, bk[0], bk[1]);
+        Tr::mma(s[2 * np + 1], qa, bk[2], bk[3]);
       }
     }
 
@@ -129,7 +150,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
         if (need_mask) {
           const int j = n0 + nt * 8 + 2 * t + (e & 1), i = rows[e >> 1];
           const bool hidden = j >= sb.seqlen_k || (kCausal && j > i) ||
-                              (key_mask != nullptr && !key_mask[j * p.key_mask_col_stride]);
+                              (key_mask != nullptr && !cMask[j - n0]);
           if (hidden) x = -INFINITY;
         }
         s[nt][e] = x;
@@ -212,7 +233,7 @@ template <typename Tag, int kHeadDim, bool kCausal>
 void run_flash_fwd(const AttnParams& params, void* stream) {
   using Cfg = FwdConfig<kHeadDim>;
   using T = typename ElemTraits<Tag>::T;
-  constexpr int smem_bytes = Cfg::kSmemElems * static_cast<int>(sizeof(T));
+  constexpr int smem_bytes = Cfg::kSmemBytes(static_cast<int>(sizeof(T)));
   static_assert(smem_bytes <= kSmallestSmemOptin, "the forward must fit every sm80+ GPU's shared memory");
   auto kernel = flash_fwd_kernel<Tag, kHeadDim, kCausal>;
   if (smem_bytes > 48 * 1024) {
