@@ -6,6 +6,7 @@ the table), not measurements; real numbers only come from running it on a GPU.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +20,52 @@ gpu_check = pytest.importorskip("benchmarks.gpu_check", reason="the benchmarks p
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_dry_run_lists_tests_and_cases():
+def test_dry_run_lists_stages_and_cases():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     plan = json.loads(proc.stdout)
-    assert "pytest" in plan["tests"]["command"] and plan["tests"]["env"] == {"FASTATTN_TRITON_AUTOTUNE": "0"}
+    names = [st["name"] for st in plan["stages"]]
+    assert names == ["build", "selftest", "sanitizer:memcheck:cuda", "sanitizer:memcheck:triton",
+                     "sanitizer:racecheck:cuda", "sanitizer:synccheck:cuda", "tests:cuda", "tests:triton", "bench"]
+    assert plan["estimate_total_s"] <= plan["total_budget_s"] <= 540, "the whole check must fit one ~9 min call"
+    build = plan["stages"][0]
+    assert build["env"]["FASTATTN_CUDA"] == "1" and int(build["env"]["MAX_JOBS"]) == os.cpu_count()
+    assert "--no-build-isolation" in build["command"] and "--no-deps" in build["command"]
+    assert all(st["command"][0] == "compute-sanitizer" for st in plan["stages"] if st["name"].startswith("sanitizer"))
+    assert all(st["env"] == {"FASTATTN_TRITON_AUTOTUNE": "0"} for st in plan["stages"] if st["name"].startswith("tests"))
+    assert "total ~" in proc.stderr and "selftest" in proc.stderr  # the human-readable plan
     cases = plan["bench"]["cases"]
     assert cases[0].startswith("B=") and "D=128" in cases[0] and "bf16" in cases[0] and "causal" not in cases[0]
     assert {"fastattn:triton", "sdpa:flash", "sdpa:efficient", "sdpa:cudnn"} <= set(plan["bench"]["candidates"])
     assert any("N=512 " in c for c in cases) and any("N=16384" in c for c in cases)
+
+
+def test_stages_survive_a_crash_and_log_as_they_go(tmp_path):
+    """A stage that segfaults is a failed record; the next stage still runs; a stage that no longer fits
+    the budget is not run; every record is in the JSON-lines log."""
+    py = sys.executable
+    log = tmp_path / "gpu_check.jsonl"
+    plan = [gpu_check.Stage("crash", [py, "-c", "import os, signal; print('before'); os.kill(os.getpid(), signal.SIGSEGV)"],
+                            1, 30),
+            gpu_check.Stage("hang", [py, "-c", "import time; time.sleep(60)"], 1, 2),
+            gpu_check.Stage("fine", [py, "-c", "print('3 passed in 0.1s')"], 1, 30),
+            gpu_check.Stage("too-long", [py, "-c", "pass"], 10_000, 30)]
+    records = gpu_check.run_stages(plan, total_budget_s=600, log=log)
+    assert [r["status"] for r in records] == ["failed", "timeout", "ok", "not run"]
+    assert records[0]["returncode"] == -11 and "before" in records[0]["output_tail"]
+    assert records[2]["summary"] == "3 passed in 0.1s"
+    logged = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["stage"] for r in logged] == ["crash", "hang", "fine", "too-long"]
+
+
+def test_sanitizer_refusal_is_reported_not_failed():
+    stage = gpu_check.Stage("sanitizer:memcheck:cuda", ["compute-sanitizer"], 1, 1, sanitizer=True)
+    refused = "========= COMPUTE-SANITIZER\n========= Error: Device not supported\n"
+    assert gpu_check.stage_status(stage, 1, False, refused) == "unavailable"
+    found = "========= Invalid __global__ read of size 4 bytes\n========= ERROR SUMMARY: 1 error\n"
+    assert gpu_check.stage_status(stage, 3, False, found) == "failed"
+    assert gpu_check.stage_status(stage, 0, False, "========= ERROR SUMMARY: 0 errors") == "ok"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
