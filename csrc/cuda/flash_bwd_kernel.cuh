@@ -171,11 +171,13 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
     const bool need_mask = key_mask != nullptr || n0 + kBlockN > sb.seqlen_k || (kCausal && n0 + kBlockN - 1 > m0);
 #pragma unroll
     for (int nt = 0; nt < kSTiles; ++nt) {
+      const int j = n0 + nt * 8 + 2 * t;
+      bool keep_rows[2][2] = {{true, true}, {true, true}};
+      if (p.dropout) rng.keep_rows_shared(rows[0], rows[1], j, keep_rows);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int j = n0 + nt * 8 + 2 * t, i = rows[r];
-        bool keep[2] = {true, true};
-        if (p.dropout) rng.keep_pair(i, j, keep[0], keep[1]);
+        const int i = rows[r];
+        const bool(&keep)[2] = keep_rows[r];
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int e = 2 * r + c;

@@ -258,13 +258,23 @@ struct DropoutRng {
     segment = dropout_segment(p, b, h);
     threshold = p.dropout_threshold;
   }
-  // Keep bits of keys j and j + 1 of query row i; j is even, so both share one Philox call.
-  __device__ __forceinline__ void keep_pair(int i, int j, bool& keep0, bool& keep1) const {
-    const Philox4 w = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), segment, offset, seed);
-    const uint32_t w0 = (j & 2) ? w.w[2] : w.w[0];
-    const uint32_t w1 = (j & 2) ? w.w[3] : w.w[1];
-    keep0 = w0 >= threshold;
-    keep1 = w1 >= threshold;
+  // Keep bits of keys j, j + 1 for this lane's rows i0 (keep[0]) and i1 (keep[1]) in the mma
+  // C-fragment layout (j = n0 + 8 nt + 2t, j even). The partner lane (lane ^ 1) holds the same
+  // rows and keys j ^ 2, the other half of the same two Philox draws (counter j / 4, rows i0
+  // and i1): each lane computes one draw and the pair swaps halves, half the Philox work of
+  // a draw per (row, key pair). All 32 lanes must call it together (it shuffles).
+  __device__ __forceinline__ void keep_rows_shared(int i0, int i1, int j, bool (&keep)[2][2]) const {
+    const bool odd = (j & 2) != 0;  // this lane's keys are words 2, 3 of a draw
+    const Philox4 w =
+        philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(odd ? i1 : i0), segment, offset, seed);
+    // Even lanes drew row i0 and give the partner words 2, 3; odd lanes drew row i1 and give words 0, 1.
+    const uint32_t own0 = odd ? w.w[2] : w.w[0], own1 = odd ? w.w[3] : w.w[1];
+    const uint32_t got0 = __shfl_xor_sync(0xffffffffu, odd ? w.w[0] : w.w[2], 1);
+    const uint32_t got1 = __shfl_xor_sync(0xffffffffu, odd ? w.w[1] : w.w[3], 1);
+    keep[0][0] = (odd ? got0 : own0) >= threshold;
+    keep[0][1] = (odd ? got1 : own1) >= threshold;
+    keep[1][0] = (odd ? own0 : got0) >= threshold;
+    keep[1][1] = (odd ? own1 : got1) >= threshold;
   }
   __device__ __forceinline__ bool keep(int i, int j) const {
     const Philox4 w = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), segment, offset, seed);

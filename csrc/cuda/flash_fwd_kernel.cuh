@@ -1,9 +1,13 @@
 // Forward attention kernel, FlashAttention-2 style, for sm80+ tensor cores.
 //
 // One CTA = one block of kBlockM query rows of one (sequence, q head); 4 warps,
-// each owning 16 rows. Q is loaded once into registers (A fragments); K and V
-// blocks of kBlockN keys stream through double-buffered shared memory with
-// cp.async (block n+1 is in flight while block n is multiplied). Per key block:
+// each owning 16 rows. Q is loaded once (into registers as A fragments up to D = 96).
+// K blocks of kBlockN keys stream through double-buffered shared memory with cp.async
+// (K of block n+1 is in flight while block n is multiplied); V has one buffer, refilled
+// for block n+1 as soon as P V of block n is done, so its load overlaps the next S and
+// softmax. One V buffer instead of two saves kBlockN rows of shared memory: at D = 128,
+// 69,760 B instead of 87,168 B, so two CTAs fit an sm80 SM (164 KB) where one did.
+// Per key block:
 //   S = Q Kᵀ               (mma.sync m16n8k16, fp32 accumulators)
 //   online softmax of S * scale * log2(e) with exp2, running max m and sum l per row
 //   O = O * exp2(m_old - m_new) + P V   (P reused from the S accumulators as A fragments)
@@ -23,8 +27,8 @@ struct FwdConfig {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * kWarpSize;
   static constexpr int kStride = TileLayout<kHeadDim>::kStride;
-  // Q tile + two K tiles + two V tiles, then two key-padding mask blocks (bytes)
-  static constexpr int kSmemElems = (kBlockM + 4 * kBlockN) * kStride;
+  // Q tile + two K tiles + one V tile, then two key-padding mask blocks (bytes)
+  static constexpr int kSmemElems = (kBlockM + 3 * kBlockN) * kStride;
   static constexpr int kSmemBytes(int elem_bytes) { return kSmemElems * elem_bytes + 2 * kBlockN; }
 };
 
@@ -43,8 +47,8 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // (kBlockM, kStride)
   T* sK = sQ + kBlockM * kStride;          // 2 x (kBlockN, kStride)
-  T* sV = sK + 2 * kBlockN * kStride;      // 2 x (kBlockN, kStride)
-  uint8_t* sMask = reinterpret_cast<uint8_t*>(sV + 2 * kBlockN * kStride);  // 2 x kBlockN
+  T* sV = sK + 2 * kBlockN * kStride;      // (kBlockN, kStride)
+  uint8_t* sMask = reinterpret_cast<uint8_t*>(sV + kBlockN * kStride);  // 2 x kBlockN
 
   // Causal: the last query blocks see the most keys, so they are launched first (a short
   // block at the end of the grid, not a long one, is what the GPU's tail waits on).
@@ -69,16 +73,18 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
   const int n_end = kCausal ? min(sb.seqlen_k, m0 + kBlockM) : sb.seqlen_k;
   const int num_n = (n_end + kBlockN - 1) / kBlockN;
 
+  // cp.async groups, in commit order: (Q, K0), V0, then per block n: K(n+1), V(n+1).
   load_tile_async<kBlockM, kHeadDim, Cfg::kThreads>(sQ, q, p.q_row_stride, m0, sb.seqlen_q, tid);
   if (num_n > 0) {
     load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k, p.k_row_stride, 0, sb.seqlen_k, tid);
-    load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v, p.v_row_stride, 0, sb.seqlen_k, tid);
     if (key_mask != nullptr) {
       load_key_mask_block<kBlockN, Cfg::kThreads>(sMask, key_mask, p.key_mask_col_stride, 0, sb.seqlen_k, tid);
     }
   }
   cp_async_commit();
-  cp_async_wait<0>();
+  if (num_n > 0) load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v, p.v_row_stride, 0, sb.seqlen_k, tid);
+  cp_async_commit();
+  cp_async_wait<1>();  // Q and K0 (V0 may still be in flight)
   __syncthreads();
 
   // This warp's 16 query rows as A fragments, all of D: kept in registers up to D = 96; at
@@ -103,23 +109,22 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
 
   for (int n = 0; n < num_n; ++n) {
     const int buf = n & 1;
-    if (n + 1 < num_n) {  // prefetch the next K/V block into the other buffer
+    const bool prefetch = n + 1 < num_n;
+    if (prefetch) {  // K (and the mask) of the next block into the other buffer
       load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK + (buf ^ 1) * kBlockN * kStride, k, p.k_row_stride,
-                                                        (n + 1) * kBlockN, sb.seqlen_k, tid);
-      load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV + (buf ^ 1) * kBlockN * kStride, v, p.v_row_stride,
                                                         (n + 1) * kBlockN, sb.seqlen_k, tid);
       if (key_mask != nullptr) {
         load_key_mask_block<kBlockN, Cfg::kThreads>(sMask + (buf ^ 1) * kBlockN, key_mask, p.key_mask_col_stride,
                                                     (n + 1) * kBlockN, sb.seqlen_k, tid);
       }
       cp_async_commit();
-      cp_async_wait<1>();  // everything but the prefetch has landed
+      cp_async_wait<2>();  // K(n) has landed; V(n) and K(n+1) may still be in flight
     } else {
-      cp_async_wait<0>();
+      cp_async_wait<1>();  // K(n) has landed; V(n) may still be in flight
     }
     __syncthreads();
     const T* cK = sK + buf * kBlockN * kStride;
-    const T* cV = sV + buf * kBlockN * kStride;
+    const T* cV = sV;
     const uint8_t* cMask = sMask + buf * kBlockN;
     const int n0 = n * kBlockN;
 
@@ -185,17 +190,23 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
     if (p.dropout) {  // zero the dropped weights; 1/(1-p) is applied in the epilogue
 #pragma unroll
       for (int nt = 0; nt < kSTiles; ++nt) {
+        bool keep[2][2];
+        rng.keep_rows_shared(rows[0], rows[1], n0 + nt * 8 + 2 * t, keep);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          bool keep0, keep1;
-          rng.keep_pair(rows[r], n0 + nt * 8 + 2 * t, keep0, keep1);
-          if (!keep0) s[nt][2 * r] = 0.f;
-          if (!keep1) s[nt][2 * r + 1] = 0.f;
+          if (!keep[r][0]) s[nt][2 * r] = 0.f;
+          if (!keep[r][1]) s[nt][2 * r + 1] = 0.f;
         }
       }
     }
 
-    // O += P V, P straight from the S accumulators.
+    // O += P V, P straight from the S accumulators, once V(n) has landed.
+    if (prefetch) {
+      cp_async_wait<1>();  // all but K(n+1)
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       const uint32_t a[4] = {Tr::pack(s[2 * kk][0], s[2 * kk][1]), Tr::pack(s[2 * kk][2], s[2 * kk][3]),
@@ -209,7 +220,11 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
         Tr::mma(o[2 * dp + 1], a, bv[2], bv[3]);
       }
     }
-    __syncthreads();  // the next iteration prefetches into the buffer just read
+    __syncthreads();  // every warp is done with V(n) and K(n): both buffers may be refilled
+    if (prefetch) {
+      load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v, p.v_row_stride, (n + 1) * kBlockN, sb.seqlen_k, tid);
+      cp_async_commit();
+    }
   }
 
   // Epilogue: normalise, store O (rows past the end are dropped) and lse.

@@ -154,6 +154,9 @@ inline float __shfl_xor_sync(unsigned mask, float x, int lane_mask) {
   std::memcpy(&x, &bits, 4);
   return x;
 }
+inline unsigned int __shfl_xor_sync(unsigned mask, unsigned int x, int lane_mask) {
+  return fastattn::emu::shfl_xor(mask, x, lane_mask);
+}
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
   return fastattn::emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
