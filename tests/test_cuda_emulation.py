@@ -135,6 +135,26 @@ def test_shapes(sm90, shape, causal):
     check_dense(sm90, *shape, 64, torch.bfloat16, causal=causal)
 
 
+@pytest.mark.parametrize("sm_count", [1, 132], ids=["one-cta-per-group", "group-split"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa_backward_split(emu, sm_count, causal):
+    """MQA 8:1 with three key blocks: on a 132-SM GPU the dK/dV grid splits the 8 query heads over 8 CTAs
+    (float32 partials summed in a fixed order); on one SM (3 CTAs already fill it) it keeps one CTA per
+    group. Both are right, and the split is deterministic (two runs are bitwise equal). Varlen takes the
+    same path (test_varlen: 2 splits)."""
+    emu.set_device("sm90")
+    emu.set_sm_count(sm_count)
+    try:
+        check_dense(emu, 1, 8, 1, 50, 130, 64, torch.bfloat16, causal=causal)
+        q, k, v = make_qkv(1, 8, 1, 50, 130, 64, dtype=torch.bfloat16, requires_grad=False)
+        grad_out = torch.randn(1, 8, 50, 64).to(torch.bfloat16)
+        first = run_dense(emu, q, k, v, causal=causal, grad_out=grad_out)[2]
+        again = run_dense(emu, q, k, v, causal=causal, grad_out=grad_out)[2]
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    finally:
+        emu.set_device("sm90")
+
+
 @pytest.mark.parametrize("layout", ["bnhd", "strided"])
 def test_layouts(sm90, layout):
     """(B, N, H, D) views go to the kernels as they are; a stride-2 head dim is copied first."""

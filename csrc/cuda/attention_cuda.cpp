@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -117,6 +118,33 @@ void run_bwd(const AttnParams& p, at::ScalarType dtype, bool causal) {
                                      : (causal ? launch_bwd<Bf16, true>(p, current_stream())
                                                : launch_bwd<Bf16, false>(p, current_stream()));
   TORCH_CHECK(ok, "fastattn cuda: no backward kernel for head dim ", p.head_dim);
+}
+
+int sm_count() {
+#if defined(FASTATTN_CUDA_EMULATION)
+  return emu::device().sm_count;
+#else
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#endif
+}
+
+// GQA/MQA backward: into how many CTAs each K/V head's query-head group is split (a divisor
+// of the group), so that the dK/dV grid has about two CTAs per SM; 1 when the grid is big
+// enough already. With more than one, the partial dK/dV go to a float32 workspace that
+// flash_bwd_reduce.cu sums in a fixed order.
+void set_kv_group_splits(AttnParams& p, int64_t rows, const at::Tensor& like, at::Tensor& workspace) {
+  const int group = p.num_heads_q / p.num_heads_kv;
+  const int64_t blocks =
+      static_cast<int64_t>((p.seqlen_k + kBwdDkDvBlockKeys - 1) / kBwdDkDvBlockKeys) * p.num_heads_kv * p.batch;
+  const int64_t wanted = (2 * static_cast<int64_t>(sm_count()) + blocks - 1) / std::max<int64_t>(blocks, 1);
+  p.kv_group_splits = 1;
+  for (int s = 1; s <= group; ++s) {
+    if (group % s == 0 && s <= wanted) p.kv_group_splits = s;
+  }
+  if (p.kv_group_splits == 1) return;
+  workspace = at::empty({2, p.kv_group_splits, p.num_heads_kv, rows, p.head_dim}, like.options().dtype(at::kFloat));
+  p.dkv_partial = workspace.data_ptr<float>();
+  p.dkv_partial_rows = rows;
 }
 
 // ---------------------------------------------------------------------------
@@ -354,6 +382,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dk_batch_stride = dk.work.stride(0), p.dk_head_stride = dk.work.stride(1), p.dk_row_stride = dk.work.stride(2);
   p.dv = dv.work.data_ptr();
   p.dv_batch_stride = dv.work.stride(0), p.dv_head_stride = dv.work.stride(1), p.dv_row_stride = dv.work.stride(2);
+  at::Tensor dkv_partial;  // (2, splits, Hkv, B * Nk, D) float32, GQA/MQA on small grids only
+  set_kv_group_splits(p, B * Nk, q, dkv_partial);
   run_bwd(p, q.scalar_type(), causal);
   dq.finish(), dk.finish(), dv.finish();
   return {dq.result, dk.result, dv.result};
@@ -493,6 +523,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
   p.dk_batch_stride = 0, p.dk_row_stride = dk.work.stride(0), p.dk_head_stride = dk.work.stride(1);
   p.dv = dv.work.data_ptr();
   p.dv_batch_stride = 0, p.dv_row_stride = dv.work.stride(0), p.dv_head_stride = dv.work.stride(1);
+  at::Tensor dkv_partial;  // (2, splits, Hkv, total_k, D) float32, GQA/MQA on small grids only
+  set_kv_group_splits(p, k.size(0), q, dkv_partial);
   run_bwd(p, q.scalar_type(), causal);
   dq.finish(), dk.finish(), dv.finish();
   return {dq.result, dk.result, dv.result};
@@ -549,6 +581,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_fwd", &fastattn::cuda::varlen_fwd_cuda);
   m.def("varlen_bwd", &fastattn::cuda::varlen_bwd_cuda);
   m.def("set_device", &fastattn::emu::set_device, "emulate sm80, sm86, sm89, sm90, sm100 or sm120");
+  m.def("set_sm_count", [](int n) { fastattn::emu::device().sm_count = n; },
+        "the emulated GPU's multiprocessor count (what the backward's GQA split sizes the grid for)");
   fastattn::cuda::register_emulator_checks(m);
   m.def("counters", []() {
     const fastattn::emu::Counters& c = fastattn::emu::counters();

@@ -42,7 +42,7 @@ struct BwdDqConfig {
 
 template <int kHeadDim>
 struct BwdDkDvConfig {
-  static constexpr int kBlockN = 64;                       // keys per CTA (16 per warp)
+  static constexpr int kBlockN = kBwdDkDvBlockKeys;        // keys per CTA (16 per warp)
   static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;  // queries per stage (fewer registers at large D)
   static constexpr int kThreads = 4 * kWarpSize;
   static constexpr int kStride = TileLayout<kHeadDim>::kStride;
@@ -245,13 +245,17 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
   float* sLse = reinterpret_cast<float*>(sdO + 2 * kBlockM * kStride);  // 2 x kBlockM, log2 units
   float* sDelta = sLse + 2 * kBlockM;                                  // 2 x kBlockM
 
-  const int n_block = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  // blockIdx.y = K/V head x split of its group: this CTA takes q heads
+  // hk * group + split * group_part .. + group_part - 1.
+  const int splits = p.kv_group_splits;
+  const int n_block = blockIdx.x, hk = blockIdx.y / splits, split = blockIdx.y % splits, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int g = lane / 4, t = lane % 4;
   const SeqBounds sb = seq_bounds(p, b);
   const int n0 = n_block * kBlockN;
   if (n0 >= sb.seqlen_k) return;
-  const int group = p.num_heads_q / p.num_heads_kv;
+  const int group_part = p.num_heads_q / p.num_heads_kv / splits;
+  const int h_first = hk * (group_part * splits) + split * group_part;
 
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + sb.k_start * p.k_row_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + sb.k_start * p.v_row_stride + hk * p.v_head_stride;
@@ -265,12 +269,12 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
   const int m_begin = kCausal ? n0 / kBlockM : 0;
   const int num_m = (sb.seqlen_q + kBlockM - 1) / kBlockM;
   const int steps_per_head = max(num_m - m_begin, 0);
-  const int num_steps = group * steps_per_head;
+  const int num_steps = group_part * steps_per_head;
 
   // Issues the loads of step `step` into buffer `buf`: Q and dO by cp.async, lse and delta
   // by plain loads (visible after the __syncthreads that precedes their use).
   auto load_step = [&](int step, int buf) {
-    const int h = hk * group + step / steps_per_head;
+    const int h = h_first + step / steps_per_head;
     const int mq0 = (m_begin + step % steps_per_head) * kBlockM;
     load_tile_async<kBlockM, kHeadDim, Cfg::kThreads>(sQ + buf * kBlockM * kStride, q_seq + h * p.q_head_stride,
                                                       p.q_row_stride, mq0, sb.seqlen_q, tid);
@@ -306,7 +310,7 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
     acc_dv[i][0] = acc_dv[i][1] = acc_dv[i][2] = acc_dv[i][3] = 0.f;
   }
   DropoutRng rng;
-  if (p.dropout) rng.init(p, b, hk * group);
+  if (p.dropout) rng.init(p, b, h_first);
 
   for (int step = 0; step < num_steps; ++step) {
     const int buf = step & 1;
@@ -318,7 +322,7 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
       cp_async_wait<0>();
     }
     __syncthreads();
-    const int h = hk * group + step / steps_per_head;
+    const int h = h_first + step / steps_per_head;
     const int mq0 = (m_begin + step % steps_per_head) * kBlockM;
     if (p.dropout) rng.segment = dropout_segment(p, b, h);
     const T* cQ = sQ + buf * kBlockM * kStride;
@@ -395,6 +399,24 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
   }
   cp_async_wait<0>();
 
+  if (splits > 1) {  // partial sums in float32, summed by flash_bwd_reduce.cu
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (keys[r] >= sb.seqlen_k) continue;
+      const int64_t row = (p.cu_seqlens_k != nullptr ? sb.k_start : static_cast<int64_t>(b) * p.seqlen_k) + keys[r];
+      const int64_t part = (static_cast<int64_t>(split) * p.num_heads_kv + hk) * p.dkv_partial_rows + row;
+      const int64_t plane = static_cast<int64_t>(splits) * p.num_heads_kv * p.dkv_partial_rows * kHeadDim;
+      float* pdk = p.dkv_partial + part * kHeadDim;
+      float* pdv = pdk + plane;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        *reinterpret_cast<float2*>(pdk + dt * 8 + 2 * t) =
+            float2{acc_dk[dt][2 * r] * p.scale, acc_dk[dt][2 * r + 1] * p.scale};
+        *reinterpret_cast<float2*>(pdv + dt * 8 + 2 * t) = float2{acc_dv[dt][2 * r], acc_dv[dt][2 * r + 1]};
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     if (keys[r] >= sb.seqlen_k) continue;
@@ -448,10 +470,12 @@ void run_flash_bwd(const AttnParams& params, void* stream) {
     constexpr int smem_bytes = Cfg::kSmemBytes(kElem);
     auto kernel = flash_bwd_dkdv_kernel<Tag, kHeadDim, kCausal>;
     set_smem_limit(kernel, smem_bytes);
-    const dim3 grid((params.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN, params.num_heads_kv, params.batch);
+    const dim3 grid((params.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN, params.num_heads_kv * params.kv_group_splits,
+                    params.batch);
     FASTATTN_LAUNCH(kernel, grid, Cfg::kThreads, smem_bytes, s, params);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  if (params.kv_group_splits > 1) run_flash_bwd_reduce<Tag>(params, stream);
 }
 
 }  // namespace cuda

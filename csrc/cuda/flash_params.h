@@ -62,7 +62,19 @@ struct AttnParams {
   int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
   int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
   float* delta;  // rowsum(dout * out), laid out like lse
+
+  // GQA/MQA backward: the q heads of a K/V head's group are split over kv_group_splits CTAs
+  // (so that small grids still fill the GPU). With more than one, each CTA writes its partial
+  // dK and dV in float32 to dkv_partial, (2, splits, Hkv, dkv_partial_rows, D) with rows
+  // b * Nk + key (dense) or the packed row (varlen), and flash_bwd_reduce.cu sums them in a
+  // fixed order (deterministic) into dk and dv.
+  int kv_group_splits;
+  float* dkv_partial;
+  int64_t dkv_partial_rows;
 };
+
+// Keys per CTA of the dK/dV kernel (BwdDkDvConfig::kBlockN): the host sizes the grid with it.
+constexpr int kBwdDkDvBlockKeys = 64;
 
 // One instantiation per (direction, head dim, dtype, causal), defined in the
 // generated files flash_{fwd,bwd}_hdim{D}_{fp16,bf16}_{causal,noncausal}.cu.
@@ -74,6 +86,10 @@ void run_flash_bwd(const AttnParams& params, void* stream);
 // 0 when this build has a kernel image the current device can run, else the
 // cudaError_t of asking for one (e.g. no kernel image for an arch that was not built).
 int probe_kernel_image();
+
+// dk, dv = the sum over splits of dkv_partial (flash_bwd_reduce.cu); kv_group_splits > 1 only.
+template <typename T>
+void run_flash_bwd_reduce(const AttnParams& params, void* stream);
 
 // delta = rowsum(dout * out) in float32 (flash_bwd_preprocess.cu).
 template <typename T>

@@ -319,15 +319,16 @@ DeviceModel& device() { return state().device; }
 
 void set_device(const std::string& name) {
   // Opt-in dynamic shared memory per block (CUDA programming guide, compute capabilities table).
-  static const std::map<std::string, std::tuple<int, int, int>> kDevices = {
-      {"sm80", {8, 0, 166912}}, {"sm86", {8, 6, 101376}},  {"sm89", {8, 9, 101376}},
-      {"sm90", {9, 0, 232448}}, {"sm100", {10, 0, 232448}}, {"sm120", {12, 0, 101376}}};
+  // Multiprocessors of a typical part: A100, A40, RTX 4090, H100/H200, B200, RTX 5090.
+  static const std::map<std::string, std::tuple<int, int, int, int>> kDevices = {
+      {"sm80", {8, 0, 166912, 108}}, {"sm86", {8, 6, 101376, 84}},   {"sm89", {8, 9, 101376, 128}},
+      {"sm90", {9, 0, 232448, 132}}, {"sm100", {10, 0, 232448, 148}}, {"sm120", {12, 0, 101376, 170}}};
   const auto it = kDevices.find(name);
   TORCH_CHECK(it != kDevices.end(), "fastattn cuda emulation: unknown device ", name,
               "; known: sm80, sm86, sm89, sm90, sm100, sm120");
   DeviceModel& d = state().device;
   d.name = name;
-  std::tie(d.major, d.minor, d.max_smem_optin) = it->second;
+  std::tie(d.major, d.minor, d.max_smem_optin, d.sm_count) = it->second;
   state().max_dynamic_smem.clear();  // attributes belong to a device
 }
 

@@ -101,6 +101,7 @@ struct DeviceModel {
   std::string name = "sm90";
   int major = 9, minor = 0;
   int max_smem_optin = 232448;  // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  int sm_count = 132;           // multiprocessors
 };
 DeviceModel& device();
 // Sets the emulated device by name: sm80, sm86, sm89, sm90, sm100, sm120.
