@@ -23,6 +23,15 @@ def _triton_state() -> str:
 
 CUDA_GENERATED_HEAD_DIMS = (32, 64, 96, 128)  # csrc/cuda/generate_kernels.py
 
+# What each backend has been checked on (the project's own record; a GPU run updates it).
+VERIFIED = {
+    "cpu": "tested on x86-64 CPUs (CI: 2-core AMD EPYC), boundary sweep, ASan/UBSan; benchmarked there",
+    "triton": "tested in Triton's CPU interpreter, compiled for sm_90; not yet run on a GPU",
+    "cuda": "run on the CPU in a device emulation (tests/test_cuda_emulation.py), compiled and linked for "
+            "sm80/sm90 + PTX, resource-checked (cuobjdump); not yet run on a GPU",
+    "reference": "plain PyTorch (autograd); the float64 reference of every test",
+}
+
 
 def collect() -> dict:
     import fastattn
@@ -83,6 +92,8 @@ def main() -> None:
         variants = ", ".join(v for v in dispatch.VARIANTS if v in cap.variants) or "none yet"
         print(f"    {name:<10} devices={'/'.join(dispatch.backend_devices(name))}  dtypes={dtypes}  head_dim={head}  "
               f"{', '.join(feats)}, causal, GQA; {mem}; variants: {variants}")
+        if name in VERIFIED:
+            print(f"    {'':<10} verified: {VERIFIED[name]}")
 
 
 if __name__ == "__main__":
