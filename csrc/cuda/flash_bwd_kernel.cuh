@@ -43,7 +43,10 @@ struct BwdDqConfig {
 template <int kHeadDim>
 struct BwdDkDvConfig {
   static constexpr int kBlockN = kBwdDkDvBlockKeys;        // keys per CTA (16 per warp)
-  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : 32;  // queries per stage (fewer registers at large D)
+  // Queries per stage: fewer at larger D, where dK and dV take 2 * D / 2 accumulator registers
+  // per lane. At D = 128, 32 queries sat at 255 registers on sm_80 and spilled 8-16 B; 16 fit
+  // in 250 with no spill, for twice the steps (each with its own two barriers).
+  static constexpr int kBlockM = kHeadDim <= 64 ? 64 : (kHeadDim <= 96 ? 32 : 16);
   static constexpr int kThreads = 4 * kWarpSize;
   static constexpr int kStride = TileLayout<kHeadDim>::kStride;
   // K + V tiles + two Q tiles + two dO tiles, then 2 x (lse, delta) float rows
