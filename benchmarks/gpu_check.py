@@ -208,7 +208,8 @@ def environment() -> dict:
 _SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|error|errors|xfailed|xpassed|deselected|not served)")
 # compute-sanitizer's own refusals (not findings in our kernels): the device or runtime is not supported
 _SANITIZER_REFUSED = re.compile(r"Device not supported|Target application terminated before first instrumented API|"
-                                r"Unable to find injection library|Error: Could not find|sanitizer.*not supported", re.I)
+                                r"Unable to find injection library|Error: Could not find|sanitizer.*not supported|"
+                                r"No such file or directory: 'compute-sanitizer'", re.I)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,14 @@ def test_sanitizer_refusal_is_reported_not_failed():
     found = "========= Invalid __global__ read of size 4 bytes\n========= ERROR SUMMARY: 1 error\n"
     assert gpu_check.stage_status(stage, 3, False, found) == "failed"
     assert gpu_check.stage_status(stage, 0, False, "========= ERROR SUMMARY: 0 errors") == "ok"
+
+
+
+def test_missing_compute_sanitizer_is_unavailable(tmp_path):
+    record = gpu_check.run_stage(gpu_check.Stage("sanitizer:memcheck:cuda", ["compute-sanitizer", "--version"], 1, 30,
+                                                 sanitizer=True), tmp_path / "log.jsonl")
+    expected = "unavailable" if shutil.which("compute-sanitizer") is None else "ok"
+    assert record["status"] == expected, record
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
