@@ -362,8 +362,7 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
     const bool causal_block = kCausal && n0 + kBlockN - 1 > mq0;
 #pragma unroll
     for (int nt = 0; nt < kSTiles; ++nt) {
-      bool keep[4] = {true, true, true, true};
-      if (p.dropout) rng.keep_keys_shared(keys[0], mq0 + nt * 8 + 2 * t, keep);
+      const uint32_t keep = p.dropout ? rng.keep_keys_shared(keys[0], mq0 + nt * 8 + 2 * t) : 0xFu;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * t + (e & 1), i = mq0 + col, j = keys[e >> 1];
@@ -371,8 +370,9 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
         const float prob = hidden ? 0.f : exp2f(s[nt][e] * p.scale_log2 - cLse[col]);
         float prob_kept = prob, dprob = dp[nt][e];
         if (p.dropout) {
-          prob_kept = keep[e] ? prob * p.dropout_rescale : 0.f;
-          dprob = keep[e] ? dprob * p.dropout_rescale : 0.f;
+          const bool kept = (keep >> e) & 1u;
+          prob_kept = kept ? prob * p.dropout_rescale : 0.f;
+          dprob = kept ? dprob * p.dropout_rescale : 0.f;
         }
         s[nt][e] = prob_kept;
         dp[nt][e] = prob * (dprob - cDelta[col]);

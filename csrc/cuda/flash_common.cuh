@@ -277,13 +277,13 @@ struct DropoutRng {
     keep[1][1] = (odd ? own1 : got1) >= threshold;
   }
   // Keep bits of this lane's four dK/dV elements in the transposed C-fragment layout: keys
-  // j0 and j0 + 8 (j0 = 16 * warp-tile + g), queries i0 and i0 + 1; keep[2r + c] for key
-  // j0 + 8r, query i0 + c. The four lanes with the same t and g / 4 (lane bits 2 and 3
+  // j0 and j0 + 8 (j0 = 16 * warp-tile + g), queries i0 and i0 + 1; bit 2r + c of the result
+  // for key j0 + 8r, query i0 + c. The four lanes with the same t and g / 4 (lane bits 2 and 3
   // differ, m = g % 4 = j0 % 4) need the same four Philox draws (counters (j0 + 8r) / 4,
   // i0 + c), each taking word m: lane m computes draw m and a 4 x 4 transpose over three
   // shuffles hands every lane its word of the other three. One draw per lane instead of four.
   // All 32 lanes must call it together.
-  __device__ __forceinline__ void keep_keys_shared(int j0, int i0, bool (&keep)[4]) const {
+  __device__ __forceinline__ uint32_t keep_keys_shared(int j0, int i0) const {
     const int m = j0 & 3;
     const Philox4 w = philox4x32_10(static_cast<uint32_t>((j0 + 8 * (m >> 1)) >> 2), static_cast<uint32_t>(i0 + (m & 1)),
                                     segment, offset, seed);
@@ -291,17 +291,12 @@ struct DropoutRng {
       const uint32_t lo = (index & 1) ? w.w[1] : w.w[0], hi = (index & 1) ? w.w[3] : w.w[2];
       return (index & 2) ? hi : lo;
     };
-    bool bits[4];  // bits[k]: word m of draw m ^ k
-    bits[0] = word(m) >= threshold;  // this lane's own draw
+    uint32_t bits = static_cast<uint32_t>(word(m) >= threshold) << m;  // this lane's own draw, m
 #pragma unroll
     for (int k = 1; k < 4; ++k) {  // lane m ^ k sends word m of its draw, m ^ k
-      bits[k] = __shfl_xor_sync(0xffffffffu, word(m ^ k), 4 * k) >= threshold;
+      bits |= static_cast<uint32_t>(__shfl_xor_sync(0xffffffffu, word(m ^ k), 4 * k) >= threshold) << (m ^ k);
     }
-#pragma unroll
-    for (int d = 0; d < 4; ++d) {  // keep[d] = bits[d ^ m], by selects
-      const int k = d ^ m;
-      keep[d] = (k & 2) ? ((k & 1) ? bits[3] : bits[2]) : ((k & 1) ? bits[1] : bits[0]);
-    }
+    return bits;
   }
 };
 
