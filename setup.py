@@ -138,10 +138,10 @@ def cuda_extension():
     sources, head_dims = cuda_kernel_sources(sources)
     toolkit_includes, toolkit_libraries = nvcc_toolkit_dirs(nvcc)
     defines = [f"-DFASTATTN_CUDA_HDIM{d}" for d in head_dims]  # which head dims attention_cuda.cpp dispatches
-    # the arch list, for fastattn.info and the "no kernel image" message (no ';' or spaces: a shell reads it)
+    # the arch list, for fastattn.info and the "no kernel image" message (no ';' or spaces: a shell reads
+    # it). Host compiler only: nvcc would split the value at its commas (its option lists).
     arch_list = re.sub(r"[;\s]+", ",", os.environ["TORCH_CUDA_ARCH_LIST"].strip())
-    if re.fullmatch(r"[0-9A-Za-z.+,]*", arch_list):
-        defines.append(f"-DFASTATTN_CUDA_ARCH_LIST={arch_list}")
+    host_defines = [f"-DFASTATTN_CUDA_ARCH_LIST={arch_list}"] if re.fullmatch(r"[0-9A-Za-z.+,]*", arch_list) else []
     nvcc_threads = os.environ.get("NVCC_THREADS", "").strip()
     nvcc_flags = ["-O3", "--use_fast_math", *defines]
     if nvcc_threads:
@@ -152,7 +152,7 @@ def cuda_extension():
         # toolkit headers first; the CUDA wheels' only fill in what the toolkit lacks (cuBLAS, cuSPARSE...)
         include_dirs=[os.path.join(ROOT, "csrc")] + toolkit_includes + cuda_wheel_include_dirs(),
         library_dirs=toolkit_libraries,
-        extra_compile_args={"cxx": ["-O3", *defines], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3", *defines, *host_defines], "nvcc": nvcc_flags},
     )
 
 
