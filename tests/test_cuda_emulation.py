@@ -27,7 +27,7 @@ from conftest import (FWD_FLOOR, GRAD_FLOOR, LSE_ATOL, LSE_RTOL, assert_close, a
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "csrc" / "cuda" / "emulation"))
-import build as emulation_build  # noqa: E402  (csrc/cuda/emulation/build.py)
+import emulation_build  # noqa: E402  (csrc/cuda/emulation/emulation_build.py; not "build", which is also a PyPI package)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 NO_VARIANTS = (-1, -1, False, 0.0, None)  # window_left, window_right, bottom_right, softcap, alibi_slopes
