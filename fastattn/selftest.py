@@ -222,9 +222,8 @@ def cases_for(backend: str, device: torch.device) -> list:
 def unserved(backend: str, case: Case, device: torch.device) -> Optional[str]:
     from fastattn import dispatch
 
-    mask_kind = case.mask if case.mask != "float" else "float"
     return dispatch.why_unsupported(backend, device, case.dtype, case.D, has_mask=case.mask is not None,
-                                    mask_kind=mask_kind, dropout=case.dropout_p > 0, varlen=case.varlen is not None,
+                                    mask_kind=case.mask, dropout=case.dropout_p > 0, varlen=case.varlen is not None,
                                     value_head_dim=case.D, variants=case.variant_names())
 
 
