@@ -5,7 +5,6 @@ dtype), picks a backend through fastattn.dispatch, draws the dropout seed from
 torch's default generator, and calls the autograd Function of fastattn._ops
 (or the plain reference).
 """
-from __future__ import annotations
 
 import math
 from typing import Optional
@@ -14,6 +13,7 @@ import torch
 
 from . import dispatch, reference
 from ._ops import AttentionFunction, Variants, VarlenAttentionFunction
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -23,11 +23,11 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # ---------------------------------------------------------------------------
 def _check_tensor(t, name: str, ndim: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+        raise InvalidArgumentTypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+        raise InvalidArgumentTypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
 
 
 def _check_qkv(q, k, v, layout_q: str, layout_k: str, layout_v: str, head_axis: int, len_axis: int) -> None:
@@ -35,33 +35,36 @@ def _check_qkv(q, k, v, layout_q: str, layout_k: str, layout_v: str, head_axis: 
     _check_tensor(k, "k", len(layout_k.split(",")), layout_k)
     _check_tensor(v, "v", len(layout_v.split(",")), layout_v)
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k, v must have the same dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+        raise InvalidArgumentTypeError(f"q, k, v must have the same dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k, v must be on the same device, got q {q.device}, k {k.device}, v {v.device}")
+        raise InvalidArgumentError(f"q, k, v must be on the same device, got q {q.device}, k {k.device}, v {v.device}")
     if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k head dim {k.shape[-1]} must equal q head dim {q.shape[-1]} (q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)})")
+        raise InvalidArgumentError(f"k head dim {k.shape[-1]} must equal q head dim {q.shape[-1]} (q {tuple(q.shape)}, "
+                                   f"k {tuple(k.shape)})")
     if v.shape[len_axis] != k.shape[len_axis]:
-        raise ValueError(f"k and v must have the same sequence length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise InvalidArgumentError(
+            f"k and v must have the same sequence length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if v.shape[head_axis] != k.shape[head_axis]:
-        raise ValueError(f"k and v must have the same number of heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise InvalidArgumentError(
+            f"k and v must have the same number of heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     hq, hkv = q.shape[head_axis], k.shape[head_axis]
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"the number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
+        raise InvalidArgumentError(
+            f"the number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
 
 
 def _check_causal(causal, name: str = "causal") -> bool:
     # bool only: a truthy string or tensor ("yes", torch.tensor(0)) would silently pick a branch
     if not isinstance(causal, bool):
-        raise TypeError(f"{name} must be a bool, got {type(causal).__name__} ({causal!r})")
+        raise InvalidArgumentTypeError(f"{name} must be a bool, got {type(causal).__name__} ({causal!r})")
     return causal
 
 
 def _check_dropout(dropout_p) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+        raise InvalidArgumentTypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0 or math.isnan(dropout_p):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise InvalidArgumentError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
 
 
@@ -76,7 +79,7 @@ def _causal_bias(attn_mask, causal: bool, alignment: str):
     if not isinstance(attn_mask, CausalBias):
         return attn_mask, causal, alignment
     if causal:
-        raise ValueError("CausalBias should not be used with causal=True")  # torch's error, word for word
+        raise InvalidArgumentError("CausalBias should not be used with causal=True")  # torch's error, word for word
     lower_right = attn_mask.variant == CausalVariant.LOWER_RIGHT and attn_mask.seq_len_q != attn_mask.seq_len_kv
     return None, True, "bottom_right" if lower_right else "top_left"
 
@@ -85,22 +88,23 @@ def _check_mask(attn_mask, q, shape) -> Optional[torch.Tensor]:
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        raise InvalidArgumentTypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"attn_mask must be bool (True = may attend) or floating point (added to the logits), "
-                        f"got {attn_mask.dtype}")
+        raise InvalidArgumentTypeError(
+            f"attn_mask must be bool (True = may attend) or floating point (added to the logits), "
+            f"got {attn_mask.dtype}")
     if attn_mask.device != q.device:
-        raise ValueError(f"attn_mask must be on {q.device} like q, got {attn_mask.device}")
+        raise InvalidArgumentError(f"attn_mask must be on {q.device} like q, got {attn_mask.device}")
     try:
         ok = attn_mask.dim() <= len(shape) and torch.broadcast_shapes(attn_mask.shape, shape) == torch.Size(shape)
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                         f"(B, Hq, Nq, Nk) = {tuple(shape)}")
+        raise InvalidArgumentError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                                   f"(B, Hq, Nq, Nk) = {tuple(shape)}")
     if attn_mask.requires_grad:
-        raise ValueError("attn_mask requires grad, but fastattn does not compute gradients for the mask; "
-                         "pass attn_mask.detach()")
+        raise InvalidArgumentError("attn_mask requires grad, but fastattn does not compute gradients for the mask; "
+                                   "pass attn_mask.detach()")
     return attn_mask
 
 
@@ -113,14 +117,14 @@ def _check_head_tensor(t, name: str, q, shapes: dict):
         return None
     expected = " or ".join(shapes)
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {expected} or None, got {type(t).__name__}")
+        raise InvalidArgumentTypeError(f"{name} must be a torch.Tensor {expected} or None, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor {expected}, got {t.dtype}")
+        raise InvalidArgumentTypeError(f"{name} must be a floating-point tensor {expected}, got {t.dtype}")
     if tuple(t.shape) not in shapes.values():
-        raise ValueError(f"{name} must have shape {expected} = {' or '.join(map(str, shapes.values()))}, "
-                         f"got {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must have shape {expected} = {' or '.join(map(str, shapes.values()))}, "
+                                   f"got {tuple(t.shape)}")
     if t.device != q.device:
-        raise ValueError(f"{name} must be on {q.device} like q, got {t.device}")
+        raise InvalidArgumentError(f"{name} must be on {q.device} like q, got {t.device}")
     return t
 
 
@@ -134,21 +138,25 @@ def _check_variants(q, causal: bool, window_size, alignment, softcap, alibi_slop
     """
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
-        raise TypeError(f"window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
+        raise InvalidArgumentTypeError(
+            f"window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
     left, right = window_size
     if left < -1 or right < -1:
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {tuple(window_size)}")
+        raise InvalidArgumentError(
+            f"window_size must be a pair of ints >= -1 (-1: unbounded), got {tuple(window_size)}")
     if alignment not in _ALIGNMENTS:
-        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+        raise InvalidArgumentError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be a float >= 0 (0: no soft-capping), got {type(softcap).__name__}")
+        raise InvalidArgumentTypeError(
+            f"softcap must be a float >= 0 (0: no soft-capping), got {type(softcap).__name__}")
     if not (softcap >= 0.0 and math.isfinite(softcap)):
-        raise ValueError(f"softcap must be a finite float >= 0 (0: no soft-capping), got {softcap}")
+        raise InvalidArgumentError(f"softcap must be a finite float >= 0 (0: no soft-capping), got {softcap}")
     alibi_slopes = _check_head_tensor(alibi_slopes, "alibi_slopes", q, {"(Hq,)": (heads_q,),
                                                                         "(B, Hq)": (batch, heads_q)})
     if alibi_slopes is not None and alibi_slopes.requires_grad:
-        raise ValueError("alibi_slopes requires grad, but fastattn does not compute gradients for the slopes; "
-                         "pass alibi_slopes.detach()")
+        raise InvalidArgumentError(
+            "alibi_slopes requires grad, but fastattn does not compute gradients for the slopes; "
+            "pass alibi_slopes.detach()")
     sinks = _check_head_tensor(sinks, "sinks", q, {"(Hq,)": (heads_q,)})
     if causal or right == 0:
         causal, right = True, -1
@@ -171,7 +179,7 @@ def _resolve_scale(scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise InvalidArgumentTypeError(f"scale must be a float or None, got {type(scale).__name__}")
     return float(scale)
 
 
@@ -223,7 +231,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     _check_qkv(q, k, v, "(B, Hq, Nq, D)", "(B, Hkv, Nk, D)", "(B, Hkv, Nk, Dv)", head_axis=1, len_axis=2)
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        raise ValueError(f"q, k, v batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise InvalidArgumentError(
+            f"q, k, v batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     causal = _check_causal(causal)
     dropout_p = _check_dropout(dropout_p)
     B, Hq, Nq, D = q.shape
@@ -246,6 +255,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     return (out, lse) if return_lse else out
 
 
+@torch.jit.ignore  # TorchScript code that calls it (a swapped-in F.scaled_dot_product_attention) calls Python
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None,
@@ -259,23 +269,25 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     causal attention with that alignment, as torch computes it.
     """
     _check_causal(is_causal, "is_causal")
+    if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+        return _sdpa_nested(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     attn_mask, is_causal, alignment = _causal_bias(attn_mask, is_causal, "top_left")
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InvalidArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 3:
-            raise ValueError(f"{name} must be at least 3-D (..., L, E), got shape {tuple(t.shape)}")
+            raise InvalidArgumentError(f"{name} must be at least 3-D (..., L, E), got shape {tuple(t.shape)}")
     if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(f"query, key, value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
+        raise InvalidArgumentError(
+            f"query, key, value must have the same rank, got {query.dim()}, {key.dim()}, {value.dim()}")
     if query.dim() >= 4 and query.shape[-3] != key.shape[-3] and not enable_gqa:
-        # RuntimeError, the type torch raises here, so that code catching torch's error keeps working
-        raise RuntimeError(f"query has {query.shape[-3]} heads but key has {key.shape[-3]}: pass enable_gqa=True "
-                         f"for grouped-query attention")
+        raise InvalidArgumentError(f"query has {query.shape[-3]} heads but key has {key.shape[-3]}: pass "
+                                   f"enable_gqa=True for grouped-query attention")
     batch_shape = query.shape[:-3] if query.dim() >= 4 else query.shape[:-2]
     for name, t in (("key", key), ("value", value)):
         if t.shape[:len(batch_shape)] != batch_shape:
-            raise ValueError(f"{name} batch dims {tuple(t.shape[:len(batch_shape)])} differ from query's "
-                             f"{tuple(batch_shape)}")
+            raise InvalidArgumentError(f"{name} batch dims {tuple(t.shape[:len(batch_shape)])} differ from query's "
+                                       f"{tuple(batch_shape)}")
 
     def to4d(t):  # (..., H, N, E) -> (B, H, N, E)
         if t.dim() == 3:
@@ -286,17 +298,48 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     mask = attn_mask
     if mask is not None and query.dim() != 4:
         if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+            raise InvalidArgumentTypeError(f"attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
         full = (*query.shape[:-1], key.shape[-2])  # (..., [Hq,] L, S)
         try:
             mask = mask.expand(full)
         except RuntimeError:
-            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                             f"{tuple(full)}") from None
+            raise InvalidArgumentError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                                       f"{tuple(full)}") from None
         mask = mask.unsqueeze(1) if query.dim() == 3 else mask.reshape(-1, *mask.shape[-3:])
     out = attention(q, k, v, causal=is_causal, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                     alignment=alignment)
     return out.reshape(*query.shape[:-1], value.shape[-1])
+
+
+def _sdpa_nested(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """SDPA on nested jagged tensors (B, H, L_i, E), torch's layout for them (ragged in dim 2):
+    the sequences run packed through varlen_attention (no padding); the output is nested like query."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not (isinstance(t, torch.Tensor) and t.is_nested):
+            raise InvalidArgumentError(f"query, key and value must all be nested or all be dense; {name} is not nested")
+        if t.layout != torch.jagged or t.dim() != 4 or t._ragged_idx != 2:
+            raise InvalidArgumentError(
+                f"{name}: nested tensors must be jagged (layout=torch.jagged) and 4-D (B, H, L_i, E), ragged in "
+                f"dim 2 (torch.nested.nested_tensor(..., layout=torch.jagged).transpose(1, 2)), got layout "
+                f"{t.layout}, {t.dim()}-D")
+    if attn_mask is not None:
+        raise InvalidArgumentError("attn_mask must be None with nested tensors: the nesting says which keys exist")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, L_i, H, E), ragged in dim 1
+    if q.shape[2] != k.shape[2] and not enable_gqa:
+        raise InvalidArgumentError(f"query has {q.shape[2]} heads but key has {k.shape[2]}: pass enable_gqa=True "
+                                   f"for grouped-query attention")
+    if k.offsets() is not v.offsets() and not torch.equal(k.offsets(), v.offsets()):
+        raise InvalidArgumentError("key and value must have the same sequence lengths")
+
+    def cu_seqlens(t):  # int32 (B + 1,) and the longest length
+        offsets = t.offsets()
+        return offsets.to(torch.int32), int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+
+    cu_q, max_q = cu_seqlens(q)
+    cu_k, max_k = cu_seqlens(k)
+    out = varlen_attention(q.values(), k.values(), v.values(), cu_q, cu_k, max_q, max_k, causal=is_causal,
+                           dropout_p=dropout_p, scale=scale)  # (total_q, Hq, Ev)
+    return torch.nested.nested_tensor_from_jagged(out, offsets=q.offsets()).transpose(1, 2)  # (B, Hq, L_i, Ev)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -326,22 +369,23 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                      ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
         if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
             got = f"{cu.dtype} tensor of shape {tuple(cu.shape)}" if isinstance(cu, torch.Tensor) else type(cu).__name__
-            raise TypeError(f"{name} must be a 1-D int32 tensor (batch + 1,) of prefix sums, got {got}")
+            raise InvalidArgumentTypeError(f"{name} must be a 1-D int32 tensor (batch + 1,) of prefix sums, got {got}")
         if batch is not None and cu.numel() - 1 != batch:
-            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {batch + 1} and "
-                             f"{cu.numel()}")
+            raise InvalidArgumentError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {batch + 1} and "
+                                       f"{cu.numel()}")
         batch = cu.numel() - 1
         values = cu.tolist()
         lengths[name] = [b - a for a, b in zip(values, values[1:])]
         if values[0] != 0:
-            raise ValueError(f"{name} must start at 0, got {values[0]}")
+            raise InvalidArgumentError(f"{name} must start at 0, got {values[0]}")
         if any(b < a for a, b in zip(values, values[1:])):
-            raise ValueError(f"{name} must be non-decreasing prefix sums, got {values}")
+            raise InvalidArgumentError(f"{name} must be non-decreasing prefix sums, got {values}")
         if values[-1] != total:
-            raise ValueError(f"{name}[-1] = {values[-1]} must equal the number of packed tokens ({total})")
+            raise InvalidArgumentError(f"{name}[-1] = {values[-1]} must equal the number of packed tokens ({total})")
         longest = max((b - a for a, b in zip(values, values[1:])), default=0)
         if not isinstance(max_len, int) or longest > max_len:
-            raise ValueError(f"max_seqlen_{name[-1]} = {max_len} is smaller than the longest sequence ({longest})")
+            raise InvalidArgumentError(
+                f"max_seqlen_{name[-1]} = {max_len} is smaller than the longest sequence ({longest})")
     causal, variants, alibi_slopes, sinks, used = _check_variants(
         q, causal, window_size, alignment, softcap, alibi_slopes, sinks, heads_q=q.shape[1], batch=batch,
         seqlens_differ=lengths["cu_seqlens_q"] != lengths["cu_seqlens_k"])

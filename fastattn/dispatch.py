@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import _ops
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
 # Order in which "auto" tries the backends for a device.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
@@ -202,11 +203,11 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, hea
     does "auto" that passes over the built CUDA C++ kernels for Triton.
     """
     if not isinstance(requested, str):
-        raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+        raise InvalidArgumentTypeError(f"backend must be a string, got {type(requested).__name__}")
     if requested != "auto":
         reason = why_unsupported(requested, device, dtype, head_dim, **features)
         if reason is not None:
-            raise ValueError(f"fastattn: backend={requested!r} cannot run this call: {reason}")
+            raise InvalidArgumentError(f"fastattn: backend={requested!r} cannot run this call: {reason}")
         return requested
     order = AUTO_ORDER.get(device.type, ("reference",))
     reasons = []
@@ -222,4 +223,4 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, hea
                                   "); falling back to the plain PyTorch reference (O(N^2) memory)", stacklevel=3)
             return name
         reasons.append(reason)
-    raise ValueError("fastattn: no backend can run this call: " + "; ".join(reasons))
+    raise InvalidArgumentError("fastattn: no backend can run this call: " + "; ".join(reasons))

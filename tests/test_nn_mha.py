@@ -9,6 +9,7 @@ that the fused kernel (not the plain-PyTorch reference) served the call.
 """
 from __future__ import annotations
 
+import io
 import random
 
 import pytest
@@ -444,9 +445,9 @@ def test_transformer_encoder_layer_swapped(norm_first, batch_first, device, kern
         ref.train(), model.train()
 
 
-def test_transformer_encoder_nested_inference(device, kernel_calls):
-    """torch.nn.TransformerEncoder converts padded batches to nested tensors in inference;
-    replace_attention turns that off so the swapped layers get padded tensors and masks."""
+def test_transformer_encoder_nested_inference(device, kernel_calls, monkeypatch):
+    """torch.nn.TransformerEncoder converts padded batches to nested tensors in inference and hands
+    them to its layers' attention: ours runs them packed (varlen, no padding); zeros where padded."""
     require_fused(device, dtype=torch.float64, has_mask=True)
     torch.manual_seed(4)
     layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True,
@@ -455,8 +456,12 @@ def test_transformer_encoder_nested_inference(device, kernel_calls):
     model = torch.nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=True).eval()
     model.load_state_dict(ref.state_dict())
     assert fnn.replace_attention(model) == 3
-    assert model.use_nested_tensor is False
+    assert model.use_nested_tensor is True  # the encoder's nested inference path stays on
     assert fnn.replace_attention(model) == 0  # nothing left to swap
+    nested_calls = []
+    real_nested = fnn.MultiheadAttention._forward_nested
+    monkeypatch.setattr(fnn.MultiheadAttention, "_forward_nested",
+                        lambda self, q, *a: nested_calls.append(q.layout) or real_nested(self, q, *a))
     x = torch.randn(3, 8, 16, dtype=torch.float64, device=device)
     kpm = torch.zeros(3, 8, dtype=torch.bool, device=device)
     kpm[0, 5:], kpm[2, 2:] = True, True
@@ -464,7 +469,9 @@ def test_transformer_encoder_nested_inference(device, kernel_calls):
         r, o = ref(x, src_key_padding_mask=kpm), model(x, src_key_padding_mask=kpm)
     assert_fused(kernel_calls)
     assert len(kernel_calls) == 3
+    assert nested_calls == [torch.strided] * 3, "the layers did not get the encoder's nested batch"
     assert_close("out (valid positions)", o[~kpm], r[~kpm], atol=1e-10, rtol=1e-10)
+    assert torch.all(o[kpm] == 0), "the nested path leaves zeros at padded positions"
 
 
 def test_replace_attention_in_full_transformer():
@@ -523,7 +530,106 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="key must be a torch.Tensor"):
         m(x, None, v)
     nested = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(2, 8)])
-    with pytest.raises(ValueError, match="nested tensors"):
-        fnn.MultiheadAttention(8, 2, batch_first=True)(nested, nested, nested)
+    with pytest.raises(ValueError, match="batch_first=True"):
+        fnn.MultiheadAttention(8, 2)(nested, nested, nested)
+    with pytest.raises(ValueError, match="must all be nested"):
+        fnn.MultiheadAttention(8, 2, batch_first=True)(nested, torch.randn(2, 3, 8), nested)
+    with pytest.raises(ValueError, match="key_padding_mask and attn_mask must be None"):
+        fnn.MultiheadAttention(8, 2, batch_first=True)(nested, nested, nested, attn_mask=torch.zeros(3, 3))
     with pytest.raises(TypeError, match="torch.nn.MultiheadAttention"):
         fnn.MultiheadAttention.from_torch(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+def test_nested_inputs(layout, device, kernel_calls):
+    """Nested batches (N, L_i, E): the output of each sequence is torch's module on that sequence alone,
+    forward and backward (weights asked for: padded to (N, L_max, S_max), zeros outside, as torch's fast path)."""
+    require_fused(device, dtype=torch.float64, varlen=True)
+    torch.manual_seed(11)
+    ref, ours = make_pair(dict(embed_dim=12, num_heads=3, batch_first=True), device, torch.float64)
+    lengths, key_lengths = [5, 1, 7], [4, 2, 9]
+    xs = [torch.randn(n, 12, dtype=torch.float64, device=device) for n in lengths]
+    ys = [torch.randn(n, 12, dtype=torch.float64, device=device) for n in key_lengths]
+    for cross in (False, True):
+        q = torch.nested.nested_tensor(xs, layout=layout, requires_grad=True)
+        kv = torch.nested.nested_tensor(ys, layout=layout, requires_grad=True) if cross else q
+        kernel_calls.clear()
+        out, weights = ours(q, kv, kv, need_weights=False)
+        assert weights is None and out.is_nested and out.layout == layout
+        assert_fused(kernel_calls)
+        grads = torch.autograd.grad(sum((o * o).sum() for o in out.unbind()), [q, ours.in_proj_weight])
+        for i, x in enumerate(xs):
+            x = x.detach().requires_grad_()
+            y = ys[i].detach().requires_grad_() if cross else x
+            r, _ = ref(x[None], y[None], y[None], need_weights=False)
+            assert_close(f"out seq {i} cross={cross}", out.unbind()[i], r[0], atol=1e-10, rtol=1e-10)
+            (dx,) = torch.autograd.grad((r * r).sum(), [x])
+            assert_close(f"d query seq {i} cross={cross}", grads[0].unbind()[i], dx, atol=1e-9, rtol=1e-9)
+        out_w, weights = ours(q, kv, kv)  # need_weights=True
+        lens_k = key_lengths if cross else lengths
+        assert weights.shape == (3, max(lengths), max(lens_k))
+        for i, x in enumerate(xs):
+            y = ys[i] if cross else x
+            _, w = ref(x[None], y[None], y[None])
+            assert_close(f"weights seq {i}", weights[i, :lengths[i], :lens_k[i]], w[0], atol=1e-10, rtol=1e-10)
+            assert torch.all(weights[i, lengths[i]:] == 0) and torch.all(weights[i, :, lens_k[i]:] == 0)
+            assert_close(f"out (weights path) seq {i}", out_w.unbind()[i], out.unbind()[i], atol=1e-12, rtol=0)
+
+
+def test_errors_are_the_classes_torch_raises():
+    """Code written for torch catches our errors: AssertionError for shapes (torch's module asserts,
+    with the same words), RuntimeError too; ValueError / TypeError as before."""
+    m = fnn.MultiheadAttention(4, 4)
+    x = torch.randn(4, 4, 4)
+    cases = [
+        (lambda: m(x, torch.randn(4, 4), x), "expected `key` and `value` to be 3-D but found 2-D and 3-D tensors"),
+        (lambda: m(x, x, x, key_padding_mask=torch.zeros(4, dtype=torch.bool)),
+         "expected `key_padding_mask` to be `None` or 2-D but found 1-D tensor instead"),
+        (lambda: m(x, x, x, attn_mask=torch.zeros(4)), "expected `attn_mask` to be `None`, 2-D or 3-D but found 1-D"),
+        (lambda: m(x[:, 0], x[:, 0], x[:, 0], attn_mask=torch.zeros(3, 4, 4)),
+         r"Expected `attn_mask` shape to be \(4, 4, 4\)"),
+        (lambda: m(torch.randn(4), x, x), "query should be unbatched 2D or batched 3D tensor"),
+    ]
+    for call, message in cases:
+        for error in (AssertionError, RuntimeError, ValueError):
+            with pytest.raises(error, match=message):
+                call()
+    with pytest.raises(AssertionError, match="bool or floating point"):
+        m(x, x, x, attn_mask=torch.zeros(4, 4, dtype=torch.int64))
+
+
+def test_in_proj_bias_of_another_dtype():
+    """torch's module accepts an in_proj_bias whose dtype differs from the weights (its matmul + add promotes)."""
+    torch.manual_seed(12)
+    ref, ours = make_pair(dict(embed_dim=8, num_heads=2, batch_first=True), "cpu", torch.float64)
+    for module in (ref, ours):
+        module.in_proj_bias = torch.nn.Parameter(ref.in_proj_bias.detach().to(torch.half))
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    (r, _), (o, _) = ref(x, x, x), ours(x, x, x)
+    assert o.dtype == r.dtype == torch.float64
+    assert_close("out", o, r, atol=1e-10, rtol=1e-10)
+
+
+def test_torchscript(kernel_calls):
+    """torch.jit.script compiles a module holding ours; the attention itself runs in Python (fastattn),
+    so the scripted module runs but cannot be saved (torch.jit.save names the Python call)."""
+    torch.manual_seed(13)
+    ref, ours = make_pair(dict(embed_dim=16, num_heads=4, kdim=8, vdim=8), "cpu", torch.float64)
+    scripted = torch.jit.script(ours)
+    x, y = torch.randn(3, 2, 16, dtype=torch.float64), torch.randn(5, 2, 8, dtype=torch.float64)
+    kpm = torch.tensor([[False] * 5, [False, False, True, True, True]])
+    kernel_calls.clear()
+    (o, w), (r, rw) = scripted(x, y, y, key_padding_mask=kpm), ref(x, y, y, key_padding_mask=kpm)
+    assert_fused(kernel_calls)
+    assert_close("scripted out", o, r, atol=1e-10, rtol=1e-10)
+    assert_close("scripted weights", w, rw, atol=1e-10, rtol=1e-10)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=24, dropout=0.0, dtype=torch.float64)
+    fnn.replace_attention(layer)
+    with pytest.warns(UserWarning, match="scripting removes its no-op forward pre-hook"):
+        scripted_layer = torch.jit.script(layer)
+    kernel_calls.clear()
+    src = torch.randn(6, 2, 16, dtype=torch.float64)
+    assert_close("scripted layer", scripted_layer(src), layer(src), atol=1e-12, rtol=0)
+    assert_fused(kernel_calls)
+    with pytest.raises(RuntimeError, match="Could not export Python function call '_forward_impl'"):
+        torch.jit.save(scripted, io.BytesIO())

@@ -227,3 +227,70 @@ def test_causal_bias_compiles_and_refuses_is_causal_like_torch():
     _, torch_exc = _outcome(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True))
     with pytest.raises(type(torch_exc), match="CausalBias should not be used with causal=True"):
         fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_nested_jagged_inputs(is_causal, heads):
+    """Jagged nested tensors (B, H, L_i, E), ragged in dim 2, as torch's SDPA takes them: each sequence's
+    output and gradients equal torch's dense SDPA on that sequence alone (torch itself refuses is_causal on
+    nested inputs; ours applies it per sequence, top-left)."""
+    torch.manual_seed(21)
+    hq, hkv = heads
+    q_lens, k_lens = [5, 1, 9, 0], [7, 3, 9, 4]
+    if is_causal:
+        k_lens = q_lens
+
+    def nested(lengths, h, width):
+        pieces = [torch.randn(n, h, width, dtype=torch.float64) for n in lengths]
+        return torch.nested.nested_tensor(pieces, layout=torch.jagged, requires_grad=True)  # (B, L_i, H, E)
+
+    q, k, v = nested(q_lens, hq, 8), nested(k_lens, hkv, 8), nested(k_lens, hkv, 6)
+    if is_causal:  # same ragged structure for q and k
+        k = torch.nested.nested_tensor_from_jagged(k.values().detach(), offsets=q.offsets()).requires_grad_()
+        v = torch.nested.nested_tensor_from_jagged(v.values().detach(), offsets=q.offsets()).requires_grad_()
+    out = fastattn.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                is_causal=is_causal, enable_gqa=hq != hkv)
+    assert out.is_nested and out.layout == torch.jagged and out.shape[1] == hq
+    grads = torch.autograd.grad(out.values().square().sum(), [q, k, v])
+    for i in range(len(q_lens)):
+        qi, ki, vi = (t.unbind()[i].detach().transpose(0, 1).requires_grad_() for t in (q, k, v))  # (H, L, E)
+        if q_lens[i] == 0:
+            assert out.transpose(1, 2).unbind()[i].numel() == 0
+            continue
+        ref = F.scaled_dot_product_attention(qi, ki, vi, is_causal=is_causal, enable_gqa=hq != hkv)
+        assert_close(f"out seq {i}", out.transpose(1, 2).unbind()[i].transpose(0, 1), ref, **SDPA_TOL[torch.float64])
+        ref_grads = torch.autograd.grad(ref.square().sum(), [qi, ki, vi])
+        for name, g, r in zip("qkv", grads, ref_grads):
+            assert_close(f"d{name} seq {i}", g.unbind()[i].transpose(0, 1), r, **SDPA_GRAD_TOL[torch.float64])
+
+
+def test_nested_inputs_refused_clearly():
+    q = torch.nested.nested_tensor([torch.randn(3, 2, 8), torch.randn(5, 2, 8)], layout=torch.jagged)
+    qt = q.transpose(1, 2)
+    with pytest.raises(ValueError, match="must all be nested or all be dense"):
+        fastattn.scaled_dot_product_attention(qt, torch.randn(2, 2, 4, 8), qt)
+    with pytest.raises(ValueError, match="attn_mask must be None with nested tensors"):
+        fastattn.scaled_dot_product_attention(qt, qt, qt, attn_mask=torch.ones(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="ragged in dim 2"):
+        fastattn.scaled_dot_product_attention(q, q, q)  # not transposed: (B, L_i, H, E)
+    strided = torch.nested.nested_tensor([torch.randn(2, 3, 8), torch.randn(2, 5, 8)])
+    with pytest.raises(ValueError, match="must be jagged"):
+        fastattn.scaled_dot_product_attention(strided, strided, strided)
+
+
+def test_errors_are_also_the_class_torch_raises():
+    """Code written for torch catches RuntimeError; ours are ValueError / TypeError and RuntimeError."""
+    q = torch.randn(2, 3, 4, 8)
+    cases = [
+        (lambda: fastattn.scaled_dot_product_attention(torch.randn(4), torch.randn(4), torch.randn(4)),
+         ValueError, "at least 3-D"),
+        (lambda: fastattn.scaled_dot_product_attention(q, q.half(), q.half()), TypeError, "same dtype"),
+        (lambda: fastattn.scaled_dot_product_attention(q, q[:, :1], q[:, :1]), ValueError, "enable_gqa=True"),
+        (lambda: fastattn.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5)), ValueError,
+         "does not broadcast"),
+    ]
+    for call, ours, message in cases:
+        for error in (ours, RuntimeError):
+            with pytest.raises(error, match=message):
+                call()

@@ -15,22 +15,23 @@ Where results differ from torch's on purpose:
     torch's (same rate, same 1/(1-p) rescaling, the same draw for out and weights);
   * invalid shapes raise ValueError/TypeError naming the argument (torch: AssertionError).
 """
-from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .. import api
 from ..reference import dropout_keep_mask
+from ..errors import MultiheadAttentionInputError, MultiheadAttentionTypeError
 
 
 def _keep_torch_fused_encoder_off(module, args):
     """No-op forward pre-hook. ``torch.nn.TransformerEncoderLayer`` skips its fused C++
     inference path (which would read our weights and run torch's own attention, never
-    calling this module) whenever a submodule has a hook; this hook is there for that."""
+    calling this module) whenever a submodule has a hook; this hook is there for that.
+    TorchScript does not get it (``__prepare_scriptable__``)."""
     return None
 
 
@@ -52,12 +53,26 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                          device=device, dtype=dtype)
         self.register_forward_pre_hook(_keep_torch_fused_encoder_off)
 
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script``: removes the no-op pre-hook, which TorchScript cannot compile for a
+        forward with default arguments. Without it a ``TransformerEncoderLayer`` holding this module may take
+        torch's fused inference path again (torch's kernel, the same math), scripted or not; say so."""
+        hooks = [key for key, hook in self._forward_pre_hooks.items() if hook is _keep_torch_fused_encoder_off]
+        if hooks:
+            warnings.warn("fastattn.nn.MultiheadAttention: scripting removes its no-op forward pre-hook; in eval "
+                          "mode a torch.nn.TransformerEncoderLayer that holds it may now run torch's fused "
+                          "attention (same result, torch's kernel) instead of fastattn's", stacklevel=2)
+        for key in hooks:
+            del self._forward_pre_hooks[key]
+        return self
+
     @classmethod
     def from_torch(cls, module: torch.nn.MultiheadAttention) -> "MultiheadAttention":
         """A fastattn module sharing ``module``'s parameters (the very same Parameter objects,
         so optimizers keep working), its forward hooks and its training mode."""
         if not isinstance(module, torch.nn.MultiheadAttention):
-            raise TypeError(f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
+            raise MultiheadAttentionTypeError(
+                f"module must be a torch.nn.MultiheadAttention, got {type(module).__name__}")
         new = cls(module.embed_dim, module.num_heads, dropout=module.dropout,
                   bias=module.in_proj_bias is not None, add_bias_kv=module.bias_k is not None,
                   add_zero_attn=module.add_zero_attn, kdim=module.kdim, vdim=module.vdim,
@@ -75,7 +90,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False):
+                is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Same arguments and results as ``torch.nn.MultiheadAttention.forward``.
 
         Shapes (E = embed_dim, N batch, L target length, S source length; (N, L, E) when batch_first):
@@ -87,7 +102,25 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             attn_output (L, N, E) (or (N, L, E) / (L, E)); attn_weights (N, L, S) averaged over heads,
             (N, num_heads, L, S) per head ((L, S) / (num_heads, L, S) unbatched), or None without need_weights.
         """
-        q_in, k_in, v_in, kpm, mask, batched = self._check_inputs(query, key, value, key_padding_mask, attn_mask)
+        # TorchScript compiles this forward and leaves the implementation to Python (torch.jit.ignore), so a
+        # scripted module that holds ours runs; it cannot be saved with torch.jit.save (Python is in it).
+        return self._forward_impl(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                  average_attn_weights, is_causal)
+
+    @torch.jit.ignore
+    def _forward_impl(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      key_padding_mask: Optional[torch.Tensor], need_weights: bool,
+                      attn_mask: Optional[torch.Tensor], average_attn_weights: bool,
+                      is_causal: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # Under TorchScript ``self`` is the scripted module: it has our attributes but not our Python
+        # methods, so the helpers are called through the class.
+        if any(isinstance(t, torch.Tensor) and t.is_nested for t in (query, key, value)):
+            return MultiheadAttention._forward_nested(self, query, key, value, key_padding_mask, need_weights,
+                                                      attn_mask, average_attn_weights, is_causal)
+        # torch drops attn_mask unseen when the causal hint is given with no padding mask and no weights
+        mask_dropped = is_causal and key_padding_mask is None and not need_weights
+        q_in, k_in, v_in, kpm, mask, batched = MultiheadAttention._check_inputs(
+            self, query, key, value, key_padding_mask, attn_mask, mask_dropped)
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
@@ -100,7 +133,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         H, E = self.num_heads, self.embed_dim
         D = E // H
 
-        q, k, v = self._in_projection(q_in, k_in, v_in)  # (N, L, E), (N, S, E), (N, S, E)
+        q, k, v = MultiheadAttention._in_projection(self, q_in, k_in, v_in)  # (N, L, E), (N, S, E), (N, S, E)
         extra_keys = 0
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, self.bias_k.expand(B, 1, E)], dim=1)  # (N, S + 1, E)
@@ -153,66 +186,172 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return out, weights
 
     # ------------------------------------------------------------------------------------------
+    def _forward_nested(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                        is_causal):
+        """Nested (ragged) batches: query (N, L_i, E), key (N, S_i, kdim), value (N, S_i, vdim), batch_first.
+
+        Strided nested tensors (what torch.nn.TransformerEncoder builds with enable_nested_tensor) and jagged
+        ones (torch.nested.nested_tensor(..., layout=torch.jagged)) both work, forward and backward; the
+        output has query's layout. Without weights the sequences go through fastattn.varlen_attention
+        packed, with no padding; need_weights=True runs the padded module and returns the weights padded to
+        (N, L_max, S_max) with zeros outside each sequence (as torch's fast path returns them).
+        """
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not (isinstance(t, torch.Tensor) and t.is_nested):
+                raise MultiheadAttentionInputError(
+                    f"query, key and value must all be nested tensors or all be dense; {name} is "
+                    f"{type(t).__name__ if not isinstance(t, torch.Tensor) else 'a dense tensor'}")
+            if t.dim() != 3:  # torch's words first
+                raise MultiheadAttentionInputError(
+                    f"query should be unbatched 2D or batched 3D tensor but received {t.dim()}-D query tensor: "
+                    f"{name} must be a 3-D nested tensor (N, L_i, E), got {t.dim()}-D")
+        if not self.batch_first:
+            raise MultiheadAttentionInputError(
+                "nested tensors need batch_first=True (they are (N, L_i, E)), as torch's MultiheadAttention does")
+        if key_padding_mask is not None or attn_mask is not None:
+            raise MultiheadAttentionInputError(
+                "key_padding_mask and attn_mask must be None with nested tensors: the nesting already says which "
+                "positions exist")
+        if is_causal:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                               "module method `generate_square_subsequent_mask` to create this mask.")
+        q_vals, q_lens = _nested_values(query)  # (total_q, E), [L_i]
+        k_vals, k_lens = _nested_values(key)  # (total_k, kdim), [S_i]
+        v_vals, v_lens = _nested_values(value)
+        if len(q_lens) != len(k_lens) or k_lens != v_lens:
+            raise MultiheadAttentionInputError(
+                f"key and value must have the same sequence lengths and query the same batch size, got query "
+                f"{q_lens}, key {k_lens}, value {v_lens}")
+        for name, t, width, width_name in (("query", q_vals, self.embed_dim, "embed_dim"),
+                                           ("key", k_vals, self.kdim, "kdim"), ("value", v_vals, self.vdim, "vdim")):
+            if t.shape[-1] != width:
+                raise MultiheadAttentionInputError(
+                    f"{name} must have last dim {width} ({width_name}), got {t.shape[-1]}")
+        if need_weights or self.bias_k is not None or self.add_zero_attn:
+            return MultiheadAttention._forward_nested_padded(self, query, key, value, q_lens, k_lens, need_weights,
+                                                             average_attn_weights)
+
+        H, E = self.num_heads, self.embed_dim
+        if query is key and key is value:
+            q, k, v = MultiheadAttention._in_projection(self, q_vals, q_vals, q_vals)  # (total, E) each, one matmul
+        else:
+            q, k, v = MultiheadAttention._in_projection(self, q_vals, k_vals, v_vals)  # (total_q|total_k, E) each
+        cu_q = _prefix_sums(q_lens, q.device)
+        cu_k = _prefix_sums(k_lens, q.device)
+        out = api.varlen_attention(q.view(-1, H, E // H), k.view(-1, H, E // H), v.view(-1, H, E // H), cu_q, cu_k,
+                                   max(q_lens, default=0), max(k_lens, default=0),
+                                   dropout_p=self.dropout if self.training else 0.0)  # (total_q, H, D)
+        out = F.linear(out.reshape(-1, E), self.out_proj.weight, self.out_proj.bias)  # (total_q, E)
+        return _nested_like(query, out, q_lens), None
+
+    def _forward_nested_padded(self, query, key, value, q_lens, k_lens, need_weights, average_attn_weights):
+        """The padded module on nested inputs (weights asked for, or extra bias/zero keys)."""
+        padded = [t.to_padded_tensor(0.0) for t in (query, key, value)]  # (N, L_max|S_max, E|kdim|vdim)
+        S_max = padded[1].shape[1]
+        key_lens = torch.tensor(k_lens, device=padded[1].device)
+        kpm = torch.arange(S_max, device=key_lens.device) >= key_lens[:, None]  # (N, S_max), True = padding
+        out, weights = MultiheadAttention._forward_impl(self, *padded, kpm, need_weights, None, average_attn_weights,
+                                                        False)  # (N, L_max, E)
+        if weights is not None:
+            L_max = padded[0].shape[1]
+            real_rows = torch.arange(L_max, device=kpm.device) < torch.tensor(q_lens, device=kpm.device)[:, None]
+            real_rows = real_rows.view(len(q_lens), *([1] * (weights.dim() - 3)), L_max, 1)  # (N, [1,] L_max, 1)
+            weights = weights * real_rows  # padded query rows have no weights
+        rows = [out[i, :n] for i, n in enumerate(q_lens)]
+        return _nested_like(query, torch.cat(rows) if rows else out.reshape(0, out.shape[-1]), q_lens), weights
+
+    # ------------------------------------------------------------------------------------------
     def _in_projection(self, query, key, value):
         """q, k, v = the three input projections of (N, L|S, E|kdim|vdim) inputs."""
         E = self.embed_dim
+        bias = self.in_proj_bias
+        if bias is not None and bias.dtype != query.dtype:
+            # torch's module accepts a bias of another dtype (its matmul + add promotes); F.linear does not
+            unbiased = MultiheadAttention._in_projection_without_bias(self, query, key, value)
+            return tuple(x + b for x, b in zip(unbiased, bias.chunk(3)))
         if self._qkv_same_embed_dim:
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)
             if query is key and key is value:  # self-attention: one matmul
-                qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)  # (N, L, 3E)
+                qkv = F.linear(query, self.in_proj_weight, bias)  # (N, L, 3E)
                 return qkv[..., :E], qkv[..., E:2 * E], qkv[..., 2 * E:]
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         b_q = b_k = b_v = None
-        if self.in_proj_bias is not None:
-            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        if bias is not None:
+            b_q, b_k, b_v = bias.chunk(3)
         return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
 
-    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask):
+    def _in_projection_without_bias(self, query, key, value):
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return F.linear(query, w_q), F.linear(key, w_k), F.linear(value, w_v)
+
+    def _check_inputs(self, query, key, value, key_padding_mask, attn_mask, mask_dropped=False):
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.is_nested:
-                raise ValueError(
-                    f"fastattn.nn.MultiheadAttention does not take nested tensors ({name}); pass a padded tensor "
-                    f"and key_padding_mask (for torch.nn.TransformerEncoder: enable_nested_tensor=False, which "
-                    f"fastattn.nn.replace_attention sets)")
+                raise MultiheadAttentionTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
+        # The dimension checks say what torch's say, word for word (code matches on them), then what we expect.
         if query.dim() not in (2, 3):
-            raise ValueError(f"query must be batched 3-D {layout} or unbatched 2-D (L, E), got shape "
-                             f"{tuple(query.shape)}")
+            raise MultiheadAttentionInputError(
+                f"query should be unbatched 2D or batched 3D tensor but received {query.dim()}-D query tensor: "
+                f"query must be batched 3-D {layout} or unbatched 2-D (L, E), got shape {tuple(query.shape)}")
         batched = query.dim() == 3
+        kind = "batched (3-D)" if batched else "unbatched (2-D)"
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise MultiheadAttentionInputError(
+                f"For {kind} `query`, expected `key` and `value` to be {query.dim()}-D but found {key.dim()}-D and "
+                f"{value.dim()}-D tensors respectively (key {tuple(key.shape)}, value {tuple(value.shape)})")
+        if key_padding_mask is not None and isinstance(key_padding_mask, torch.Tensor) \
+                and key_padding_mask.dim() != query.dim() - 1:
+            raise MultiheadAttentionInputError(
+                f"For {kind} `query`, expected `key_padding_mask` to be `None` or {query.dim() - 1}-D but found "
+                f"{key_padding_mask.dim()}-D tensor instead ({'(N, S)' if batched else '(S,)'}, got shape "
+                f"{tuple(key_padding_mask.shape)})")
+        if attn_mask is not None and isinstance(attn_mask, torch.Tensor) and attn_mask.dim() not in (2, 3):
+            raise MultiheadAttentionInputError(
+                f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found {attn_mask.dim()}-D "
+                f"tensor instead (got shape {tuple(attn_mask.shape)})")
         for name, t, width, width_name in (("query", query, self.embed_dim, "embed_dim"),
                                            ("key", key, self.kdim, "kdim"), ("value", value, self.vdim, "vdim")):
-            if t.dim() != query.dim():
-                raise ValueError(f"{name} must be {query.dim()}-D like query, got shape {tuple(t.shape)}")
             if t.shape[-1] != width:
-                raise ValueError(f"{name} must have last dim {width} ({width_name}), got shape {tuple(t.shape)}")
+                raise MultiheadAttentionInputError(
+                    f"{name} must have last dim {width} ({width_name}), got shape {tuple(t.shape)}")
         seq_axis = 1 if (self.batch_first and batched) else 0
         if key.shape[:-1] != value.shape[:-1]:
-            raise ValueError(f"key and value must have the same batch and sequence dims, got key {tuple(key.shape)}, "
-                             f"value {tuple(value.shape)}")
+            raise MultiheadAttentionInputError(
+                f"key and value must have the same batch and sequence dims, got key {tuple(key.shape)}, "
+                f"value {tuple(value.shape)}")
         if batched and query.shape[1 - seq_axis] != key.shape[1 - seq_axis]:
-            raise ValueError(f"query and key batch sizes differ: query {tuple(query.shape)}, key {tuple(key.shape)} "
-                             f"(layout {layout})")
+            raise MultiheadAttentionInputError(
+                f"query and key batch sizes differ: query {tuple(query.shape)}, key {tuple(key.shape)} "
+                f"(layout {layout})")
         N = query.shape[1 - seq_axis] if batched else None
         L, S = query.shape[seq_axis], key.shape[seq_axis]
         for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
             if m is not None and not isinstance(m, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
+                raise MultiheadAttentionTypeError(f"{name} must be a torch.Tensor or None, got {type(m).__name__}")
             if m is not None and m.dtype != torch.bool and not m.is_floating_point():
-                raise TypeError(f"{name} must be bool or floating point, got {m.dtype}")
+                raise MultiheadAttentionTypeError(f"{name} must be bool or floating point, got {m.dtype}")
         if key_padding_mask is not None:
             expected = (N, S) if batched else (S,)
             if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(f"key_padding_mask must have shape {'(N, S)' if batched else '(S,)'} = {expected}, "
-                                 f"got {tuple(key_padding_mask.shape)}")
+                raise MultiheadAttentionInputError(
+                    f"key_padding_mask must have shape {'(N, S)' if batched else '(S,)'} = {expected}, "
+                    f"got {tuple(key_padding_mask.shape)}")
+        if mask_dropped:
+            attn_mask = None  # its dimensions were checked above; its shape is not (torch's rule)
         if attn_mask is not None:
             three_d = (N * self.num_heads if batched else self.num_heads, L, S)
             if tuple(attn_mask.shape) not in ((L, S), three_d):
-                raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)} or "
-                                 f"({'N * num_heads' if batched else 'num_heads'}, L, S) = {three_d}, "
-                                 f"got {tuple(attn_mask.shape)}")
+                expected = f"Expected `attn_mask` shape to be {three_d} but got {attn_mask.shape}: " \
+                    if attn_mask.dim() == 3 else ""
+                raise MultiheadAttentionInputError(
+                    f"{expected}attn_mask must have shape (L, S) = {(L, S)} or "
+                    f"({'N * num_heads' if batched else 'num_heads'}, L, S) = {three_d}, "
+                    f"got {tuple(attn_mask.shape)}")
         if (key_padding_mask is not None and attn_mask is not None
                 and key_padding_mask.dtype != attn_mask.dtype):
             warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for "
@@ -223,6 +362,32 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             else:
                 attn_mask = attn_mask.view(1, 1, L, S)
         return query, key, value, key_padding_mask, attn_mask, batched
+
+
+def _nested_values(t):
+    """(values (total, E), [length of each sequence]) of a 3-D nested tensor, strided or jagged."""
+    if t.layout == torch.jagged:
+        if t._ragged_idx != 1:
+            raise MultiheadAttentionInputError(
+                f"a jagged nested tensor must be ragged in dim 1 ((N, L_i, E)), got ragged dim {t._ragged_idx}")
+        offsets = t.offsets()
+        return t.values(), (offsets[1:] - offsets[:-1]).tolist()
+    pieces = t.unbind()  # each (L_i, E)
+    return torch.cat(pieces), [p.shape[0] for p in pieces]
+
+
+def _nested_like(like, values, lengths):
+    """A nested tensor of ``like``'s layout holding ``values`` (total, E) split by ``lengths``."""
+    if like.layout == torch.jagged:
+        return torch.nested.nested_tensor_from_jagged(values, offsets=like.offsets())
+    return torch.nested.as_nested_tensor(list(values.split(lengths)), layout=torch.strided)
+
+
+def _prefix_sums(lengths, device):
+    """int32 (len + 1,) cumulative lengths, starting at 0 (varlen_attention's cu_seqlens)."""
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return cu.to(device)
 
 
 def _merge_masks(attn_mask, key_padding_mask, B, H, L, S, dtype):
@@ -338,15 +503,16 @@ def replace_attention(model: torch.nn.Module) -> int:
 
     Parameters are shared, not copied (optimizers keep working); a module used in several places
     is swapped once and stays shared. Subclasses of torch's module are left alone (their forward
-    may differ). ``torch.nn.TransformerEncoder``s whose layers were swapped get
-    ``use_nested_tensor = False`` (their inference path would hand the layers nested tensors).
+    may differ). A ``torch.nn.TransformerEncoder``'s inference path (nested tensors) keeps working:
+    its layers hand our module the nested batch, which runs packed through varlen attention.
     Returns the number of modules swapped.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise MultiheadAttentionTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if type(model) is torch.nn.MultiheadAttention:
-        raise TypeError("replace_attention swaps submodules in place and cannot replace the module it is given; "
-                        "use fastattn.nn.MultiheadAttention.from_torch(module) for a single module")
+        raise MultiheadAttentionTypeError(
+            "replace_attention swaps submodules in place and cannot replace the module it is given; "
+            "use fastattn.nn.MultiheadAttention.from_torch(module) for a single module")
     swapped = {}  # id(torch module) -> fastattn module
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -354,8 +520,4 @@ def replace_attention(model: torch.nn.Module) -> int:
                 if id(child) not in swapped:
                     swapped[id(child)] = MultiheadAttention.from_torch(child)
                 setattr(parent, name, swapped[id(child)])
-    for module in model.modules():
-        if isinstance(module, torch.nn.TransformerEncoder) and any(
-                isinstance(getattr(layer, "self_attn", None), MultiheadAttention) for layer in module.layers):
-            module.use_nested_tensor = False
     return len(swapped)
