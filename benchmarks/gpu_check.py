@@ -15,7 +15,8 @@ A stage that would not finish inside the total budget is not started (and listed
    (MAX_JOBS) and only this GPU's arch (TORCH_CUDA_ARCH_LIST); its time is reported.
 2. selftest: ``python -m fastattn.selftest`` (every backend, every feature it claims).
 3. sanitizer: ``compute-sanitizer`` memcheck on a handful of small cases per backend (dense
-   causal bf16 D=128, Nq=77, Nk=133, GQA, dropout and a key mask; varlen with empty sequences),
+   causal bf16 D=128, Nq=77, Nk=133, GQA, dropout and a key mask; varlen with empty sequences; a
+   bottom-right sliding window),
    then racecheck and synccheck on the CUDA kernels. Where compute-sanitizer refuses the
    device (some runtimes do), the stage says so and the run goes on.
 4. tests: tests/test_cuda.py, then the Triton tests (``pytest tests -k triton``), each in its
@@ -278,9 +279,12 @@ def sanitizer_cases(backend: str) -> int:
     qv, kv, vv = randn(sum(lens), 4, 64), randn(sum(lens), 2, 64), randn(sum(lens), 2, 64)
     out = fastattn.varlen_attention(qv, kv, vv, cu, cu, max(lens), max(lens), causal=True, backend=backend)
     out.backward(torch.randn_like(out))
+    # the banded kernels' block bounds: a window whose sides fall inside blocks, bottom-right, Nq < Nk
+    out = fastattn.attention(q, k, v, causal=True, window_size=(37, 0), alignment="bottom_right", backend=backend)
+    out.backward(torch.randn_like(out))
     torch.cuda.synchronize()
     print(f"sanitizer cases on {backend}: dense causal bf16 D=128 77x133 GQA dropout key mask; varlen with empty "
-          f"sequences: ran")
+          f"sequences; sliding window (37, 0) bottom-right: ran")
     return 0
 
 

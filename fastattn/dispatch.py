@@ -58,7 +58,8 @@ CAPABILITIES = {
     "triton": Capability(devices=("cuda",), dtypes=(torch.float32, torch.bfloat16, torch.float16), max_head_dim=256,
                          variants=_ALL_VARIANTS),
     # sm80+; head dims = those built (fastattn._C_cuda.head_dims), Dv == D; masks: bool key-padding only
-    "cuda": Capability(devices=("cuda",), dtypes=(torch.bfloat16, torch.float16), max_head_dim=128),
+    "cuda": Capability(devices=("cuda",), dtypes=(torch.bfloat16, torch.float16), max_head_dim=128,
+                       variants=frozenset({"window", "bottom_right"})),
 }
 
 

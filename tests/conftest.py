@@ -272,15 +272,17 @@ def _leaf_low(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_attention(backend: str, q, k, v, *, causal=False, attn_mask=None, scale=None, grads=True,
-                    grad_out: Optional[torch.Tensor] = None):
+                    grad_out: Optional[torch.Tensor] = None, variants: Optional[dict] = None):
     """Run fastattn.attention on ``backend`` and compare out, lse and dq/dk/dv with the float64 reference.
 
-    q, k, v are leaves (requires_grad when grads=True) in the test dtype and layout. Returns
-    (out, lse, ref_out64, ref_lse64) for further checks by the caller.
+    q, k, v are leaves (requires_grad when grads=True) in the test dtype and layout; ``variants``:
+    keyword arguments both take (window_size, alignment, ...). Returns (out, lse, ref_out64, ref_lse64)
+    for further checks by the caller.
     """
     dtype = q.dtype
+    variants = variants or {}
     out, lse = fastattn.attention(q, k, v, causal=causal, attn_mask=attn_mask, scale=scale, backend=backend,
-                                  return_lse=True)
+                                  return_lse=True, **variants)
     B, Hq, Nq, _ = q.shape
     Dv = v.shape[-1]
     assert out.shape == (B, Hq, Nq, Dv) and out.dtype == dtype and out.device == q.device
@@ -290,14 +292,14 @@ def check_attention(backend: str, q, k, v, *, causal=False, attn_mask=None, scal
     q64, k64, v64 = _leaf64(q), _leaf64(k), _leaf64(v)
     mask64 = attn_mask.double() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
     ref, ref_lse = attention_reference(q64, k64, v64, causal=causal, attn_mask=mask64, scale=scale,
-                                       return_lse=True)
+                                       return_lse=True, **variants)
     assert_close("lse", lse, ref_lse, atol=LSE_ATOL[dtype], rtol=LSE_RTOL[dtype])
 
     low = None
     if dtype in LOW_PRECISION:  # PyTorch's own error: the same reference, computed in the low dtype
         ql, kl, vl = _leaf_low(q), _leaf_low(k), _leaf_low(v)
         low = (ql, kl, vl, attention_reference(ql, kl, vl, causal=causal, attn_mask=attn_mask, scale=scale,
-                                               compute_dtype=dtype))
+                                               compute_dtype=dtype, **variants))
         assert_within_2x("out", out, low[3], ref, FWD_FLOOR[dtype])
     else:
         assert_close("out", out, ref, atol=FWD_ATOL[dtype], rtol=FWD_RTOL[dtype])

@@ -247,6 +247,22 @@ def test_key_padding_mask(mask_shape, causal, head_dim):
 
 
 @needs_gpu
+@pytest.mark.parametrize("window,causal,alignment,Nq,Nk", [
+    ((63, -1), True, "top_left", 130, 130),
+    ((65, 0), False, "bottom_right", 200, 330),
+    ((17, 33), False, "top_left", 97, 161),
+    ((-1, -1), True, "bottom_right", 3, 300),  # decode against a cache
+    ((-1, -1), True, "bottom_right", 200, 70),  # rows that see nothing
+    ((40, -1), True, "bottom_right", 1, 257),
+], ids=lambda x: str(x).replace(" ", ""))
+@pytest.mark.parametrize("head_dim", head_dims_or_skip(64, 128))
+def test_sliding_window_and_bottom_right(window, causal, alignment, Nq, Nk, head_dim):
+    """The banded kernels: causal and sliding windows, top-left and bottom-right (also run in the emulation)."""
+    q, k, v = make_qkv(2, 4, 2, Nq, Nk, head_dim, dtype=torch.bfloat16, device="cuda")
+    check_attention("cuda", q, k, v, causal=causal, variants=dict(window_size=window, alignment=alignment))
+
+
+@needs_gpu
 def test_fully_masked_rows_give_zeros_and_neg_inf_lse():
     q, k, v = make_qkv(2, 2, 2, 33, 70, HEAD_DIMS[0], dtype=torch.bfloat16, device="cuda")
     keep = torch.ones(2, 1, 1, 70, dtype=torch.bool, device="cuda")

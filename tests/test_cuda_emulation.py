@@ -47,23 +47,33 @@ def sm90(emu):
     emu.set_device("sm90")
 
 
-def run_dense(emu, q, k, v, *, mask=None, causal=False, dropout_p=0.0, rng_state=None, grad_out=None):
+def band_variants(window, bottom_right):
+    """The op schema's variant arguments for a window and an alignment (no softcap or ALiBi)."""
+    return (window[0], window[1], bottom_right, 0.0, None)
+
+
+def run_dense(emu, q, k, v, *, mask=None, causal=False, dropout_p=0.0, rng_state=None, grad_out=None,
+              window=(-1, -1), bottom_right=False):
     """out, lse and (dq, dk, dv) from the emulated CUDA ops (q (B, Hq, Nq, D) etc.)."""
     scale = q.shape[-1] ** -0.5
-    out, lse = emu.fwd(q, k, v, mask, causal, scale, dropout_p, rng_state, *NO_VARIANTS, None)
-    grads = emu.bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng_state, *NO_VARIANTS)
+    variants = band_variants(window, bottom_right)
+    out, lse = emu.fwd(q, k, v, mask, causal, scale, dropout_p, rng_state, *variants, None)
+    grads = emu.bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng_state, *variants)
     return out, lse, grads
 
 
-def check_dense(emu, B, Hq, Hkv, Nq, Nk, D, dtype, *, causal=False, mask=None, dropout_p=0.0, layout="contiguous"):
+def check_dense(emu, B, Hq, Hkv, Nq, Nk, D, dtype, *, causal=False, mask=None, dropout_p=0.0, layout="contiguous",
+                window=(-1, -1), bottom_right=False):
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype=dtype, layout=layout, requires_grad=False)
     grad_out = torch.randn(B, Hq, Nq, D, dtype=torch.float64).to(dtype)
     rng_state = torch.tensor([1234, 5678], dtype=torch.int64) if dropout_p > 0 else None
     out, lse, (dq, dk, dv) = run_dense(emu, q, k, v, mask=mask, causal=causal, dropout_p=dropout_p,
-                                       rng_state=rng_state, grad_out=grad_out)
+                                       rng_state=rng_state, grad_out=grad_out, window=window,
+                                       bottom_right=bottom_right)
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     leaves_low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    kw = dict(causal=causal, attn_mask=mask, dropout_p=dropout_p, rng_state=rng_state)
+    kw = dict(causal=causal, attn_mask=mask, dropout_p=dropout_p, rng_state=rng_state, window_size=window,
+              alignment="bottom_right" if bottom_right else "top_left")
     ref, ref_lse = attention_reference(*leaves64, return_lse=True, **kw)
     low = attention_reference(*leaves_low, compute_dtype=dtype, **kw)
     assert_close("lse", lse, ref_lse, atol=LSE_ATOL[dtype], rtol=LSE_RTOL[dtype])
@@ -199,6 +209,76 @@ def test_varlen(sm90, causal):
     ref_grads = torch.autograd.grad(ref, leaves, grad_out.double(), allow_unused=True)
     for name, g, rg, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, leaves):
         assert_close(name, g, torch.zeros_like(t) if rg is None else rg, atol=1e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding windows and bottom-right alignment (the banded kernels)
+# ---------------------------------------------------------------------------------------------
+# Window sides around the kernels' block sizes: 64 query rows and 64 keys per forward / dQ block,
+# 64 keys and 64 / 32 / 16 queries (D = 64 / 96 / 128) per dK/dV step.
+@pytest.mark.parametrize("window,causal,Nq,Nk,bottom_right", [
+    ((63, -1), True, 130, 130, False),
+    ((64, -1), True, 130, 130, False),
+    ((65, -1), True, 200, 130, False),
+    ((0, 64), False, 129, 190, False),
+    ((17, 33), False, 97, 161, False),
+    ((-1, 5), False, 130, 70, False),  # right side only, not causal
+    ((100, -1), False, 65, 200, False),  # left side only
+    ((-1, -1), True, 70, 200, True),  # causal, bottom-right, Nq < Nk
+    ((-1, -1), True, 200, 70, True),  # bottom-right, Nq > Nk: the first 130 rows see nothing
+    ((40, -1), True, 3, 300, True),  # decode against a longer cache, with a window
+    ((64, 0), False, 1, 257, True),  # one new query
+    ((1, 1), False, 77, 133, True),
+], ids=lambda x: str(x).replace(" ", ""))
+def test_band(sm90, window, causal, Nq, Nk, bottom_right):
+    check_dense(sm90, 2, 4, 2, Nq, Nk, 64, torch.float16, causal=causal, window=window, bottom_right=bottom_right)
+
+
+@pytest.mark.parametrize("D", emulation_build.head_dims())
+def test_band_head_dims(sm90, D):
+    check_dense(sm90, 1, 2, 1, 150, 210, D, torch.bfloat16, causal=True, window=(48, -1), bottom_right=True)
+
+
+def test_band_with_mask_and_dropout(sm90):
+    mask = torch.rand(2, 1, 1, 140) < 0.8
+    mask[1, ..., 100:] = False
+    check_dense(sm90, 2, 2, 2, 90, 140, 64, torch.float16, window=(30, 10), bottom_right=True, mask=mask,
+                dropout_p=0.2)
+
+
+def test_band_varlen(sm90):
+    """Bottom-right per sequence (each sequence's own Nk - Nq), windows, empty sequences."""
+    lens_q, lens_k = [0, 5, 77, 1, 64, 3, 90], [4, 0, 90, 130, 64, 70, 20]
+    dtype, D, Hq, Hkv = torch.float16, 64, 2, 1
+    q, k, v = make_varlen(lens_q, lens_k, Hq, Hkv, D, dtype=dtype, requires_grad=False)
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    scale, variants = D ** -0.5, band_variants((33, -1), True)
+    out, lse = sm90.varlen_fwd(q, k, v, cu_q, cu_k, 90, 130, True, scale, 0.0, None, *variants, None)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    dq, dk, dv = sm90.varlen_bwd(grad_out, q, k, v, out, lse, cu_q, cu_k, 90, 130, True, scale, 0.0, None,
+                                 *variants)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = varlen_attention_reference(*leaves, cu_q, cu_k, causal=True, return_lse=True, window_size=(33, -1),
+                                              alignment="bottom_right")
+    assert_close("lse", lse, ref_lse, atol=LSE_ATOL[dtype], rtol=LSE_RTOL[dtype])
+    assert_close("out", out, ref, atol=2e-3, rtol=1e-2)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out.double(), allow_unused=True)
+    for name, g, rg, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, leaves):
+        assert_close(name, g, torch.zeros_like(t) if rg is None else rg, atol=1e-2, rtol=1e-2)
+
+
+def test_band_skips_blocks_outside_the_window(sm90):
+    """Work proportional to what is visible: a 64-key window over 1024 keys costs a fraction of full causal
+    (tensor-core instructions counted by the emulator, forward and backward)."""
+    def mma_count(window):
+        q, k, v = make_qkv(1, 1, 1, 1024, 1024, 64, dtype=torch.float16, requires_grad=False)
+        before = sm90.counters()["mma"]
+        run_dense(sm90, q, k, v, causal=True, window=window, grad_out=torch.randn_like(q))
+        return sm90.counters()["mma"] - before
+
+    causal, windowed = mma_count((-1, -1)), mma_count((64, -1))
+    # causal visits ~half of the 16 x 16 blocks (136 of 256); a 64-wide window ~2 per row block (31 of 256)
+    assert windowed < 0.3 * causal, (windowed, causal)
 
 
 # ---------------------------------------------------------------------------------------------

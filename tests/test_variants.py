@@ -364,7 +364,7 @@ def test_dispatch_knows_every_variant_per_backend():
 @pytest.mark.skipif("cuda" not in dispatch.available_backends(), reason="the cuda backend is not available here "
                     "(fastattn._C_cuda not built, or no GPU)")
 def test_cuda_refuses_the_variants_it_lacks_by_name():
-    """The CUDA kernels serve no variant yet: backend="cuda" raises naming it; "auto" goes elsewhere."""
+    """The variants the CUDA kernels do not serve (softcap, ALiBi, sinks): backend="cuda" raises naming them."""
     q, k, v = (t.cuda() for t in make_qkv(1, 2, 2, 8, 8, 64, dtype=torch.float16, requires_grad=False))
     kw = {"window": dict(window_size=(2, 2)), "softcap": dict(softcap=3.0),
           "sinks": dict(sinks=torch.zeros(2, device="cuda")), "alibi": dict(alibi_slopes=torch.ones(2, device="cuda")),

@@ -7,7 +7,8 @@
 // elsewhere under backend="auto"):
 //   float16 / bfloat16 on sm80+; q/k/v head dims equal and in head_dims();
 //   attn_mask: bool key-padding masks broadcastable as (B|1, 1, 1, Nk) only;
-//   causal (top-left), GQA (Hq % Hkv == 0), dropout (Philox, csrc/philox.h), varlen.
+//   causal and sliding windows, top-left or bottom-right aligned (the banded kernels), GQA
+//   (Hq % Hkv == 0), dropout (Philox, csrc/philox.h), varlen. Not yet: softcap, ALiBi, sinks.
 #include <torch/extension.h>
 #include <torch/library.h>
 #if defined(FASTATTN_CUDA_EMULATION)
@@ -48,39 +49,39 @@ std::vector<int64_t> supported_head_dims() {
   };
 }
 
-template <typename Tag, bool kCausal>
+template <typename Tag, bool kBanded>
 bool launch_fwd(const AttnParams& p, void* stream) {
   switch (p.head_dim) {
 #ifdef FASTATTN_CUDA_HDIM32
-    case 32: run_flash_fwd<Tag, 32, kCausal>(p, stream); return true;
+    case 32: run_flash_fwd<Tag, 32, kBanded>(p, stream); return true;
 #endif
 #ifdef FASTATTN_CUDA_HDIM64
-    case 64: run_flash_fwd<Tag, 64, kCausal>(p, stream); return true;
+    case 64: run_flash_fwd<Tag, 64, kBanded>(p, stream); return true;
 #endif
 #ifdef FASTATTN_CUDA_HDIM96
-    case 96: run_flash_fwd<Tag, 96, kCausal>(p, stream); return true;
+    case 96: run_flash_fwd<Tag, 96, kBanded>(p, stream); return true;
 #endif
 #ifdef FASTATTN_CUDA_HDIM128
-    case 128: run_flash_fwd<Tag, 128, kCausal>(p, stream); return true;
+    case 128: run_flash_fwd<Tag, 128, kBanded>(p, stream); return true;
 #endif
     default: return false;
   }
 }
 
-template <typename Tag, bool kCausal>
+template <typename Tag, bool kBanded>
 bool launch_bwd(const AttnParams& p, void* stream) {
   switch (p.head_dim) {
 #ifdef FASTATTN_CUDA_HDIM32
-    case 32: run_flash_bwd<Tag, 32, kCausal>(p, stream); return true;
+    case 32: run_flash_bwd<Tag, 32, kBanded>(p, stream); return true;
 #endif
 #ifdef FASTATTN_CUDA_HDIM64
-    case 64: run_flash_bwd<Tag, 64, kCausal>(p, stream); return true;
+    case 64: run_flash_bwd<Tag, 64, kBanded>(p, stream); return true;
 #endif
 #ifdef FASTATTN_CUDA_HDIM96
-    case 96: run_flash_bwd<Tag, 96, kCausal>(p, stream); return true;
+    case 96: run_flash_bwd<Tag, 96, kBanded>(p, stream); return true;
 #endif
 #ifdef FASTATTN_CUDA_HDIM128
-    case 128: run_flash_bwd<Tag, 128, kCausal>(p, stream); return true;
+    case 128: run_flash_bwd<Tag, 128, kBanded>(p, stream); return true;
 #endif
     default: return false;
   }
@@ -99,23 +100,23 @@ bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
 using DeviceGuard = c10::cuda::CUDAGuard;
 #endif
 
-void run_fwd(const AttnParams& p, at::ScalarType dtype, bool causal) {
-  const bool ok = dtype == at::kHalf ? (causal ? launch_fwd<Fp16, true>(p, current_stream())
+void run_fwd(const AttnParams& p, at::ScalarType dtype, bool banded) {
+  const bool ok = dtype == at::kHalf ? (banded ? launch_fwd<Fp16, true>(p, current_stream())
                                                : launch_fwd<Fp16, false>(p, current_stream()))
-                                     : (causal ? launch_fwd<Bf16, true>(p, current_stream())
+                                     : (banded ? launch_fwd<Bf16, true>(p, current_stream())
                                                : launch_fwd<Bf16, false>(p, current_stream()));
   TORCH_CHECK(ok, "fastattn cuda: no forward kernel for head dim ", p.head_dim);
 }
 
-void run_bwd(const AttnParams& p, at::ScalarType dtype, bool causal) {
+void run_bwd(const AttnParams& p, at::ScalarType dtype, bool banded) {
   if (dtype == at::kHalf) {
     run_flash_bwd_preprocess<Fp16>(p, current_stream());
   } else {
     run_flash_bwd_preprocess<Bf16>(p, current_stream());
   }
-  const bool ok = dtype == at::kHalf ? (causal ? launch_bwd<Fp16, true>(p, current_stream())
+  const bool ok = dtype == at::kHalf ? (banded ? launch_bwd<Fp16, true>(p, current_stream())
                                                : launch_bwd<Fp16, false>(p, current_stream()))
-                                     : (causal ? launch_bwd<Bf16, true>(p, current_stream())
+                                     : (banded ? launch_bwd<Bf16, true>(p, current_stream())
                                                : launch_bwd<Bf16, false>(p, current_stream()));
   TORCH_CHECK(ok, "fastattn cuda: no backward kernel for head dim ", p.head_dim);
 }
@@ -293,12 +294,24 @@ void set_dense_qkv(AttnParams& p, const at::Tensor& q, const at::Tensor& k, cons
 
 // The variants of the op schemas (csrc/ops.cpp) that these kernels do not serve yet: dispatch
 // sends such calls to Triton; a direct call gets this error rather than a wrong answer.
-void check_no_variants(int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                       const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
-  TORCH_CHECK_VALUE(window_left == -1 && window_right == -1 && !bottom_right && softcap == 0.0 &&
-                        !alibi_slopes.has_value() && !sinks.has_value(),
-                    "fastattn cuda: the CUDA kernels do not serve window_size, bottom-right alignment, softcap, "
-                    "alibi_slopes or sinks yet; use backend='triton' or 'auto'");
+void check_unserved_variants(double softcap, const c10::optional<at::Tensor>& alibi_slopes,
+                             const c10::optional<at::Tensor>& sinks) {
+  TORCH_CHECK_VALUE(softcap == 0.0 && !alibi_slopes.has_value() && !sinks.has_value(),
+                    "fastattn cuda: the CUDA kernels do not serve softcap, alibi_slopes or sinks yet; use "
+                    "backend='triton' or 'auto'");
+}
+
+// Causal, window and alignment as the kernels' band; returns whether the banded kernels run.
+bool set_band(AttnParams& p, bool causal, int64_t window_left, int64_t window_right, bool bottom_right) {
+  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "fastattn cuda: window_size must be >= -1 on both "
+                    "sides (-1: unbounded), got (", window_left, ", ", window_right, ")");
+  // Bounds past any sequence length mean the same as unbounded; clamped so that the kernels' arithmetic
+  // (flash_common.cuh: Band) fits an int.
+  constexpr int64_t kFar = int64_t{1} << 29;
+  p.window_left = static_cast<int>(std::min(window_left, kFar));
+  p.window_right = causal ? 0 : static_cast<int>(std::min(window_right, kFar));
+  p.bottom_right = bottom_right;
+  return p.window_left >= 0 || p.window_right >= 0;
 }
 
 // ---------------------------------------------------------------------------
@@ -309,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
                                             double dropout_p, const c10::optional<at::Tensor>& rng_state,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
-  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
+  check_unserved_variants(softcap, alibi_slopes, sinks);
   check_dense_qkv(q_in, k_in, v_in);
   const DeviceGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
@@ -321,6 +334,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   set_key_mask(p, attn_mask, q, B, Nk);
   set_dropout(p, dropout_p, rng_state, q);
   set_scale(p, scale);
+  const bool banded = set_band(p, causal, window_left, window_right, bottom_right);
   if (B == 0 || Hq == 0 || Nq == 0) return {out.transpose(1, 2), lse};
   if (Nk == 0) {  // no key: zeros and lse = -inf, as the reference
     out.zero_();
@@ -331,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   p.o_batch_stride = out.stride(0), p.o_row_stride = out.stride(1), p.o_head_stride = out.stride(2);
   p.lse = lse.data_ptr<float>();
   p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
-  run_fwd(p, q.scalar_type(), causal);
+  run_fwd(p, q.scalar_type(), banded);
   return {out.transpose(1, 2), lse};
 }
 
@@ -341,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     double scale, double dropout_p, const c10::optional<at::Tensor>& rng_state,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes) {
-  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, c10::nullopt);
+  check_unserved_variants(softcap, alibi_slopes, c10::nullopt);
   check_dense_qkv(q_in, k_in, v_in);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3), Nk = k_in.size(2);
   check_device_and_dtype(grad_out_in, "grad_out", q_in);
@@ -364,6 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   set_key_mask(p, attn_mask, q, B, Nk);
   set_dropout(p, dropout_p, rng_state, q);
   set_scale(p, scale);
+  const bool banded = set_band(p, causal, window_left, window_right, bottom_right);
   if (B == 0 || Hq == 0 || Nq == 0 || Nk == 0) {  // nothing attends: every gradient is zero
     dq.result.zero_(), dk.result.zero_(), dv.result.zero_();
     return {dq.result, dk.result, dv.result};
@@ -384,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   p.dv_batch_stride = dv.work.stride(0), p.dv_head_stride = dv.work.stride(1), p.dv_row_stride = dv.work.stride(2);
   at::Tensor dkv_partial;  // (2, splits, Hkv, B * Nk, D) float32, GQA/MQA on small grids only
   set_kv_group_splits(p, B * Nk, q, dkv_partial);
-  run_bwd(p, q.scalar_type(), causal);
+  run_bwd(p, q.scalar_type(), banded);
   dq.finish(), dk.finish(), dv.finish();
   return {dq.result, dk.result, dv.result};
 }
@@ -452,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
                                                    const c10::optional<at::Tensor>& rng_state,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
-  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, sinks);
+  check_unserved_variants(softcap, alibi_slopes, sinks);
   check_varlen_qkv(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const DeviceGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
@@ -463,13 +478,14 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
   set_varlen_qkv(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   set_dropout(p, dropout_p, rng_state, q);
   set_scale(p, scale);
+  const bool banded = set_band(p, causal, window_left, window_right, bottom_right);
   if (total_q == 0 || Hq == 0 || p.batch == 0 || max_seqlen_q == 0) return {out, lse};
   // Every row gets a CTA; sequences with no key come out as zeros with lse = -inf.
   p.out = out.data_ptr();
   p.o_batch_stride = 0, p.o_row_stride = out.stride(0), p.o_head_stride = out.stride(1);
   p.lse = lse.data_ptr<float>();
   p.lse_batch_stride = 0, p.lse_head_stride = lse.stride(0);
-  run_fwd(p, q.scalar_type(), causal);
+  run_fwd(p, q.scalar_type(), banded);
   return {out, lse};
 }
 
@@ -480,7 +496,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     const c10::optional<at::Tensor>& rng_state,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes) {
-  check_no_variants(window_left, window_right, bottom_right, softcap, alibi_slopes, c10::nullopt);
+  check_unserved_variants(softcap, alibi_slopes, c10::nullopt);
   check_varlen_qkv(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const int64_t total_q = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   check_device_and_dtype(grad_out_in, "grad_out", q_in);
@@ -503,6 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
   set_varlen_qkv(p, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   set_dropout(p, dropout_p, rng_state, q);
   set_scale(p, scale);
+  const bool banded = set_band(p, causal, window_left, window_right, bottom_right);
   if (p.batch == 0 || Hq == 0 || max_seqlen_q == 0 || max_seqlen_k == 0) {
     dq.result.zero_(), dk.result.zero_(), dv.result.zero_();
     return {dq.result, dk.result, dv.result};
@@ -525,7 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
   p.dv_batch_stride = 0, p.dv_row_stride = dv.work.stride(0), p.dv_head_stride = dv.work.stride(1);
   at::Tensor dkv_partial;  // (2, splits, Hkv, total_k, D) float32, GQA/MQA on small grids only
   set_kv_group_splits(p, k.size(0), q, dkv_partial);
-  run_bwd(p, q.scalar_type(), causal);
+  run_bwd(p, q.scalar_type(), banded);
   dq.finish(), dk.finish(), dv.finish();
   return {dq.result, dk.result, dv.result};
 }

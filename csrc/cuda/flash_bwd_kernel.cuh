@@ -57,7 +57,7 @@ struct BwdDkDvConfig {
 // ---------------------------------------------------------------------------
 // dQ
 // ---------------------------------------------------------------------------
-template <typename Tag, int kHeadDim, bool kCausal, int kBlockKeys>
+template <typename Tag, int kHeadDim, bool kBanded, int kBlockKeys>
 __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
     flash_bwd_dq_kernel(const AttnParams p) {
   using Cfg = BwdDqConfig<kHeadDim, kBlockKeys>;
@@ -73,8 +73,8 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
   T* sV = sK + 2 * kBlockN * kStride;      // 2 x (kBlockN, kStride)
   uint8_t* sMask = reinterpret_cast<uint8_t*>(sV + 2 * kBlockN * kStride);  // 2 x kBlockN
 
-  // Causal: longest query blocks first, as in the forward.
-  const int m_block = kCausal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  // Banded: longest query blocks first, as in the forward.
+  const int m_block = kBanded ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
   const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int g = lane / 4, t = lane % 4;
@@ -105,16 +105,22 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
     row_delta[r] = valid ? delta[rows[r]] : 0.f;
   }
 
-  const int n_end = kCausal ? min(sb.seqlen_k, m0 + kBlockM) : sb.seqlen_k;
-  const int num_n = (n_end + kBlockN - 1) / kBlockN;
+  // Banded: only the key blocks that meet the band of rows m0 .. last_row (as in the forward).
+  const Band band = band_of(p, sb);
+  const int last_row = min(m0 + kBlockM, sb.seqlen_q) - 1;
+  const int key_begin = kBanded ? band.key_begin(m0) : 0;
+  const int key_end = kBanded ? band.key_end(last_row, sb.seqlen_k) : sb.seqlen_k;
+  const int n_first = key_begin / kBlockN;
+  const int n_stop = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_first;
 
   load_tile_async<kBlockM, kHeadDim, Cfg::kThreads>(sQ, q, p.q_row_stride, m0, sb.seqlen_q, tid);
   load_tile_async<kBlockM, kHeadDim, Cfg::kThreads>(sdO, dout, p.do_row_stride, m0, sb.seqlen_q, tid);
-  if (num_n > 0) {
-    load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k, p.k_row_stride, 0, sb.seqlen_k, tid);
-    load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v, p.v_row_stride, 0, sb.seqlen_k, tid);
+  if (n_stop > n_first) {
+    const int first = n_first * kBlockN;
+    load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k, p.k_row_stride, first, sb.seqlen_k, tid);
+    load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v, p.v_row_stride, first, sb.seqlen_k, tid);
     if (key_mask != nullptr) {
-      load_key_mask_block<kBlockN, Cfg::kThreads>(sMask, key_mask, p.key_mask_col_stride, 0, sb.seqlen_k, tid);
+      load_key_mask_block<kBlockN, Cfg::kThreads>(sMask, key_mask, p.key_mask_col_stride, first, sb.seqlen_k, tid);
     }
   }
   cp_async_commit();
@@ -126,9 +132,9 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
 #pragma unroll
   for (int i = 0; i < kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
-  for (int n = 0; n < num_n; ++n) {
-    const int buf = n & 1;
-    if (n + 1 < num_n) {
+  for (int n = n_first; n < n_stop; ++n) {
+    const int buf = (n - n_first) & 1;
+    if (n + 1 < n_stop) {
       load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK + (buf ^ 1) * kBlockN * kStride, k, p.k_row_stride,
                                                         (n + 1) * kBlockN, sb.seqlen_k, tid);
       load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV + (buf ^ 1) * kBlockN * kStride, v, p.v_row_stride,
@@ -171,7 +177,8 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
       }
     }
 
-    const bool need_mask = key_mask != nullptr || n0 + kBlockN > sb.seqlen_k || (kCausal && n0 + kBlockN - 1 > m0);
+    const bool need_mask = key_mask != nullptr || n0 + kBlockN > sb.seqlen_k ||
+                           (kBanded && band.cuts(m0, m0 + kBlockM - 1, n0, n0 + kBlockN - 1));
 #pragma unroll
     for (int nt = 0; nt < kSTiles; ++nt) {
       const int j = n0 + nt * 8 + 2 * t;
@@ -186,7 +193,7 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
           const int e = 2 * r + c;
           bool hidden = false;
           if (need_mask) {
-            hidden = j + c >= sb.seqlen_k || (kCausal && j + c > i) ||
+            hidden = j + c >= sb.seqlen_k || (kBanded && band.hides(i, j + c)) ||
                      (key_mask != nullptr && !cMask[j + c - n0]);
           }
           const float prob = hidden ? 0.f : exp2f(s[nt][e] * p.scale_log2 - row_lse[r]);
@@ -230,7 +237,7 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
 // ---------------------------------------------------------------------------
 // dK, dV
 // ---------------------------------------------------------------------------
-template <typename Tag, int kHeadDim, bool kCausal>
+template <typename Tag, int kHeadDim, bool kBanded>
 __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
     flash_bwd_dkdv_kernel(const AttnParams p) {
   using Cfg = BwdDkDvConfig<kHeadDim>;
@@ -267,10 +274,14 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
   const T* q_seq = static_cast<const T*>(p.q) + b * p.q_batch_stride + sb.q_start * p.q_row_stride;
   const T* do_seq = static_cast<const T*>(p.dout) + b * p.do_batch_stride + sb.q_start * p.do_row_stride;
 
-  // Steps: (q head of the group) x (query block); causal skips the query blocks that
-  // end before this key block starts.
-  const int m_begin = kCausal ? n0 / kBlockM : 0;
-  const int num_m = (sb.seqlen_q + kBlockM - 1) / kBlockM;
+  // Steps: (q head of the group) x (query block); banded: only the query blocks whose rows see
+  // some key of this block (causal: those that do not end before it starts).
+  const Band band = band_of(p, sb);
+  const int last_key = min(n0 + kBlockN, sb.seqlen_k) - 1;
+  const int row_begin = kBanded ? band.row_begin(n0) : 0;
+  const int row_end = kBanded ? band.row_end(last_key, sb.seqlen_q) : sb.seqlen_q;
+  const int m_begin = row_begin / kBlockM;
+  const int num_m = row_end > row_begin ? (row_end + kBlockM - 1) / kBlockM : m_begin;
   const int steps_per_head = max(num_m - m_begin, 0);
   const int num_steps = group_part * steps_per_head;
 
@@ -359,14 +370,14 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
 
     // Element (key keys[e / 2], query mq0 + nt * 8 + 2t + e % 2):
     // s <- dropped P * r (for dV), dp <- dS (for dK).
-    const bool causal_block = kCausal && n0 + kBlockN - 1 > mq0;
+    const bool band_block = kBanded && band.cuts(mq0, mq0 + kBlockM - 1, n0, n0 + kBlockN - 1);
 #pragma unroll
     for (int nt = 0; nt < kSTiles; ++nt) {
       const uint32_t keep = p.dropout ? rng.keep_keys_shared(keys[0], mq0 + nt * 8 + 2 * t) : 0xFu;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * t + (e & 1), i = mq0 + col, j = keys[e >> 1];
-        const bool hidden = !key_visible[e >> 1] || (causal_block && j > i);
+        const bool hidden = !key_visible[e >> 1] || (band_block && band.hides(i, j));
         const float prob = hidden ? 0.f : exp2f(s[nt][e] * p.scale_log2 - cLse[col]);
         float prob_kept = prob, dprob = dp[nt][e];
         if (p.dropout) {
@@ -442,11 +453,11 @@ void set_smem_limit(Kernel kernel, int smem_bytes) {
   }
 }
 
-template <typename Tag, int kHeadDim, bool kCausal, int kBlockKeys>
+template <typename Tag, int kHeadDim, bool kBanded, int kBlockKeys>
 void launch_bwd_dq(const AttnParams& params, cudaStream_t s) {
   using Cfg = BwdDqConfig<kHeadDim, kBlockKeys>;
   constexpr int smem_bytes = Cfg::kSmemBytes(static_cast<int>(sizeof(typename ElemTraits<Tag>::T)));
-  auto kernel = flash_bwd_dq_kernel<Tag, kHeadDim, kCausal, kBlockKeys>;
+  auto kernel = flash_bwd_dq_kernel<Tag, kHeadDim, kBanded, kBlockKeys>;
   set_smem_limit(kernel, smem_bytes);
   const dim3 grid((params.seqlen_q + Cfg::kBlockM - 1) / Cfg::kBlockM, params.num_heads_q, params.batch);
   FASTATTN_LAUNCH(kernel, grid, Cfg::kThreads, smem_bytes, s, params);
@@ -454,7 +465,7 @@ void launch_bwd_dq(const AttnParams& params, cudaStream_t s) {
 }
 
 // dQ and dK/dV kernels on the same stream; delta must already be computed.
-template <typename Tag, int kHeadDim, bool kCausal>
+template <typename Tag, int kHeadDim, bool kBanded>
 void run_flash_bwd(const AttnParams& params, void* stream) {
   using T = typename ElemTraits<Tag>::T;
   constexpr int kElem = static_cast<int>(sizeof(T));
@@ -463,16 +474,16 @@ void run_flash_bwd(const AttnParams& params, void* stream) {
                     BwdDkDvConfig<kHeadDim>::kSmemBytes(kElem) <= kSmallestSmemOptin,
                 "every backward configuration must fit the smallest opt-in shared memory of an sm80+ GPU");
   if constexpr (BwdDqConfig<kHeadDim, 64>::kSmemBytes(kElem) <= kSmallestSmemOptin) {
-    launch_bwd_dq<Tag, kHeadDim, kCausal, 64>(params, s);
+    launch_bwd_dq<Tag, kHeadDim, kBanded, 64>(params, s);
   } else if (BwdDqConfig<kHeadDim, 64>::kSmemBytes(kElem) <= max_smem_optin()) {
-    launch_bwd_dq<Tag, kHeadDim, kCausal, 64>(params, s);
+    launch_bwd_dq<Tag, kHeadDim, kBanded, 64>(params, s);
   } else {
-    launch_bwd_dq<Tag, kHeadDim, kCausal, 32>(params, s);
+    launch_bwd_dq<Tag, kHeadDim, kBanded, 32>(params, s);
   }
   {
     using Cfg = BwdDkDvConfig<kHeadDim>;
     constexpr int smem_bytes = Cfg::kSmemBytes(kElem);
-    auto kernel = flash_bwd_dkdv_kernel<Tag, kHeadDim, kCausal>;
+    auto kernel = flash_bwd_dkdv_kernel<Tag, kHeadDim, kBanded>;
     set_smem_limit(kernel, smem_bytes);
     const dim3 grid((params.seqlen_k + Cfg::kBlockN - 1) / Cfg::kBlockN, params.num_heads_kv * params.kv_group_splits,
                     params.batch);

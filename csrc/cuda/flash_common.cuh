@@ -230,6 +230,34 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
   return s;
 }
 
+// Which keys each query row of a sequence sees in the banded kernels: row i sees key j when
+// lo <= j - i < hi, with lo = offset - left and hi = offset + right + 1 (an unbounded side is a
+// bound no sequence reaches), offset = seqlen_k - seqlen_q for bottom-right alignment, else 0.
+// Causal is left unbounded, right = 0. One difference j - i per element and two integers per
+// thread keep the banded kernels within the registers of the causal-only ones they replace.
+struct Band {
+  static constexpr int kFar = 1 << 30;  // beyond any sequence (the host clamps windows to 2^29)
+  int lo, hi;
+
+  __device__ __forceinline__ bool hides(int i, int j) const { return j - i < lo || j - i >= hi; }
+  // Whether some pair of rows [first_row, last_row] x keys [first_key, last_key] is outside the band.
+  __device__ __forceinline__ bool cuts(int first_row, int last_row, int first_key, int last_key) const {
+    return first_key - last_row < lo || last_key - first_row >= hi;
+  }
+  // The keys that rows first_row..last_row see: [key_begin(first_row), key_end(last_row, Nk)), maybe empty.
+  __device__ __forceinline__ int key_begin(int first_row) const { return max(0, first_row + lo); }
+  __device__ __forceinline__ int key_end(int last_row, int seqlen_k) const { return min(seqlen_k, last_row + hi); }
+  // The rows that see some of keys first_key..last_key: [row_begin(first_key), row_end(last_key, Nq)).
+  __device__ __forceinline__ int row_begin(int first_key) const { return max(0, first_key - hi + 1); }
+  __device__ __forceinline__ int row_end(int last_key, int seqlen_q) const { return min(seqlen_q, last_key - lo + 1); }
+};
+
+__device__ __forceinline__ Band band_of(const AttnParams& p, const SeqBounds& s) {
+  const int offset = p.bottom_right ? s.seqlen_k - s.seqlen_q : 0;
+  return Band{p.window_left < 0 ? -Band::kFar : offset - p.window_left,
+              p.window_right < 0 ? Band::kFar : offset + p.window_right + 1};
+}
+
 // Offset of lse/delta row 0 of (sequence b, head h).
 __device__ __forceinline__ int64_t lse_offset(const AttnParams& p, const SeqBounds& s, int b, int h) {
   return b * p.lse_batch_stride + h * p.lse_head_stride + s.q_start;

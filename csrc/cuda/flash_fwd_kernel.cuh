@@ -32,7 +32,7 @@ struct FwdConfig {
   static constexpr int kSmemBytes(int elem_bytes) { return kSmemElems * elem_bytes + 2 * kBlockN; }
 };
 
-template <typename Tag, int kHeadDim, bool kCausal>
+template <typename Tag, int kHeadDim, bool kBanded>
 __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
     flash_fwd_kernel(const AttnParams p) {
   using Cfg = FwdConfig<kHeadDim>;
@@ -50,9 +50,9 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
   T* sV = sK + 2 * kBlockN * kStride;      // (kBlockN, kStride)
   uint8_t* sMask = reinterpret_cast<uint8_t*>(sV + kBlockN * kStride);  // 2 x kBlockN
 
-  // Causal: the last query blocks see the most keys, so they are launched first (a short
+  // Banded (causal): the last query blocks see the most keys, so they are launched first (a short
   // block at the end of the grid, not a long one, is what the GPU's tail waits on).
-  const int m_block = kCausal ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
+  const int m_block = kBanded ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x);
   const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / kWarpSize, lane = tid % kWarpSize;
   const int g = lane / 4, t = lane % 4;
@@ -69,20 +69,27 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
   float* lse = p.lse + lse_offset(p, sb, b, h);
   const uint8_t* key_mask = p.key_mask != nullptr ? p.key_mask + b * p.key_mask_batch_stride : nullptr;
 
-  // Causal (top-left): the last row of this block sees keys < m0 + kBlockM.
-  const int n_end = kCausal ? min(sb.seqlen_k, m0 + kBlockM) : sb.seqlen_k;
-  const int num_n = (n_end + kBlockN - 1) / kBlockN;
+  // Banded: only the key blocks that meet the band of rows m0 .. last_row are visited.
+  const Band band = band_of(p, sb);
+  const int last_row = min(m0 + kBlockM, sb.seqlen_q) - 1;
+  const int key_begin = kBanded ? band.key_begin(m0) : 0;
+  const int key_end = kBanded ? band.key_end(last_row, sb.seqlen_k) : sb.seqlen_k;
+  const int n_first = key_begin / kBlockN;  // first key block
+  const int n_stop = key_end > key_begin ? (key_end + kBlockN - 1) / kBlockN : n_first;  // one past the last
 
-  // cp.async groups, in commit order: (Q, K0), V0, then per block n: K(n+1), V(n+1).
+  // cp.async groups, in commit order: (Q, K(first)), V(first), then per block n: K(n+1), V(n+1).
   load_tile_async<kBlockM, kHeadDim, Cfg::kThreads>(sQ, q, p.q_row_stride, m0, sb.seqlen_q, tid);
-  if (num_n > 0) {
-    load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k, p.k_row_stride, 0, sb.seqlen_k, tid);
+  if (n_stop > n_first) {
+    load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK, k, p.k_row_stride, n_first * kBlockN, sb.seqlen_k, tid);
     if (key_mask != nullptr) {
-      load_key_mask_block<kBlockN, Cfg::kThreads>(sMask, key_mask, p.key_mask_col_stride, 0, sb.seqlen_k, tid);
+      load_key_mask_block<kBlockN, Cfg::kThreads>(sMask, key_mask, p.key_mask_col_stride, n_first * kBlockN,
+                                                  sb.seqlen_k, tid);
     }
   }
   cp_async_commit();
-  if (num_n > 0) load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v, p.v_row_stride, 0, sb.seqlen_k, tid);
+  if (n_stop > n_first) {
+    load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sV, v, p.v_row_stride, n_first * kBlockN, sb.seqlen_k, tid);
+  }
   cp_async_commit();
   cp_async_wait<1>();  // Q and K0 (V0 may still be in flight)
   __syncthreads();
@@ -107,9 +114,9 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
   DropoutRng rng;
   if (p.dropout) rng.init(p, b, h);
 
-  for (int n = 0; n < num_n; ++n) {
-    const int buf = n & 1;
-    const bool prefetch = n + 1 < num_n;
+  for (int n = n_first; n < n_stop; ++n) {
+    const int buf = (n - n_first) & 1;
+    const bool prefetch = n + 1 < n_stop;
     if (prefetch) {  // K (and the mask) of the next block into the other buffer
       load_tile_async<kBlockN, kHeadDim, Cfg::kThreads>(sK + (buf ^ 1) * kBlockN * kStride, k, p.k_row_stride,
                                                         (n + 1) * kBlockN, sb.seqlen_k, tid);
@@ -145,8 +152,9 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
       }
     }
 
-    // Scale into log2 units; mask keys past the end, above the diagonal, or padded.
-    const bool need_mask = key_mask != nullptr || n0 + kBlockN > sb.seqlen_k || (kCausal && n0 + kBlockN - 1 > m0);
+    // Scale into log2 units; mask keys past the end, outside the band, or padded.
+    const bool need_mask = key_mask != nullptr || n0 + kBlockN > sb.seqlen_k ||
+                           (kBanded && band.cuts(m0, m0 + kBlockM - 1, n0, n0 + kBlockN - 1));
 #pragma unroll
     for (int nt = 0; nt < kSTiles; ++nt) {
 #pragma unroll
@@ -154,7 +162,7 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
         float x = s[nt][e] * p.scale_log2;
         if (need_mask) {
           const int j = n0 + nt * 8 + 2 * t + (e & 1), i = rows[e >> 1];
-          const bool hidden = j >= sb.seqlen_k || (kCausal && j > i) ||
+          const bool hidden = j >= sb.seqlen_k || (kBanded && band.hides(i, j)) ||
                               (key_mask != nullptr && !cMask[j - n0]);
           if (hidden) x = -INFINITY;
         }
@@ -244,13 +252,13 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
   }
 }
 
-template <typename Tag, int kHeadDim, bool kCausal>
+template <typename Tag, int kHeadDim, bool kBanded>
 void run_flash_fwd(const AttnParams& params, void* stream) {
   using Cfg = FwdConfig<kHeadDim>;
   using T = typename ElemTraits<Tag>::T;
   constexpr int smem_bytes = Cfg::kSmemBytes(static_cast<int>(sizeof(T)));
   static_assert(smem_bytes <= kSmallestSmemOptin, "the forward must fit every sm80+ GPU's shared memory");
-  auto kernel = flash_fwd_kernel<Tag, kHeadDim, kCausal>;
+  auto kernel = flash_fwd_kernel<Tag, kHeadDim, kBanded>;
   if (smem_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   }

@@ -40,6 +40,12 @@ struct AttnParams {
   const uint8_t* key_mask;
   int64_t key_mask_batch_stride, key_mask_col_stride;
 
+  // The band of the banded kernels (kBanded): query row i sees keys d(i) - window_left <= j <=
+  // d(i) + window_right, d(i) = i + (bottom_right ? seqlen_k - seqlen_q : 0) per sequence; -1 is
+  // unbounded on that side. Causal is (-1, 0). The full (non-banded) kernels ignore these.
+  int window_left, window_right;
+  bool bottom_right;
+
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e): the kernels work with exp2
 
@@ -76,11 +82,12 @@ struct AttnParams {
 // Keys per CTA of the dK/dV kernel (BwdDkDvConfig::kBlockN): the host sizes the grid with it.
 constexpr int kBwdDkDvBlockKeys = 64;
 
-// One instantiation per (direction, head dim, dtype, causal), defined in the
-// generated files flash_{fwd,bwd}_hdim{D}_{fp16,bf16}_{causal,noncausal}.cu.
-template <typename T, int kHeadDim, bool kCausal>
+// One instantiation per (direction, head dim, dtype, banded or full), defined in the
+// generated files flash_{fwd,bwd}_hdim{D}_{fp16,bf16}_{band,full}.cu. kBanded: keys outside
+// each row's band (causal, sliding window; the window_* fields) are skipped and masked.
+template <typename T, int kHeadDim, bool kBanded>
 void run_flash_fwd(const AttnParams& params, void* stream);
-template <typename T, int kHeadDim, bool kCausal>
+template <typename T, int kHeadDim, bool kBanded>
 void run_flash_bwd(const AttnParams& params, void* stream);
 
 // 0 when this build has a kernel image the current device can run, else the

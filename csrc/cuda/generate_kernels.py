@@ -1,4 +1,4 @@
-"""Writes one .cu file per kernel instantiation (direction x head dim x dtype x causal).
+"""Writes one .cu file per kernel instantiation (direction x head dim x dtype x banded or full).
 
 One instantiation per file lets nvcc compile them in parallel (MAX_JOBS) and lets
 setup.py build a subset (FASTATTN_CUDA_HEAD_DIMS). Run after changing the lists:
@@ -26,7 +26,7 @@ TEMPLATE = """\
 
 namespace fastattn {{
 namespace cuda {{
-template void {function}<{tag}, {head_dim}, {causal}>(const AttnParams&, void*);
+template void {function}<{tag}, {head_dim}, {banded}>(const AttnParams&, void*);
 }}  // namespace cuda
 }}  // namespace fastattn
 """
@@ -37,17 +37,17 @@ class Instantiation:
     direction: str
     head_dim: int
     dtype: str
-    causal: bool
+    banded: bool  # causal or sliding-window attention (flash_params.h: kBanded)
 
     @property
     def filename(self) -> str:
-        mode = "causal" if self.causal else "noncausal"
+        mode = "band" if self.banded else "full"
         return f"flash_{self.direction}_hdim{self.head_dim}_{self.dtype}_{mode}.cu"
 
     def source(self) -> str:
         header, function = DIRECTIONS[self.direction]
         return TEMPLATE.format(header=header, function=function, tag=DTYPES[self.dtype], head_dim=self.head_dim,
-                               causal="true" if self.causal else "false")
+                               banded="true" if self.banded else "false")
 
 
 def instantiations() -> list:
