@@ -59,7 +59,7 @@ CAPABILITIES = {
                          variants=_ALL_VARIANTS),
     # sm80+; head dims = those built (fastattn._C_cuda.head_dims), Dv == D; masks: bool key-padding only
     "cuda": Capability(devices=("cuda",), dtypes=(torch.bfloat16, torch.float16), max_head_dim=128,
-                       variants=frozenset({"window", "bottom_right"})),
+                       variants=frozenset({"window", "bottom_right", "softcap"})),
 }
 
 

@@ -263,6 +263,14 @@ def test_sliding_window_and_bottom_right(window, causal, alignment, Nq, Nk, head
 
 
 @needs_gpu
+@pytest.mark.parametrize("window", [(-1, -1), (50, 0)], ids=["full", "window"])
+@pytest.mark.parametrize("head_dim", head_dims_or_skip(64, 128))
+def test_softcap(window, head_dim):
+    q, k, v = make_qkv(2, 4, 2, 97, 200, head_dim, dtype=torch.bfloat16, device="cuda")
+    check_attention("cuda", q, k, v, variants=dict(window_size=window, alignment="bottom_right", softcap=0.7))
+
+
+@needs_gpu
 def test_fully_masked_rows_give_zeros_and_neg_inf_lse():
     q, k, v = make_qkv(2, 2, 2, 33, 70, HEAD_DIMS[0], dtype=torch.bfloat16, device="cuda")
     keep = torch.ones(2, 1, 1, 70, dtype=torch.bool, device="cuda")

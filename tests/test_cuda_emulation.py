@@ -47,33 +47,33 @@ def sm90(emu):
     emu.set_device("sm90")
 
 
-def band_variants(window, bottom_right):
-    """The op schema's variant arguments for a window and an alignment (no softcap or ALiBi)."""
-    return (window[0], window[1], bottom_right, 0.0, None)
+def band_variants(window, bottom_right, softcap=0.0):
+    """The op schema's variant arguments for a window, an alignment and a soft-cap (no ALiBi)."""
+    return (window[0], window[1], bottom_right, softcap, None)
 
 
 def run_dense(emu, q, k, v, *, mask=None, causal=False, dropout_p=0.0, rng_state=None, grad_out=None,
-              window=(-1, -1), bottom_right=False):
+              window=(-1, -1), bottom_right=False, softcap=0.0):
     """out, lse and (dq, dk, dv) from the emulated CUDA ops (q (B, Hq, Nq, D) etc.)."""
     scale = q.shape[-1] ** -0.5
-    variants = band_variants(window, bottom_right)
+    variants = band_variants(window, bottom_right, softcap)
     out, lse = emu.fwd(q, k, v, mask, causal, scale, dropout_p, rng_state, *variants, None)
     grads = emu.bwd(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, rng_state, *variants)
     return out, lse, grads
 
 
 def check_dense(emu, B, Hq, Hkv, Nq, Nk, D, dtype, *, causal=False, mask=None, dropout_p=0.0, layout="contiguous",
-                window=(-1, -1), bottom_right=False):
+                window=(-1, -1), bottom_right=False, softcap=0.0):
     q, k, v = make_qkv(B, Hq, Hkv, Nq, Nk, D, dtype=dtype, layout=layout, requires_grad=False)
     grad_out = torch.randn(B, Hq, Nq, D, dtype=torch.float64).to(dtype)
     rng_state = torch.tensor([1234, 5678], dtype=torch.int64) if dropout_p > 0 else None
     out, lse, (dq, dk, dv) = run_dense(emu, q, k, v, mask=mask, causal=causal, dropout_p=dropout_p,
                                        rng_state=rng_state, grad_out=grad_out, window=window,
-                                       bottom_right=bottom_right)
+                                       bottom_right=bottom_right, softcap=softcap)
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
     leaves_low = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     kw = dict(causal=causal, attn_mask=mask, dropout_p=dropout_p, rng_state=rng_state, window_size=window,
-              alignment="bottom_right" if bottom_right else "top_left")
+              alignment="bottom_right" if bottom_right else "top_left", softcap=softcap)
     ref, ref_lse = attention_reference(*leaves64, return_lse=True, **kw)
     low = attention_reference(*leaves_low, compute_dtype=dtype, **kw)
     assert_close("lse", lse, ref_lse, atol=LSE_ATOL[dtype], rtol=LSE_RTOL[dtype])
@@ -265,6 +265,19 @@ def test_band_varlen(sm90):
     ref_grads = torch.autograd.grad(ref, leaves, grad_out.double(), allow_unused=True)
     for name, g, rg, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads, leaves):
         assert_close(name, g, torch.zeros_like(t) if rg is None else rg, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("D", emulation_build.head_dims())
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softcap(sm90, D, causal):
+    """Gemma 2's logit soft-capping; a cap of 0.7 against logits of about unit size, so tanh bends most."""
+    check_dense(sm90, 2, 2, 1, 97, 130, D, torch.bfloat16, causal=causal, softcap=0.7)
+
+
+def test_softcap_with_window_mask_and_dropout(sm90):
+    mask = torch.rand(2, 1, 1, 150) < 0.8
+    check_dense(sm90, 2, 4, 2, 70, 150, 64, torch.float16, causal=True, window=(40, -1), bottom_right=True,
+                mask=mask, dropout_p=0.15, softcap=2.5)
 
 
 def test_band_skips_blocks_outside_the_window(sm90):

@@ -8,7 +8,7 @@
 //   float16 / bfloat16 on sm80+; q/k/v head dims equal and in head_dims();
 //   attn_mask: bool key-padding masks broadcastable as (B|1, 1, 1, Nk) only;
 //   causal and sliding windows, top-left or bottom-right aligned (the banded kernels), GQA
-//   (Hq % Hkv == 0), dropout (Philox, csrc/philox.h), varlen. Not yet: softcap, ALiBi, sinks.
+//   (Hq % Hkv == 0), dropout (Philox, csrc/philox.h), varlen, logit soft-capping. Not yet: ALiBi, sinks.
 #include <torch/extension.h>
 #include <torch/library.h>
 #if defined(FASTATTN_CUDA_EMULATION)
@@ -21,6 +21,7 @@
 #endif
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -294,11 +295,18 @@ void set_dense_qkv(AttnParams& p, const at::Tensor& q, const at::Tensor& k, cons
 
 // The variants of the op schemas (csrc/ops.cpp) that these kernels do not serve yet: dispatch
 // sends such calls to Triton; a direct call gets this error rather than a wrong answer.
-void check_unserved_variants(double softcap, const c10::optional<at::Tensor>& alibi_slopes,
-                             const c10::optional<at::Tensor>& sinks) {
-  TORCH_CHECK_VALUE(softcap == 0.0 && !alibi_slopes.has_value() && !sinks.has_value(),
-                    "fastattn cuda: the CUDA kernels do not serve softcap, alibi_slopes or sinks yet; use "
-                    "backend='triton' or 'auto'");
+void check_unserved_variants(const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
+  TORCH_CHECK_VALUE(!alibi_slopes.has_value() && !sinks.has_value(),
+                    "fastattn cuda: the CUDA kernels do not serve alibi_slopes or sinks yet; use backend='triton' "
+                    "or 'auto'");
+}
+
+void set_softcap(AttnParams& p, double softcap, double scale) {
+  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), "fastattn cuda: softcap must be a finite float >= 0 "
+                    "(0: no soft-capping), got ", softcap);
+  p.softcap = static_cast<float>(softcap);
+  p.softcap_log2 = static_cast<float>(softcap * 1.4426950408889634);
+  p.scale_over_softcap = softcap > 0.0 ? static_cast<float>(scale / softcap) : 0.f;
 }
 
 // Causal, window and alignment as the kernels' band; returns whether the banded kernels run.
@@ -322,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
                                             double dropout_p, const c10::optional<at::Tensor>& rng_state,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
-  check_unserved_variants(softcap, alibi_slopes, sinks);
+  check_unserved_variants(alibi_slopes, sinks);
   check_dense_qkv(q_in, k_in, v_in);
   const DeviceGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
@@ -335,6 +343,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q_in, const at::Te
   set_dropout(p, dropout_p, rng_state, q);
   set_scale(p, scale);
   const bool banded = set_band(p, causal, window_left, window_right, bottom_right);
+  set_softcap(p, softcap, scale);
   if (B == 0 || Hq == 0 || Nq == 0) return {out.transpose(1, 2), lse};
   if (Nk == 0) {  // no key: zeros and lse = -inf, as the reference
     out.zero_();
@@ -355,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
     double scale, double dropout_p, const c10::optional<at::Tensor>& rng_state,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes) {
-  check_unserved_variants(softcap, alibi_slopes, c10::nullopt);
+  check_unserved_variants(alibi_slopes, c10::nullopt);
   check_dense_qkv(q_in, k_in, v_in);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3), Nk = k_in.size(2);
   check_device_and_dtype(grad_out_in, "grad_out", q_in);
@@ -379,6 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   set_dropout(p, dropout_p, rng_state, q);
   set_scale(p, scale);
   const bool banded = set_band(p, causal, window_left, window_right, bottom_right);
+  set_softcap(p, softcap, scale);
   if (B == 0 || Hq == 0 || Nq == 0 || Nk == 0) {  // nothing attends: every gradient is zero
     dq.result.zero_(), dk.result.zero_(), dv.result.zero_();
     return {dq.result, dk.result, dv.result};
@@ -467,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
                                                    const c10::optional<at::Tensor>& rng_state,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes, const c10::optional<at::Tensor>& sinks) {
-  check_unserved_variants(softcap, alibi_slopes, sinks);
+  check_unserved_variants(alibi_slopes, sinks);
   check_varlen_qkv(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const DeviceGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
@@ -479,6 +489,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q_in, const
   set_dropout(p, dropout_p, rng_state, q);
   set_scale(p, scale);
   const bool banded = set_band(p, causal, window_left, window_right, bottom_right);
+  set_softcap(p, softcap, scale);
   if (total_q == 0 || Hq == 0 || p.batch == 0 || max_seqlen_q == 0) return {out, lse};
   // Every row gets a CTA; sequences with no key come out as zeros with lse = -inf.
   p.out = out.data_ptr();
@@ -496,7 +507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     const c10::optional<at::Tensor>& rng_state,
     int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
     const c10::optional<at::Tensor>& alibi_slopes) {
-  check_unserved_variants(softcap, alibi_slopes, c10::nullopt);
+  check_unserved_variants(alibi_slopes, c10::nullopt);
   check_varlen_qkv(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const int64_t total_q = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   check_device_and_dtype(grad_out_in, "grad_out", q_in);
@@ -520,6 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
   set_dropout(p, dropout_p, rng_state, q);
   set_scale(p, scale);
   const bool banded = set_band(p, causal, window_left, window_right, bottom_right);
+  set_softcap(p, softcap, scale);
   if (p.batch == 0 || Hq == 0 || max_seqlen_q == 0 || max_seqlen_k == 0) {
     dq.result.zero_(), dk.result.zero_(), dv.result.zero_();
     return {dq.result, dk.result, dv.result};

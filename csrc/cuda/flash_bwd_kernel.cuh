@@ -196,10 +196,11 @@ __global__ void __launch_bounds__(BwdDqConfig<kHeadDim, kBlockKeys>::kThreads)
             hidden = j + c >= sb.seqlen_k || (kBanded && band.hides(i, j + c)) ||
                      (key_mask != nullptr && !cMask[j + c - n0]);
           }
-          const float prob = hidden ? 0.f : exp2f(s[nt][e] * p.scale_log2 - row_lse[r]);
+          float t = 0.f;  // soft-capping: dS picks up its derivative 1 - tanh^2 (hidden: 0)
+          const float prob = hidden ? 0.f : exp2f(logit_log2(p, s[nt][e], &t) - row_lse[r]);
           float dprob = dp[nt][e];
           if (p.dropout) dprob = keep[c] ? dprob * p.dropout_rescale : 0.f;
-          s[nt][e] = prob * (dprob - row_delta[r]);  // dS (unscaled)
+          s[nt][e] = prob * (dprob - row_delta[r]) * (1.f - t * t);  // dS (unscaled)
         }
       }
     }
@@ -378,7 +379,8 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * t + (e & 1), i = mq0 + col, j = keys[e >> 1];
         const bool hidden = !key_visible[e >> 1] || (band_block && band.hides(i, j));
-        const float prob = hidden ? 0.f : exp2f(s[nt][e] * p.scale_log2 - cLse[col]);
+        float t = 0.f;  // soft-capping: dS picks up its derivative 1 - tanh^2 (hidden: 0)
+        const float prob = hidden ? 0.f : exp2f(logit_log2(p, s[nt][e], &t) - cLse[col]);
         float prob_kept = prob, dprob = dp[nt][e];
         if (p.dropout) {
           const bool kept = (keep >> e) & 1u;
@@ -386,7 +388,7 @@ __global__ void __launch_bounds__(BwdDkDvConfig<kHeadDim>::kThreads)
           dprob = kept ? dprob * p.dropout_rescale : 0.f;
         }
         s[nt][e] = prob_kept;
-        dp[nt][e] = prob * (dprob - cDelta[col]);
+        dp[nt][e] = prob * (dprob - cDelta[col]) * (1.f - t * t);
       }
     }
 

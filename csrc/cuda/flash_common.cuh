@@ -230,6 +230,19 @@ __device__ __forceinline__ SeqBounds seq_bounds(const AttnParams& p, int b) {
   return s;
 }
 
+// The logit of raw score s = q . k in log2 units (the kernels' exp2 domain), soft-capped when
+// p.softcap > 0; *tanh_out gets tanh(s * scale / softcap) (0 without soft-capping), whose
+// 1 - tanh^2 the backward needs.
+__device__ __forceinline__ float logit_log2(const AttnParams& p, float s, float* tanh_out) {
+  if (p.softcap > 0.f) {
+    const float t = tanhf(s * p.scale_over_softcap);
+    *tanh_out = t;
+    return p.softcap_log2 * t;
+  }
+  *tanh_out = 0.f;
+  return s * p.scale_log2;
+}
+
 // Which keys each query row of a sequence sees in the banded kernels: row i sees key j when
 // lo <= j - i < hi, with lo = offset - left and hi = offset + right + 1 (an unbounded side is a
 // bound no sequence reaches), offset = seqlen_k - seqlen_q for bottom-right alignment, else 0.

@@ -152,14 +152,15 @@ __global__ void __launch_bounds__(FwdConfig<kHeadDim>::kThreads)
       }
     }
 
-    // Scale into log2 units; mask keys past the end, outside the band, or padded.
+    // Scale (and soft-cap) into log2 units; mask keys past the end, outside the band, or padded.
     const bool need_mask = key_mask != nullptr || n0 + kBlockN > sb.seqlen_k ||
                            (kBanded && band.cuts(m0, m0 + kBlockM - 1, n0, n0 + kBlockN - 1));
 #pragma unroll
     for (int nt = 0; nt < kSTiles; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float x = s[nt][e] * p.scale_log2;
+        float unused_tanh;
+        float x = logit_log2(p, s[nt][e], &unused_tanh);
         if (need_mask) {
           const int j = n0 + nt * 8 + 2 * t + (e & 1), i = rows[e >> 1];
           const bool hidden = j >= sb.seqlen_k || (kBanded && band.hides(i, j)) ||

@@ -49,6 +49,10 @@ struct AttnParams {
   float scale;       // softmax scale
   float scale_log2;  // scale * log2(e): the kernels work with exp2
 
+  // Logit soft-capping (Gemma 2): softcap > 0 turns the scaled logit x into softcap * tanh(x / softcap),
+  // i.e. in the kernels' log2 units softcap_log2 * tanh(s * scale_over_softcap) for the raw s = q . k.
+  float softcap, softcap_log2, scale_over_softcap;
+
   // Dropout (Philox convention of csrc/philox.h). The (seed, offset) pair comes from
   // rng_state_device (read by the kernel: CUDA-graph safe) or, when that is null,
   // from seed/offset filled in on the host.
