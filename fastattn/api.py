@@ -193,6 +193,47 @@ def _draw_rng_state(device: torch.device, backend: str = "cpu") -> torch.Tensor:
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device if on_gpu else "cpu")
 
 
+def _generator_states(device: torch.device) -> list:
+    """States of the default generators a seed draw for ``device`` may use (CPU, and the GPU's)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _set_generator_states(device: torch.device, states: list) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
+
+
+def _call_recording_rng_state(call, device: torch.device, dropout_p: float):
+    """(call(), the (seed, offset) its dropout used, or None without dropout).
+
+    ``call`` runs one fastattn.attention / varlen_attention; it draws its seed with
+    _draw_rng_state from torch's CPU or GPU generator (the backend decides). To rebuild that
+    call's dropout mask (attention weights, flash-attn's S_dmask) the draw is replayed on the
+    generator it advanced, and it must account for everything the call consumed: a change in
+    how seeds are drawn fails loudly, not silently.
+    """
+    if dropout_p == 0:
+        return call(), None
+    before = _generator_states(device)
+    result = call()
+    after = _generator_states(device)
+    for backend in ("cpu", "cuda"):  # where _draw_rng_state draws for each kind of backend
+        _set_generator_states(device, before)
+        rng_state = _draw_rng_state(device, backend)
+        replayed = all(torch.equal(a, b) for a, b in zip(_generator_states(device), after))
+        if replayed:
+            break
+    _set_generator_states(device, after)
+    if not replayed:
+        raise RuntimeError("fastattn: could not recover the dropout seed of an attention call, so its dropout "
+                           "mask cannot be rebuilt")
+    return result, rng_state
+
+
 # ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------

@@ -13,10 +13,15 @@ On CPU tensors and on GPUs, through ``fastattn.attention`` / ``fastattn.varlen_a
 
 Where the behaviour differs from flash-attn's, by design:
 
-* ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``: the lse as flash-attn defines
-  it (natural log, fp32, (batch, nheads, seqlen) or (nheads, total_q)), but no ``S_dmask``:
-  fastattn never materialises the probabilities (flash-attn documents it as "for testing only,
-  not guaranteed to be correct"). Compute them with ``fastattn.reference`` if a test needs them.
+* ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)`` as flash-attn does: the lse
+  (natural log, fp32, (batch, nheads, seqlen) or (nheads, total_q)) and "the output of softmax
+  (possibly with different scaling)" with the dropout pattern as its sign (negative: dropped),
+  which flash-attn documents as for testing only. The kernels never build it: it is recomputed
+  from q and k by the reference (O(N^2) memory) with the call's own dropout mask. Its scaling is
+  flash-attn's with a single key block, exp(s - rowmax(s)) (each row's largest weight is 1;
+  ``_get_block_size_n`` says so to flash-attn's test helpers, which rescale by blocks), and its
+  shape is exact, (batch, nheads, seqlen_q, seqlen_k) (varlen: max_seqlen_q, max_seqlen_k, zeros
+  outside each sequence), where flash-attn pads to its block sizes (its tests crop to these).
 * ``deterministic`` is accepted and has no effect: fastattn's backward passes are deterministic
   on every backend (no atomics).
 * The dropout mask is fastattn's (counter-based Philox, drawn from torch's default generator),
@@ -32,7 +37,8 @@ from typing import Optional, Union
 
 import torch
 
-from .api import attention, varlen_attention
+from . import reference
+from .api import _call_recording_rng_state, attention, varlen_attention
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]
@@ -55,8 +61,47 @@ def _window(window_size) -> tuple:
     return tuple(int(w) if isinstance(w, torch.Tensor) else w for w in window_size)
 
 
-def _returns(out, lse, return_attn_probs: bool):
-    return (out, lse, None) if return_attn_probs else out
+def _probs_with_dropout_sign(q, k, *, causal, scale, window, softcap, alibi_slopes, dropout_p, rng_state,
+                             batch_start=0):
+    """flash-attn's S_dmask for dense q (B, Hq, Nq, D), k (B, Hkv, Nk, D): exp(s - rowmax(s)) (B, Hq, Nq, Nk)
+    in q's dtype, negated where dropout dropped it. It is P / rowmax(P), P the reference attention with
+    V = identity (so every variant means exactly what it means in the output)."""
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    with torch.no_grad():
+        eye = torch.eye(Nk, dtype=torch.float32, device=q.device).expand(B, Hkv, Nk, Nk)
+        probs = reference.attention_reference(q.float(), k.float(), eye, causal=causal, scale=scale,
+                                              window_size=window, alignment="bottom_right", softcap=softcap,
+                                              alibi_slopes=alibi_slopes)  # (B, Hq, Nq, Nk)
+        row_max = probs.amax(-1, keepdim=True)
+        probs = torch.where(row_max > 0, probs / row_max, probs)  # rows that see nothing stay 0
+        if dropout_p > 0:
+            keep = reference.dropout_keep_mask(rng_state, dropout_p, Hq, Nq, Nk, batch=B, batch_start=batch_start,
+                                               device=q.device)
+            probs = torch.where(keep, probs, -probs)
+    return probs.to(q.dtype)
+
+
+def _get_block_size_n(device=None, head_dim=None, is_dropout=None, is_causal=None) -> int:
+    """flash-attn's helper (its tests rescale S_dmask block by block with it): fastattn's S_dmask is
+    scaled as one block spanning every key, so the block is longer than any sequence."""
+    return 1 << 30
+
+
+def _dense(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    """fastattn.attention on (B, H, N, D) views, and S_dmask when asked for."""
+    window = _window(window_size)
+
+    def call():
+        return attention(q, k, v, causal=causal, dropout_p=dropout_p, scale=softmax_scale, window_size=window,
+                         alignment="bottom_right", softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
+
+    if not return_attn_probs:
+        return call()[0], None, None
+    (out, lse), rng_state = _call_recording_rng_state(call, q.device, dropout_p)
+    s_dmask = _probs_with_dropout_sign(q, k, causal=causal, scale=softmax_scale, window=window, softcap=softcap,
+                                       alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state)
+    return out, lse, s_dmask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,14 +110,14 @@ def _returns(out, lse, return_attn_probs: bool):
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k, headdim) -> out like q
-    (with return_attn_probs: out, softmax_lse (batch, nheads, seqlen_q), None). Causal and windows
-    aligned bottom-right: query i sees keys [i + Nk - Nq - left, i + Nk - Nq + right]."""
+    (with return_attn_probs: out, softmax_lse (batch, nheads, seqlen_q), S_dmask (batch, nheads, seqlen_q,
+    seqlen_k)). Causal and windows aligned bottom-right: query i sees keys [i + Nk - Nq - left, i + Nk - Nq + right]."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_layout(t, name, 4, "(batch, seqlen, nheads, headdim)")
-    out, lse = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                         dropout_p=dropout_p, scale=softmax_scale, window_size=_window(window_size),
-                         alignment="bottom_right", softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
-    return _returns(out.transpose(1, 2), lse, return_attn_probs)
+    out, lse, s_dmask = _dense(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p, softmax_scale,
+                               causal, window_size, softcap, alibi_slopes, return_attn_probs)  # (B, H, N, D) views
+    out = out.transpose(1, 2)  # (batch, seqlen_q, nheads, headdim)
+    return (out, lse, s_dmask) if return_attn_probs else out
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -114,7 +159,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None):
     """q (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim), cu_seqlens int32 (batch + 1,)
-    -> out (total_q, nheads, headdim) (with return_attn_probs: out, softmax_lse (nheads, total_q), None).
+    -> out (total_q, nheads, headdim) (with return_attn_probs: out, softmax_lse (nheads, total_q), S_dmask
+    (batch, nheads, max_seqlen_q, max_seqlen_k)).
     Causal and windows aligned bottom-right within each sequence. With ``block_table``
     (batch, max_blocks) int32, k/v are a paged cache (num_blocks, page_block_size, nheads_k, headdim)
     holding sequence b's keys in the pages of row b (forward only)."""
@@ -125,11 +171,26 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         with torch.no_grad():
             k = _paged_to_packed(k, block_table, lengths)
             v = _paged_to_packed(v, block_table, lengths)
-    out, lse = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                causal=causal, dropout_p=dropout_p, scale=softmax_scale,
-                                window_size=_window(window_size), alignment="bottom_right", softcap=softcap,
-                                alibi_slopes=alibi_slopes, return_lse=True)
-    return _returns(out, lse, return_attn_probs)
+    window = _window(window_size)
+
+    def call():
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                causal=causal, dropout_p=dropout_p, scale=softmax_scale, window_size=window,
+                                alignment="bottom_right", softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True)
+
+    if not return_attn_probs:
+        return call()[0]
+    (out, lse), rng_state = _call_recording_rng_state(call, q.device, dropout_p)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    s_dmask = q.new_zeros(len(cq) - 1, q.shape[1], int(max_seqlen_q), int(max_seqlen_k))  # (batch, H, Lq, Lk)
+    for b in range(len(cq) - 1):  # sequence b alone, its dropout segments b * H + h as in the kernels
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, H, nq, D)
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hkv, nk, D)
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        s_dmask[b, :, :qb.shape[2], :kb.shape[2]] = _probs_with_dropout_sign(
+            qb, kb, causal=causal, scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=slopes,
+            dropout_p=dropout_p, rng_state=rng_state, batch_start=b)[0]
+    return out, lse, s_dmask
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,

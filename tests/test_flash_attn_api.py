@@ -18,13 +18,14 @@ ATOL, RTOL = 2e-5, 1e-4
 
 
 def explicit(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, scale=None,
-             key_valid=None):
+             key_valid=None, dropout_keep=None, dropout_p=0.0, return_probs=False):
     """flash-attn's documented attention, materialised: q (B, Nq, H, D), k/v (B, Nk, Hk, D).
 
     Query i sees key j iff i + Nk - Nq - left <= j <= i + Nk - Nq + right (causal: right = 0),
     ALiBi adds -slope * |i + Nk - Nq - j|, a soft-cap makes the scaled score softcap * tanh(s / softcap);
     rows that see nothing give 0. key_valid (B, Nk) bool hides keys (and defines Nk per row: as
-    flash-attn's kvcache test, positions count from the first valid key).
+    flash-attn's kvcache test, positions count from the first valid key). dropout_keep (B, H, Nq, Nk)
+    bool: the kept weights, rescaled by 1 / (1 - dropout_p). return_probs: also the softmax (B, H, Nq, Nk).
     """
     B, Nq, H, D = q.shape
     Nk, Hk = k.shape[1], k.shape[2]
@@ -39,7 +40,7 @@ def explicit(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_
         right = 0
     i = torch.arange(Nq)[:, None]
     j = torch.arange(Nk)[None, :]
-    out_rows = []
+    out_rows, probs = [], []
     for b in range(B):
         valid = key_valid[b] if key_valid is not None else torch.ones(Nk, dtype=torch.bool)
         first = int(valid.nonzero()[0]) if valid.any() else 0
@@ -57,8 +58,11 @@ def explicit(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_
             sb = sb - slopes.double()[:, None, None] * (d - jj).abs()
         sb = sb.masked_fill(~keep, float("-inf"))
         p = torch.softmax(sb, -1).nan_to_num(0.0)
+        probs.append(p)
+        if dropout_keep is not None:
+            p = p * dropout_keep[b] / (1 - dropout_p)
         out_rows.append(torch.einsum("hij,jhd->ihd", p, v[b]))
-    return torch.stack(out_rows)
+    return (torch.stack(out_rows), torch.stack(probs)) if return_probs else torch.stack(out_rows)
 
 
 def rand(*shape, requires_grad=False):
@@ -106,15 +110,62 @@ def test_flash_attn_func_matches_the_documented_semantics(Nq, Nk, kw):
         assert_close(name, a, b, atol=5e-5, rtol=1e-4)
 
 
-def test_return_attn_probs_gives_out_and_the_documented_lse():
+def test_return_attn_probs_gives_out_the_documented_lse_and_s_dmask():
     """"softmax_lse: (batch_size, nheads, seqlen). The logsumexp of each row of the matrix QK^T * scaling";
-    fastattn cannot give S_dmask (it never materialises the probabilities): None, as the module says."""
-    q, k, v = rand(2, 6, 3, 8), rand(2, 9, 3, 8), rand(2, 9, 3, 8)
-    out, lse, s_dmask = fa.flash_attn_func(q, k, v, return_attn_probs=True)
-    assert s_dmask is None and lse.shape == (2, 3, 6) and lse.dtype == torch.float32
-    scores = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(8)
-    assert_close("lse", lse, torch.logsumexp(scores, -1), atol=1e-5, rtol=1e-5)
-    assert_close("out", out, fa.flash_attn_func(q, k, v), atol=0, rtol=0)
+    "S_dmask: (batch_size, nheads, seqlen, seqlen). The output of softmax (possibly with different
+    scaling). It also encodes the dropout pattern (negative means that location was dropped,
+    nonnegative means it was kept)." Without dropout, ours is exp(s - rowmax(s)): the softmax scaled
+    so each row's largest weight is 1, i.e. flash-attn's scaling for a single key block (exact-sized)."""
+    q, k, v = rand(2, 6, 4, 8), rand(2, 9, 2, 8), rand(2, 9, 2, 8)
+    kw = dict(causal=True, window_size=(3, 0), softcap=2.0)
+    out, lse, s_dmask = fa.flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    assert lse.shape == (2, 4, 6) and lse.dtype == torch.float32
+    want, probs = explicit(q, k, v, return_probs=True, **kw)
+    scores = 2.0 * torch.tanh(torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(2, 2)) / math.sqrt(8) / 2.0)
+    visible = probs > 0
+    assert_close("lse", lse, torch.logsumexp(scores.masked_fill(~visible, float("-inf")), -1), atol=1e-5, rtol=1e-5)
+    assert s_dmask.shape == (2, 4, 6, 9) and s_dmask.dtype == q.dtype
+    row_max = scores.masked_fill(~visible, float("-inf")).amax(-1, keepdim=True)
+    assert_close("S_dmask", s_dmask, torch.exp(scores - row_max).masked_fill(~visible, 0.0), atol=1e-6, rtol=1e-5)
+    assert fa._get_block_size_n(q.device, 8, False, True) >= 9  # one block: the scaling above
+    assert_close("out", out, fa.flash_attn_func(q, k, v, **kw), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_s_dmask_encodes_the_dropout_pattern(varlen):
+    """With dropout, S_dmask's sign is the call's own dropout mask: the output is the explicit attention with
+    exactly those weights dropped (flash-attn's own tests check their kernels this way), at about rate p."""
+    torch.manual_seed(5)
+    p = 0.3
+    if not varlen:
+        q, k, v = rand(2, 40, 4, 16), rand(2, 70, 2, 16), rand(2, 70, 2, 16)
+        out, _, s_dmask = fa.flash_attn_func(q, k, v, dropout_p=p, causal=True, return_attn_probs=True)
+        keep = s_dmask >= 0
+        want, probs = explicit(q, k, v, causal=True, dropout_keep=keep, dropout_p=p, return_probs=True)
+        assert_close("out", out, want, atol=ATOL, rtol=RTOL)
+        assert_close("|S_dmask|", s_dmask.abs(), probs / probs.amax(-1, keepdim=True).clamp_min(1e-30), atol=1e-6,
+                     rtol=1e-5)
+        visible = probs > 0
+    else:
+        lens_q, lens_k = [30, 0, 45], [50, 3, 45]
+        q, cu_q = _varlen(lens_q, 4, 16)
+        k, cu_k = _varlen(lens_k, 2, 16)
+        v = rand(sum(lens_k), 2, 16)
+        out, _, s_dmask = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 45, 50, dropout_p=p, causal=True,
+                                                    return_attn_probs=True)
+        assert s_dmask.shape == (3, 4, 45, 50)
+        visible = torch.zeros(s_dmask.shape, dtype=torch.bool)
+        for b in range(3):
+            sq, sk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+            nq, nk = lens_q[b], lens_k[b]
+            assert torch.all(s_dmask[b, :, nq:] == 0) and torch.all(s_dmask[b, :, :, nk:] == 0)
+            keep = s_dmask[b:b + 1, :, :nq, :nk] >= 0
+            want, probs = explicit(q[None, sq], k[None, sk], v[None, sk], causal=True, dropout_keep=keep,
+                                   dropout_p=p, return_probs=True)
+            assert_close(f"out seq {b}", out[sq], want[0], atol=ATOL, rtol=RTOL)
+            visible[b, :, :nq, :nk] = probs[0] > 0
+    dropped = ((s_dmask < 0) & visible).sum() / visible.sum()
+    assert abs(float(dropped) - p) < 0.03, float(dropped)
 
 
 def test_packed_functions_equal_the_unpacked_ones_and_their_gradients_reach_the_pack():
@@ -152,9 +203,9 @@ def test_varlen_functions_are_per_sequence_dense_calls(kw):
     q, cu_q = _varlen(lens_q, 4, 16)
     k, cu_k = _varlen(lens_k, 2, 16)
     v = rand(sum(lens_k), 2, 16)
-    out, lse, none = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), return_attn_probs=True,
-                                               **kw)
-    assert none is None and lse.shape == (4, sum(lens_q))
+    out, lse, s_dmask = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                  return_attn_probs=True, **kw)
+    assert lse.shape == (4, sum(lens_q)) and s_dmask.shape == (4, 4, max(lens_q), max(lens_k))
     for b in range(4):
         sq, sk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
         per = dict(kw)

@@ -416,40 +416,11 @@ def _merge_masks(attn_mask, key_padding_mask, B, H, L, S, dtype):
 
 
 def _attention_with_rng_state(q, k, v, causal, mask, dropout_p):
-    """fastattn.attention(..., return_lse=True) and the (seed, offset) its dropout used.
-
-    fastattn.attention draws its dropout seed from torch's default generator(s); to rebuild the
-    dropout mask of the returned weights we replay that one draw and check that it accounts for
-    everything the call consumed (so a change in how seeds are drawn fails loudly, not silently).
-    """
-    if dropout_p == 0:
-        out, lse = api.attention(q, k, v, causal=causal, attn_mask=mask, return_lse=True)
-        return out, lse, None
-    before = _generator_states(q.device)
-    out, lse = api.attention(q, k, v, causal=causal, attn_mask=mask, dropout_p=dropout_p, return_lse=True)
-    after = _generator_states(q.device)
-    _set_generator_states(q.device, before)
-    rng_state = api._draw_rng_state(q.device)
-    replayed = all(torch.equal(a, b) for a, b in zip(_generator_states(q.device), after))
-    _set_generator_states(q.device, after)
-    if not replayed:
-        raise RuntimeError("fastattn.nn.MultiheadAttention: could not recover the dropout seed of "
-                           "fastattn.attention, so need_weights=True with dropout cannot return its weights")
+    """fastattn.attention(..., return_lse=True) and the (seed, offset) its dropout used (None without)."""
+    (out, lse), rng_state = api._call_recording_rng_state(
+        lambda: api.attention(q, k, v, causal=causal, attn_mask=mask, dropout_p=dropout_p, return_lse=True),
+        q.device, dropout_p)
     return out, lse, rng_state
-
-
-def _generator_states(device: torch.device) -> list:
-    """States of the default generators a seed draw for ``device`` may use (CPU, and the GPU's)."""
-    states = [torch.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _set_generator_states(device: torch.device, states: list) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
 
 
 class _ProbsFromLSE(torch.autograd.Function):
