@@ -22,6 +22,8 @@ Where the behaviour differs from flash-attn's, by design:
   ``_get_block_size_n`` says so to flash-attn's test helpers, which rescale by blocks), and its
   shape is exact, (batch, nheads, seqlen_q, seqlen_k) (varlen: max_seqlen_q, max_seqlen_k, zeros
   outside each sequence), where flash-attn pads to its block sizes (its tests crop to these).
+* Bad input raises errors that are ``ValueError`` / ``TypeError`` and also ``RuntimeError`` (what
+  flash-attn's C++ checks raise), naming the argument.
 * ``deterministic`` is accepted and has no effect: fastattn's backward passes are deterministic
   on every backend (no atomics).
 * The dropout mask is fastattn's (counter-based Philox, drawn from torch's default generator),
@@ -39,6 +41,7 @@ import torch
 
 from . import reference
 from .api import _call_recording_rng_state, attention, varlen_attention
+from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]
@@ -46,9 +49,9 @@ __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_
 
 def _check_layout(t, name: str, ndim: int, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+        raise InvalidArgumentTypeError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
     if t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
 
 
 def _window(window_size) -> tuple:
@@ -57,7 +60,8 @@ def _window(window_size) -> tuple:
     if isinstance(window_size, torch.Tensor) and window_size.numel() == 2 and not window_size.is_floating_point():
         window_size = window_size.tolist()
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
-        raise TypeError(f"window_size must be a pair (left, right), -1 for unbounded, got {window_size!r}")
+        raise InvalidArgumentTypeError(
+            f"window_size must be a pair (left, right), -1 for unbounded, got {window_size!r}")
     return tuple(int(w) if isinstance(w, torch.Tensor) else w for w in window_size)
 
 
@@ -125,7 +129,7 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
     """qkv (batch, seqlen, 3, nheads, headdim) -> out (batch, seqlen, nheads, headdim); see flash_attn_func."""
     _check_layout(qkv, "qkv", 5, "(batch, seqlen, 3, nheads, headdim)")
     if qkv.shape[2] != 3:
-        raise ValueError(f"qkv must be (batch, seqlen, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
+        raise InvalidArgumentError(f"qkv must be (batch, seqlen, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
                            softcap, alibi_slopes, deterministic, return_attn_probs)
 
@@ -135,7 +139,7 @@ def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=Fa
     """q (batch, seqlen_q, nheads, headdim), kv (batch, seqlen_k, 2, nheads_k, headdim); see flash_attn_func."""
     _check_layout(kv, "kv", 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
     if kv.shape[2] != 2:
-        raise ValueError(f"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")
+        raise InvalidArgumentError(f"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs)
 
@@ -150,7 +154,7 @@ def _paged_to_packed(cache: torch.Tensor, block_table: torch.Tensor, lengths: li
     for b, n in enumerate(lengths):
         blocks = block_table[b, :(n + page - 1) // page].long()
         if blocks.numel() * page < n:
-            raise ValueError(f"block_table row {b} holds {blocks.numel() * page} keys, fewer than its {n}")
+            raise InvalidArgumentError(f"block_table row {b} holds {blocks.numel() * page} keys, fewer than its {n}")
         parts.append(cache[blocks].reshape(-1, *cache.shape[2:])[:n])
     return torch.cat(parts) if parts else cache.new_zeros(0, *cache.shape[2:])
 
@@ -199,7 +203,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     """qkv (total, 3, nheads, headdim); see flash_attn_varlen_func."""
     _check_layout(qkv, "qkv", 4, "(total, 3, nheads, headdim)")
     if qkv.shape[1] != 3:
-        raise ValueError(f"qkv must be (total, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
+        raise InvalidArgumentError(f"qkv must be (total, 3, nheads, headdim), got shape {tuple(qkv.shape)}")
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs)
@@ -211,7 +215,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     """q (total_q, nheads, headdim), kv (total_k, 2, nheads_k, headdim); see flash_attn_varlen_func."""
     _check_layout(kv, "kv", 4, "(total_k, 2, nheads_k, headdim)")
     if kv.shape[1] != 2:
-        raise ValueError(f"kv must be (total_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")
+        raise InvalidArgumentError(f"kv must be (total_k, 2, nheads_k, headdim), got shape {tuple(kv.shape)}")
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs)
@@ -264,12 +268,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _check_layout(k_cache, "k_cache", 4, cache_layout)
     _check_layout(v_cache, "v_cache", 4, cache_layout)
     if (k is None) != (v is None):
-        raise ValueError("k and v must be given together (the new tokens to append) or both be None")
+        raise InvalidArgumentError("k and v must be given together (the new tokens to append) or both be None")
     B, Nq = q.shape[0], q.shape[1]
     device = q.device
     if paged:
         if cache_batch_idx is not None:
-            raise ValueError("cache_batch_idx cannot be combined with block_table (as in flash-attn)")
+            raise InvalidArgumentError("cache_batch_idx cannot be combined with block_table (as in flash-attn)")
         page = k_cache.shape[1]
         capacity = block_table.shape[1] * page
     else:
@@ -281,14 +285,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     else:
         seqlens = cache_seqlens.to("cpu", torch.long)
         if seqlens.shape != (B,):
-            raise ValueError(f"cache_seqlens must be an int or (batch,) = ({B},), got shape {tuple(seqlens.shape)}")
+            raise InvalidArgumentError(
+                f"cache_seqlens must be an int or (batch,) = ({B},), got shape {tuple(seqlens.shape)}")
     rows = (cache_batch_idx.to("cpu", torch.long) if cache_batch_idx is not None
             else torch.arange(B))  # cache row of each batch element
     leftpad = cache_leftpad.to("cpu", torch.long) if cache_leftpad is not None else torch.zeros(B, dtype=torch.long)
     n_new = 0 if k is None else k.shape[1]
     if int((seqlens + n_new).max()) > capacity:
-        raise ValueError(f"the cache holds {capacity} tokens per sequence, but cache_seqlens + seqlen_new reaches "
-                         f"{int((seqlens + n_new).max())}")
+        held = "the block_table holds" if block_table is not None else "the cache holds"
+        raise InvalidArgumentError(f"{held} {capacity} tokens per sequence, but cache_seqlens + seqlen_new reaches "
+                                   f"{int((seqlens + n_new).max())}")
     local = tuple(_window(window_size)) != (-1, -1)
 
     def cache_index(b: int, positions: torch.Tensor) -> tuple:
