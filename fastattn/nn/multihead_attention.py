@@ -216,8 +216,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
         q_vals, q_lens = _nested_values(query)  # (total_q, E), [L_i]
-        k_vals, k_lens = _nested_values(key)  # (total_k, kdim), [S_i]
-        v_vals, v_lens = _nested_values(value)
+        k_vals, k_lens = (q_vals, q_lens) if key is query else _nested_values(key)  # (total_k, kdim), [S_i]
+        v_vals, v_lens = (k_vals, k_lens) if value is key else _nested_values(value)
         if len(q_lens) != len(k_lens) or k_lens != v_lens:
             raise MultiheadAttentionInputError(
                 f"key and value must have the same sequence lengths and query the same batch size, got query "
@@ -232,10 +232,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                                                              average_attn_weights)
 
         H, E = self.num_heads, self.embed_dim
-        if query is key and key is value:
-            q, k, v = MultiheadAttention._in_projection(self, q_vals, q_vals, q_vals)  # (total, E) each, one matmul
-        else:
-            q, k, v = MultiheadAttention._in_projection(self, q_vals, k_vals, v_vals)  # (total_q|total_k, E) each
+        # (total_q | total_k, E) each; self-attention (the same values tensor three times): one matmul
+        q, k, v = MultiheadAttention._in_projection(self, q_vals, k_vals, v_vals)
         cu_q = _prefix_sums(q_lens, q.device)
         cu_k = _prefix_sums(k_lens, q.device)
         out = api.varlen_attention(q.view(-1, H, E // H), k.view(-1, H, E // H), v.view(-1, H, E // H), cu_q, cu_k,
