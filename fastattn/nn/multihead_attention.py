@@ -222,11 +222,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise MultiheadAttentionInputError(
                 f"key and value must have the same sequence lengths and query the same batch size, got query "
                 f"{q_lens}, key {k_lens}, value {v_lens}")
-        for name, t, width, width_name in (("query", q_vals, self.embed_dim, "embed_dim"),
-                                           ("key", k_vals, self.kdim, "kdim"), ("value", v_vals, self.vdim, "vdim")):
-            if t.shape[-1] != width:
-                raise MultiheadAttentionInputError(
-                    f"{name} must have last dim {width} ({width_name}), got {t.shape[-1]}")
+        MultiheadAttention._check_widths(self, q_vals, k_vals, v_vals, lambda t: t.shape[-1])
         if need_weights or self.bias_k is not None or self.add_zero_attn:
             return MultiheadAttention._forward_nested_padded(self, query, key, value, q_lens, k_lens, need_weights,
                                                              average_attn_weights)
@@ -263,28 +259,25 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         """q, k, v = the three input projections of (N, L|S, E|kdim|vdim) inputs."""
         E = self.embed_dim
         bias = self.in_proj_bias
-        if bias is not None and bias.dtype != query.dtype:
-            # torch's module accepts a bias of another dtype (its matmul + add promotes); F.linear does not
-            unbiased = MultiheadAttention._in_projection_without_bias(self, query, key, value)
-            return tuple(x + b for x, b in zip(unbiased, bias.chunk(3)))
         if self._qkv_same_embed_dim:
             w_q, w_k, w_v = self.in_proj_weight.chunk(3)
             if query is key and key is value:  # self-attention: one matmul
-                qkv = F.linear(query, self.in_proj_weight, bias)  # (N, L, 3E)
+                qkv = _linear(query, self.in_proj_weight, bias)  # (N, L, 3E)
                 return qkv[..., :E], qkv[..., E:2 * E], qkv[..., 2 * E:]
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         b_q = b_k = b_v = None
         if bias is not None:
             b_q, b_k, b_v = bias.chunk(3)
-        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        return _linear(query, w_q, b_q), _linear(key, w_k, b_k), _linear(value, w_v, b_v)
 
-    def _in_projection_without_bias(self, query, key, value):
-        if self._qkv_same_embed_dim:
-            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        else:
-            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        return F.linear(query, w_q), F.linear(key, w_k), F.linear(value, w_v)
+    def _check_widths(self, query, key, value, shape_of):
+        """The last dims are embed_dim, kdim and vdim; ``shape_of`` says how a failing input is shown."""
+        for name, t, width, width_name in (("query", query, self.embed_dim, "embed_dim"),
+                                           ("key", key, self.kdim, "kdim"), ("value", value, self.vdim, "vdim")):
+            if t.shape[-1] != width:
+                raise MultiheadAttentionInputError(
+                    f"{name} must have last dim {width} ({width_name}), got {shape_of(t)}")
 
     def _check_inputs(self, query, key, value, key_padding_mask, attn_mask, mask_dropped=False):
         for name, t in (("query", query), ("key", key), ("value", value)):
@@ -312,11 +305,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise MultiheadAttentionInputError(
                 f"For {kind} `query`, expected `attn_mask` to be `None`, 2-D or 3-D but found {attn_mask.dim()}-D "
                 f"tensor instead (got shape {tuple(attn_mask.shape)})")
-        for name, t, width, width_name in (("query", query, self.embed_dim, "embed_dim"),
-                                           ("key", key, self.kdim, "kdim"), ("value", value, self.vdim, "vdim")):
-            if t.shape[-1] != width:
-                raise MultiheadAttentionInputError(
-                    f"{name} must have last dim {width} ({width_name}), got shape {tuple(t.shape)}")
+        MultiheadAttention._check_widths(self, query, key, value, lambda t: f"shape {tuple(t.shape)}")
         seq_axis = 1 if (self.batch_first and batched) else 0
         if key.shape[:-1] != value.shape[:-1]:
             raise MultiheadAttentionInputError(
@@ -360,6 +349,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             else:
                 attn_mask = attn_mask.view(1, 1, L, S)
         return query, key, value, key_padding_mask, attn_mask, batched
+
+
+def _linear(x, weight, bias):
+    """F.linear, also for a bias of another dtype than x (torch's module accepts one: its matmul + add promotes)."""
+    if bias is not None and bias.dtype != x.dtype:
+        return F.linear(x, weight) + bias
+    return F.linear(x, weight, bias)
 
 
 def _nested_values(t):
