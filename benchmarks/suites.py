@@ -259,8 +259,56 @@ def attention_suite(cfg: BenchConfig, ctx: RunContext) -> list:
 def variants_suite(cfg: BenchConfig, ctx: RunContext) -> list:
     # the long-sequence window rows compare fused kernels (SDPA given the window's bool mask);
     # the decode rows, whose score matrices are small, also the naive expression and SDPA math
-    return _run_cases("variants", variant_cases(cfg, ctx.device), cfg, ctx,
-                      skip_materialising=lambda case: not cfg.full and not case.decode)
+    cases = variant_cases(cfg, ctx.device)
+    rows = _run_cases("variants", cases, cfg, ctx, skip_materialising=lambda case: not cfg.full and not case.decode)
+    return rows + windows_side_by_side([c for c, modes in cases if not c.decode and "fwd_bwd" in modes], cfg, ctx)
+
+
+# The window target is a ratio between two cases, which the rows above time minutes apart (each
+# case's candidates round-robin, not the cases): on a shared host that drift alone moves the ratio
+# by +-30%. So fastattn's forward+backward on full causal and on every window is timed again, the
+# cases round-robin within each repetition; the target reads these rows.
+SIDE_BY_SIDE = "variants side by side"
+
+
+def windows_side_by_side(cases: list, cfg: BenchConfig, ctx: RunContext) -> list:
+    """Rows (suite SIDE_BY_SIDE, mode fwd_bwd) of each fastattn backend on ``cases`` (full causal and
+    the windows at one shape), the cases run round-robin within each repetition."""
+    if not any(c.window for c in cases) or all(c.window for c in cases):
+        return []  # nothing to compare
+    rows = []
+    for cand in ctx.candidates:
+        if not cand.name.startswith("fastattn:") or cand.name == "fastattn:reference":
+            continue
+        prepared, notes = {}, {}
+        for case in cases:
+            reason = _skip_reason(cand, case, ctx.device, train=True)
+            if reason:
+                notes[case] = reason
+                continue
+            try:
+                p = cand.prepare(case, core.make_inputs(case, ctx.device, cfg.seed))
+                for _ in range(max(ctx.warmup, 1)):
+                    core.run_train_step(p)
+                prepared[case] = p
+            except Exception as e:
+                notes[case] = f"failed: {_first_line(e)}"
+        timings = {}
+        if len(prepared) > 1 and ctx.clock is not None:
+            by_label = {case.label: p for case, p in prepared.items()}
+            timings = core.time_interleaved(by_label, ("fwd_bwd",), ctx.clock, ctx.reps, ctx.reps)
+        for case in cases:
+            row = Row(SIDE_BY_SIDE, case, "fwd_bwd", cand.name, note=notes.get(case, ""))
+            t = timings.get((case.label, "fwd_bwd"))
+            if t is not None:
+                row.time_s, row.reps = t["median_s"], t["reps"]
+                row.flops_per_s = core.attention_flops(case, "fwd_bwd") / t["median_s"]
+            elif not row.note:
+                row.note = "not timed (needs the wall/event clock and two cases that run)"
+            rows.append(row)
+        del prepared
+        _release(ctx.device)
+    return rows
 
 
 # ---------------------------------------------------------------------------

@@ -85,6 +85,29 @@ def test_targets_are_computed_not_hard_coded():
     assert (result.value, result.status) == (2.0, "MISS")
 
 
+def test_window_target_reads_the_side_by_side_rows():
+    # full causal and a window, timed round-robin by the variants suite; the target divides those
+    from benchmarks import suites
+
+    cfg = BenchConfig(reps=2, min_reps=2, warmup=1)
+    ctx = suites.make_context(cfg)
+    ctx.candidates = [c for c in ctx.candidates if c.name == "fastattn:cpu"]
+    causal = core.Case(1, 2, 96, 16, causal=True)
+    window = core.Case(1, 2, 96, 16, causal=True, window=16)
+    rows = suites.windows_side_by_side([causal, window], cfg, ctx)
+    assert [(r.suite, r.case, r.mode, r.reps) for r in rows] == [
+        (suites.SIDE_BY_SIDE, causal, "fwd_bwd", 2), (suites.SIDE_BY_SIDE, window, "fwd_bwd", 2)]
+    assert all(r.time_s > 0 for r in rows)
+    assert suites.windows_side_by_side([causal], cfg, ctx) == []  # nothing to compare
+    target = next(t for t in report.TARGETS if t.metric == "speedup_vs_case")
+    assert target.suite == suites.SIDE_BY_SIDE
+    rows = [core.Row(suites.SIDE_BY_SIDE, target.other_case, "fwd_bwd", "fastattn:cpu", time_s=3.0),
+            core.Row("variants", target.other_case, "fwd_bwd", "fastattn:cpu", time_s=100.0),
+            core.Row(suites.SIDE_BY_SIDE, target.case, "fwd_bwd", "fastattn:cpu", time_s=0.25)]
+    result = next(r for r in report.evaluate_targets(rows) if r.target is target)
+    assert (result.value, result.status) == (12.0, "PASS")
+
+
 def test_bert_suite_tiny():
     pytest.importorskip("transformers", reason="the bert suite compares against transformers' BERT")
     from benchmarks import bert

@@ -308,6 +308,9 @@ struct LeftOperand {
   const acc_t* ptr;
   int64_t rs, ks;
   bool packed;
+  // The same operand from its row r on, for a product of K columns over rows [r, ...) only (one
+  // strip of a staircase); a packed operand's r must be a panel boundary (a multiple of MR).
+  LeftOperand rows_from(int64_t r, int K) const { return {ptr + (packed ? r * K : r * rs), rs, ks, packed}; }
 };
 
 template <typename acc_t>
@@ -321,6 +324,22 @@ struct RightOperand {
   RightOperand rows_from(int64_t r) const {
     if (!packed) return {ptr + r * ks, ks, false, 0};
     return {ptr + r * NR, ks, true, depth};
+  }
+};
+
+// The columns [lo, hi) of a block each MR-row strip of a tile computes: the strip's rows'
+// keys widened to whole NR-column panels (the micro-kernel's width); empty (lo == hi) when no
+// row of the strip sees a key of the block. A tile has at most kMaxStrips strips.
+constexpr int kMaxStrips = 8;
+struct Staircase {
+  struct Cols {
+    int lo, hi;
+  };
+  Cols cols[kMaxStrips];
+  int count = 0;
+  // The next strip, whose rows see keys [lo, hi) (none when lo >= hi) of a block `width` wide.
+  void add(int lo, int hi, int width) {
+    cols[count++] = hi <= lo ? Cols{0, 0} : Cols{lo / NR * NR, static_cast<int>(std::min<int64_t>(width, round_up(hi, NR)))};
   }
 };
 
@@ -359,6 +378,18 @@ template <typename acc_t>
 void gemm(int M, int N, int K, const LeftOperand<acc_t>& a, const RightOperand<acc_t>& b, acc_t* c, int64_t ldc,
           bool accumulate) {
   gemm(M, N, K, a.ptr, a.rs, a.ks, a.packed, b.ptr, b.ks, b.packed, b.depth ? b.depth : K, c, ldc, accumulate);
+}
+
+// dst[d * stride] = src[d] for d < n, converted to dst's type; a unit stride (the usual layout)
+// takes a loop the compiler vectorises.
+template <typename acc_t, typename dst_t>
+inline void store_row(const acc_t* src, int n, dst_t* dst, int64_t stride) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int d = 0; d < n; ++d) dst[d] = static_cast<dst_t>(src[d]);
+  } else {
+    for (int d = 0; d < n; ++d) dst[d * stride] = static_cast<dst_t>(src[d]);
+  }
 }
 
 // ---------------------------------------------------------------------------

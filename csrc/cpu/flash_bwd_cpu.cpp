@@ -7,12 +7,14 @@
 //                                                      soft-capped and ALiBi-biased when asked)
 //       dV_j += (P * Z)ᵀ dO_i                         (Z: dropout keep / (1 - p))
 //       dP   = (dO_i V_jᵀ) * Z
-//       dS   = P * (dP - delta_i)                     (times 1 - tanh² under a soft-cap)
-//       dK_j += scale * dSᵀ Q_i
-//       dQ_i += scale * dS K_j                        (per-chunk accumulator)
+//       dS   = scale * P * (dP - delta_i)             (times 1 - tanh² under a soft-cap)
+//       dK_j += dSᵀ Q_i
+//       dQ_i += dS K_j                                (in dQ, or a per-chunk accumulator)
 // Tasks are (batch, K/V head, chunk of key blocks). With few batch x head pairs
 // the key range is split into chunks so every thread has work; each chunk then
-// accumulates dQ in its own float buffer and the buffers are summed at the end.
+// accumulates dQ in its own float buffer and the buffers are summed at the end (with one
+// chunk, float dQ accumulates in place). Every product runs as a staircase of micro-kernel
+// strips that follows the causal diagonal and the window's edges (blocks.h: Staircase).
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -27,6 +29,7 @@ namespace cpu {
 namespace {
 
 constexpr int kBlockQ = 48;    // query rows per tile (a multiple of MR)
+static_assert(kBlockQ <= kMaxStrips * MR, "a tile's strips fit a Staircase");
 constexpr int kBlockK = 128;   // keys per tile (a multiple of NR and 4)
 
 struct BwdTask {
@@ -52,27 +55,6 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t rows = p.total_rows();
 
-  // delta_i = sum_d dO[i, d] * O[i, d]; and lse in base 2 (+inf on rows that see no key, so P = 0).
-  std::vector<acc_t> delta(rows), lse2(rows);
-  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t seg = begin; seg < end; ++seg) {
-      const int64_t b = seg / p.heads_q, h = seg % p.heads_q;
-      const scalar_t* o = out + p.base_q(p.out, b, h);
-      const scalar_t* g = dout + p.base_q(p.grad_out, b, h);
-      for (int64_t i = 0; i < p.len_q(b); ++i) {
-        const scalar_t* oi = o + i * p.out.n;
-        const scalar_t* gi = g + i * p.grad_out.n;
-        const int64_t od = p.out.d, gd = p.grad_out.d;
-        acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int d = 0; d < Dv; ++d) acc += static_cast<acc_t>(oi[d * od]) * static_cast<acc_t>(gi[d * gd]);
-        const int64_t row = p.row_index(b, h, i);
-        delta[row] = acc;
-        lse2[row] = lse[row] == kNegInf ? std::numeric_limits<acc_t>::infinity() : lse[row] * acc_t(kLog2e);
-      }
-    }
-  });
-
   // Split the key range into chunks when batch x kv-heads alone cannot feed every thread.
   const int64_t threads = at::get_num_threads();
   const int64_t pairs = std::max<int64_t>(p.batch * p.heads_kv, 1);
@@ -89,8 +71,38 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
           tasks.push_back({b, hk, blk0 * kBlockK, std::min(p.len_k(b), blk1 * kBlockK), ch});
       }
   }
-  // dQ accumulators, one per chunk: (chunks, rows, D) in the accumulation type.
-  std::vector<acc_t> dq_acc(static_cast<size_t>(chunks * rows * D), acc_t(0));
+  // dQ accumulates in grad_q itself when one task owns all keys of a segment and grad_q holds the
+  // accumulation type with unit stride (zeroed below); otherwise in one buffer per chunk,
+  // (chunks, rows, D) in the accumulation type, summed at the end.
+  const bool dq_in_place = chunks == 1 && std::is_same_v<scalar_t, acc_t> && p.grad_q.d == 1;
+  std::vector<acc_t> dq_acc(dq_in_place ? 0 : static_cast<size_t>(chunks * rows * D), acc_t(0));
+
+  // delta_i = sum_d dO[i, d] * O[i, d]; and lse in base 2 (+inf on rows that see no key, so P = 0).
+  std::vector<acc_t> delta(rows), lse2(rows);
+  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t seg = begin; seg < end; ++seg) {
+      const int64_t b = seg / p.heads_q, h = seg % p.heads_q;
+      const scalar_t* o = out + p.base_q(p.out, b, h);
+      const scalar_t* g = dout + p.base_q(p.grad_out, b, h);
+      for (int64_t i = 0; i < p.len_q(b); ++i) {
+        const scalar_t* oi = o + i * p.out.n;
+        const scalar_t* gi = g + i * p.grad_out.n;
+        const int64_t od = p.out.d, gd = p.grad_out.d;
+        acc_t acc = 0;
+        if (od == 1 && gd == 1) {  // the usual layout: a unit-stride loop the compiler vectorises
+#pragma omp simd reduction(+ : acc)
+          for (int d = 0; d < Dv; ++d) acc += static_cast<acc_t>(oi[d]) * static_cast<acc_t>(gi[d]);
+        } else {
+          for (int d = 0; d < Dv; ++d) acc += static_cast<acc_t>(oi[d * od]) * static_cast<acc_t>(gi[d * gd]);
+        }
+        const int64_t row = p.row_index(b, h, i);
+        delta[row] = acc;
+        if (dq_in_place) std::fill_n(dq + p.base_q(p.grad_q, b, h) + i * p.grad_q.n, D, scalar_t(0));
+        lse2[row] = lse[row] == kNegInf ? std::numeric_limits<acc_t>::infinity() : lse[row] * acc_t(kLog2e);
+      }
+    }
+  });
+
 
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
@@ -145,9 +157,23 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
             const auto do_right = right_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_b.get());
             acc_t* pr = probs.get();
             acc_t* dpr = dprobs.get();
-            gemm(bq, cols, D, q_left, packed_right(kt_pack.get() + col0 * D), pr + col0, kBlockK, false);  // S = Q Kᵀ
-            gemm(bq, cols, Dv, do_left, packed_right(vt_pack.get() + col0 * Dv), dpr + col0, kBlockK,
-                 false);  // dP = dO Vᵀ
+            // S = Q Kᵀ and dP = dO Vᵀ strip by strip of MR rows, each over the panels its rows see (a
+            // staircase along the diagonal and the window's edges); the row pass below zero-fills
+            // every row outside its keys over the tile's columns, so P and dS are whole there.
+            Staircase strips;
+            for (int s0 = 0; s0 < bq; s0 += MR) {
+              const auto keys = band.keys_in_block(qs + s0, qs + std::min(bq, s0 + MR) - 1, kb, bk);
+              strips.add(keys.lo, keys.hi, bk);
+            }
+            for (int si = 0; si < strips.count; ++si) {
+              const auto [c0, c1] = strips.cols[si];
+              if (c1 <= c0) continue;
+              const int ms = std::min(MR, bq - si * MR);
+              gemm(ms, c1 - c0, D, q_left.rows_from(si * MR, D), packed_right(kt_pack.get() + c0 * D),
+                   pr + si * MR * kBlockK + c0, kBlockK, false);
+              gemm(ms, c1 - c0, Dv, do_left.rows_from(si * MR, Dv), packed_right(vt_pack.get() + c0 * Dv),
+                   dpr + si * MR * kBlockK + c0, kBlockK, false);
+            }
 
             for (int r = 0; r < bq; ++r) {
               const int64_t i = qs + r, row = p.row_index(b, h, i);
@@ -177,11 +203,11 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
                   apply_dropout_keep(p, threshold, segment, i, kb + col0, cols, keep.get() + col0);
                   for (int j = lo; j < hi; ++j) {
                     const acc_t pj = x[j], zj = keep[j];
-                    dx[j] = pj * (dx[j] * zj - di);  // dS
+                    dx[j] = scale * pj * (dx[j] * zj - di);  // scale dS
                     x[j] = pj * zj;                  // dropped P, for dV
                   }
                 } else {
-                  for (int j = lo; j < hi; ++j) dx[j] = x[j] * (dx[j] - di);  // dS
+                  for (int j = lo; j < hi; ++j) dx[j] = scale * x[j] * (dx[j] - di);  // scale dS
                 }
                 if (softcap)
                   for (int j = lo; j < hi; ++j) dx[j] *= dtanh[j];  // through the tanh
@@ -191,40 +217,58 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
               std::fill(x + hi, x + col1, acc_t(0));
               std::fill(dx + hi, dx + col1, acc_t(0));
             }
-            // Pᵀ and dSᵀ are read in place, as the transposes of the row-major tiles.
-            gemm(cols, Dv, bq, strided_left(pr + col0, 1, kBlockK), do_right, dv_acc.get() + col0 * Dv, Dv,
-                 true);  // dV += (P Z)ᵀ dO
-            gemm(cols, D, bq, strided_left(dpr + col0, 1, kBlockK), q_right, dk_acc.get() + col0 * D, D,
-                 true);  // dK += dSᵀ Q
-            gemm(bq, D, cols, strided_left(dpr + col0, kBlockK, 1), k_right.rows_from(col0),
-                 dq_chunk + p.row_index(b, h, qs) * D, D, true);  // dQ += dS K
+            // dV += (P Z)ᵀ dO and dK += dSᵀ Q, strip by strip of MR keys, each over the tile's rows
+            // that see them; Pᵀ and dSᵀ are read in place, as the transposes of the row-major tiles.
+            for (int kc = col0; kc < col1; kc += MR) {
+              const int mk = std::min(MR, col1 - kc);
+              const int r_lo = static_cast<int>(std::clamp<int64_t>(band.row_begin(kb + kc) - qs, 0, bq));
+              const int r_hi = static_cast<int>(std::clamp<int64_t>(band.row_end(kb + kc + mk - 1) - qs, 0, bq));
+              if (r_hi <= r_lo) continue;
+              gemm(mk, Dv, r_hi - r_lo, strided_left(pr + r_lo * kBlockK + kc, 1, kBlockK), do_right.rows_from(r_lo),
+                   dv_acc.get() + kc * Dv, Dv, true);
+              gemm(mk, D, r_hi - r_lo, strided_left(dpr + r_lo * kBlockK + kc, 1, kBlockK), q_right.rows_from(r_lo),
+                   dk_acc.get() + kc * D, D, true);
+            }
+            for (int si = 0; si < strips.count; ++si)  // dQ += dS K, over each strip's keys
+              if (const auto [c0, c1] = strips.cols[si]; c1 > c0) {
+                const int64_t i0 = qs + si * MR;
+                acc_t* dq_rows = dq_in_place ? reinterpret_cast<acc_t*>(dq) + p.base_q(p.grad_q, b, h) + i0 * p.grad_q.n
+                                             : dq_chunk + p.row_index(b, h, i0) * D;
+                gemm(std::min(MR, bq - si * MR), D, c1 - c0, strided_left(dpr + si * MR * kBlockK + c0, kBlockK, 1),
+                     k_right.rows_from(c0), dq_rows, dq_in_place ? p.grad_q.n : D, true);
+              }
           }
         }
 
         scalar_t* dkh = dk + p.base_k(p.grad_k, b, hk);
         scalar_t* dvh = dv + p.base_k(p.grad_v, b, hk);
         for (int r = 0; r < bk_full; ++r) {
-          for (int d = 0; d < D; ++d)
-            dkh[(kb + r) * p.grad_k.n + d * p.grad_k.d] = static_cast<scalar_t>(scale * dk_acc[r * D + d]);
-          for (int d = 0; d < Dv; ++d)
-            dvh[(kb + r) * p.grad_v.n + d * p.grad_v.d] = static_cast<scalar_t>(dv_acc[r * Dv + d]);
+          store_row(dk_acc.get() + r * D, D, dkh + (kb + r) * p.grad_k.n, p.grad_k.d);
+          store_row(dv_acc.get() + r * Dv, Dv, dvh + (kb + r) * p.grad_v.n, p.grad_v.d);
         }
       }
     }
   });
 
-  // dQ = scale * (sum of the chunk accumulators).
-  at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
+  // dQ = the sum of the chunk accumulators.
+  if (!dq_in_place) at::parallel_for(0, p.batch * p.heads_q, 1, [&](int64_t begin, int64_t end) {
     for (int64_t seg = begin; seg < end; ++seg) {
       const int64_t b = seg / p.heads_q, h = seg % p.heads_q;
       scalar_t* dqh = dq + p.base_q(p.grad_q, b, h);
+      const int64_t dq_d = p.grad_q.d;
       for (int64_t i = 0; i < p.len_q(b); ++i) {
         const acc_t* src = dq_acc.data() + p.row_index(b, h, i) * D;
-#pragma omp simd
-        for (int d = 0; d < D; ++d) {
+        scalar_t* dst = dqh + i * p.grad_q.n;
+        auto sum_at = [&](int d) {
           acc_t sum = 0;
           for (int64_t ch = 0; ch < chunks; ++ch) sum += src[ch * rows * D + d];
-          dqh[i * p.grad_q.n + d * p.grad_q.d] = static_cast<scalar_t>(scale * sum);
+          return static_cast<scalar_t>(sum);
+        };
+        if (dq_d == 1) {  // unit stride: vectorised
+#pragma omp simd
+          for (int d = 0; d < D; ++d) dst[d] = sum_at(d);
+        } else {
+          for (int d = 0; d < D; ++d) dst[d * dq_d] = sum_at(d);
         }
       }
     }

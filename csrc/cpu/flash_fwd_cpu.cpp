@@ -21,6 +21,7 @@ namespace cpu {
 namespace {
 
 constexpr int kBlockQ = 48;       // query rows per micro-block (a multiple of MR)
+static_assert(kBlockQ <= kMaxStrips * MR, "a micro-block's strips fit a Staircase");
 constexpr int kBlockK = 256;      // keys per block (a multiple of NR and of 4)
 constexpr int kMaxChunkQ = 512;   // query rows per task at most: they share each packed K/V block
 
@@ -126,25 +127,38 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
 
         for (int64_t r0 = 0; r0 < rows; r0 += kBlockQ) {
           const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, rows - r0));
-          // The keys the tile's rows see, widened to whole micro-kernel panels: the columns
-          // outside (above the diagonal, left of the window) are neither computed nor read.
-          // A tile across two heads holds the chunk's first and last query.
+          // A tile none of whose rows sees a key of the block is skipped. A tile (or strip) across
+          // two heads holds the chunk's first and last query.
           const bool across_heads = r0 / n != (r0 + bq - 1) / n;
           const auto tile = band.keys_in_block(across_heads ? q0 : query_of(r0),
                                                across_heads ? q1 - 1 : query_of(r0 + bq - 1), kb, bk);
           if (tile.empty()) continue;
-          const int col0 = tile.lo / NR * NR;
-          const int col1 = static_cast<int>(std::min<int64_t>(bk, round_up(tile.hi, NR)));
           acc_t* s = scores.get();
-          gemm(bq, col1 - col0, D, packed_left(q_pack.get() + r0 * D), packed_right(k_pack.get() + col0 * D),
-               s + col0, kBlockK, false);  // S = c Q Kᵀ
+          // S = c Q Kᵀ strip by strip of MR rows, each over the panels its own rows see: along the
+          // diagonal and the window's edges the products follow a staircase, not the tile's
+          // rectangle; columns outside (above the diagonal, left of the window) are neither
+          // computed nor read. The row pass zero-fills a row outside its keys over its strip.
+          Staircase strips;
+          for (int s0 = 0; s0 < bq; s0 += MR) {
+            const int64_t first = r0 + s0, last = r0 + std::min(bq, s0 + MR) - 1;
+            const bool strip_across_heads = first / n != last / n;
+            const auto keys = band.keys_in_block(strip_across_heads ? q0 : query_of(first),
+                                                 strip_across_heads ? q1 - 1 : query_of(last), kb, bk);
+            strips.add(keys.lo, keys.hi, bk);
+          }
+          for (int si = 0; si < strips.count; ++si)
+            if (const auto [c0, c1] = strips.cols[si]; c1 > c0)
+              gemm(std::min(MR, bq - si * MR), c1 - c0, D, packed_left(q_pack.get() + (r0 + si * MR) * D),
+                   packed_right(k_pack.get() + c0 * D), s + si * MR * kBlockK + c0, kBlockK, false);
 
           for (int rr = 0; rr < bq; ++rr) {
             const int64_t row = r0 + rr, h = head_of(row), i = query_of(row);
             acc_t* x = s + static_cast<int64_t>(rr) * kBlockK;
             const auto keys = band.keys_in_block(i, kb, bk);
+            // P V reads the row's strip columns only: they are what must hold P (zeros outside the keys)
+            const auto [c0, c1] = strips.cols[rr / MR];
             if (keys.empty()) {
-              std::fill(x + col0, x + col1, acc_t(0));
+              std::fill(x + c0, x + c1, acc_t(0));
               continue;
             }
             const int lo = keys.lo, cnt = keys.hi - keys.lo;
@@ -165,17 +179,19 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
             const acc_t alpha = std::exp2(m_old - m_use);
             row_sum[row] = row_sum[row] * alpha + exp2_sum(x + lo, cnt, m_use);
             row_max[row] = m_new;
-            std::fill(x + col0, x + lo, acc_t(0));
-            std::fill(x + keys.hi, x + col1, acc_t(0));
-            // over the tile's columns (from a panel boundary: the SIMD Philox path); zeros stay zero
-            if (dropout) apply_dropout_keep(p, threshold, b * p.heads_q + h, i, kb + col0, col1 - col0, x + col0);
+            std::fill(x + c0, x + lo, acc_t(0));
+            std::fill(x + keys.hi, x + c1, acc_t(0));
+            // over the strip's columns (from a panel boundary: the SIMD Philox path); zeros stay zero
+            if (dropout) apply_dropout_keep(p, threshold, b * p.heads_q + h, i, kb + c0, c1 - c0, x + c0);
             if (alpha != acc_t(1)) {
               acc_t* o = o_acc.get() + row * Dv;
               for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
           }
-          gemm(bq, Dv, col1 - col0, strided_left(s + col0, kBlockK, 1), v_right.rows_from(col0),
-               o_acc.get() + r0 * Dv, Dv, true);  // O += P V
+          for (int si = 0; si < strips.count; ++si)  // O += P V, over each strip's keys
+            if (const auto [c0, c1] = strips.cols[si]; c1 > c0)
+              gemm(std::min(MR, bq - si * MR), Dv, c1 - c0, strided_left(s + si * MR * kBlockK + c0, kBlockK, 1),
+                   v_right.rows_from(c0), o_acc.get() + (r0 + si * MR) * Dv, Dv, true);
         }
       }
 
@@ -184,9 +200,9 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
         const acc_t l = row_sum[row];
         // l == 0: the row sees no key (and has no sink) -> zeros and lse = -inf (a NaN l stays NaN).
         const acc_t inv = l == acc_t(0) ? acc_t(0) : keep_scale / l;
-        const acc_t* o = o_acc.get() + row * Dv;
-        scalar_t* dst = out + p.base_q(p.out, b, h) + i * p.out.n;
-        for (int d = 0; d < Dv; ++d) dst[d * p.out.d] = static_cast<scalar_t>(o[d] * inv);
+        acc_t* o = o_acc.get() + row * Dv;
+        for (int d = 0; d < Dv; ++d) o[d] *= inv;
+        store_row(o, Dv, out + p.base_q(p.out, b, h) + i * p.out.n, p.out.d);
         lse[p.row_index(b, h, i)] =
             l == acc_t(0) ? kNegInf : (row_max[row] + std::log2(l)) * static_cast<acc_t>(kLn2);
       }
