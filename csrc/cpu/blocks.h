@@ -21,6 +21,9 @@
 #include <cstdlib>
 #include <limits>
 #include <memory>
+#include <type_traits>
+
+#include <c10/util/BFloat16.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -110,19 +113,39 @@ FASTATTN_AVX2 inline void pack_a_panel_avx2(const float* src, int64_t rs, int K,
     for (int i = 0; i < MR; ++i) panel[k * MR + i] = src[i * rs + k] * scale;
 }
 
-// One full column panel (K x NR) of Bᵀ from float rows, B(k, c) = src[c * cs + k] (Kᵀ from K's
+// 8 consecutive values as floats. A bfloat16 is the high half of a float, so widening it is a
+// shift, exact (NaN and inf included), the same as the scalar conversion: packing bf16 K/V (the
+// conversion happens once per block there) costs no more than packing float.
+FASTATTN_AVX2 inline __m256 load8_as_float_avx2(const float* p) { return _mm256_loadu_ps(p); }
+FASTATTN_AVX2 inline __m256 load8_as_float_avx2(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// One full column panel (K x NR) of Bᵀ from rows, B(k, c) = src[c * cs + k] (Kᵀ from K's
 // rows): 8 x 8 register transposes instead of a strided gather.
-FASTATTN_AVX2 inline void pack_b_panel_transposed_avx2(const float* src, int64_t cs, int K, float* panel) {
+template <typename src_t>
+FASTATTN_AVX2 inline void pack_b_panel_transposed_avx2(const src_t* src, int64_t cs, int K, float* panel) {
   int k = 0;
   for (; k + 8 <= K; k += 8)
     for (int half = 0; half < NR; half += 8) {
       __m256 r[8];
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (half + i) * cs + k);
+      for (int i = 0; i < 8; ++i) r[i] = load8_as_float_avx2(src + (half + i) * cs + k);
       transpose8x8_avx2(r);
       for (int i = 0; i < 8; ++i) _mm256_storeu_ps(panel + (k + i) * NR + half, r[i]);
     }
   for (; k < K; ++k)
-    for (int c = 0; c < NR; ++c) panel[k * NR + c] = src[c * cs + k];
+    for (int c = 0; c < NR; ++c) panel[k * NR + c] = load_as<float>(src + c * cs + k);
+}
+
+// One full column panel (K x NR) of B from rows with unit column stride (V), B(k, c) = src[k * rs + c].
+template <typename src_t>
+FASTATTN_AVX2 inline void pack_b_panel_rows_avx2(const src_t* src, int64_t rs, int K, float* panel) {
+  static_assert(NR == 16, "a panel row is two registers");
+  for (int k = 0; k < K; ++k) {
+    _mm256_storeu_ps(panel + k * NR, load8_as_float_avx2(src + k * rs));
+    _mm256_storeu_ps(panel + k * NR + 8, load8_as_float_avx2(src + k * rs + 8));
+  }
 }
 #endif
 
@@ -166,9 +189,14 @@ void pack_b(const src_t* src, int64_t rs, int64_t cs, int K, int N, acc_t* dst) 
     const int nr = std::min(NR, N - p);
     acc_t* panel = dst + static_cast<int64_t>(p) * K;
 #if FASTATTN_X86
-    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<src_t, float>) {
-      if (avx2 && rs == 1 && nr == NR) {
+    if constexpr (std::is_same_v<acc_t, float> &&
+                  (std::is_same_v<src_t, float> || std::is_same_v<src_t, c10::BFloat16>)) {
+      if (avx2 && nr == NR && rs == 1) {
         pack_b_panel_transposed_avx2(src + p * cs, cs, K, panel);
+        continue;
+      }
+      if (avx2 && nr == NR && cs == 1) {
+        pack_b_panel_rows_avx2(src + p, rs, K, panel);
         continue;
       }
     }
