@@ -185,6 +185,9 @@ def run(cfg: BenchConfig, echo=print) -> RunResult:
         echo(f"left out by default: {', '.join(skipped)} (name it in --backends, or --full, to include it)")
     echo(f"device {meta['device']} ({meta['device_description']}), torch {meta['torch']}, "
          f"{meta['torch_threads']} threads; candidates: {', '.join(meta['candidates'])}")
+    # the machine's copy bandwidth and GEMM rate, at the start and the end: the decode and training
+    # targets are fractions of the higher of the two
+    rates = [core.machine_rates(device)]
     t0 = time.perf_counter()
     rows = []
     meta["suite_elapsed_s"] = {}
@@ -193,11 +196,15 @@ def run(cfg: BenchConfig, echo=print) -> RunResult:
         rows += SUITES[name](cfg, ctx)
         meta["suite_elapsed_s"][name] = round(time.perf_counter() - t_suite, 1)
     meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    rates.append(core.machine_rates(device))
+    machine = {key: max(r[key] for r in rates) for key in rates[0]}
+    meta["machine"] = {**machine, "start": rates[0], "end": rates[1]}
     meta["load_average_end"] = _load()
     if device.type == "cpu":
         meta["busy_cores_end"] = busy_cores()
-    targets = report.evaluate_targets(rows)
-    echo(report.format_table(rows, device.type))
+    targets = report.evaluate_targets(rows, machine=machine)
+    echo(report.format_machine(machine))
+    echo(report.format_table(rows, device.type, machine))
     echo("")
     echo(report.format_targets(targets))
 

@@ -11,7 +11,7 @@ from .core import MODES, Case
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed figures (--save)
 RUNS_DIR = Path(__file__).resolve().parent / "runs"  # every run's outputs by default; ignored by git
-DEFAULT_SUITES = ("attention", "variants", "memory", "bert")  # the quick default runs all four
+DEFAULT_SUITES = ("attention", "variants", "decode", "memory", "bert")  # the quick default runs all five
 
 VARIANTS = ("plain", "padding", "gqa", "dropout")
 DROPOUT_P = 0.1  # the dropout variant's probability (the issue's target row)
@@ -71,8 +71,8 @@ class BenchConfig:
                     or self.causal is not None or self.variants)
 
     def preset_name(self) -> str:
-        if self.suites in (("memory",), ("bert",)):
-            return self.suites[0]
+        if len(self.suites) == 1 and self.suites[0] != "attention":
+            return self.suites[0]  # memory, bert, variants, decode
         if self.full:
             return "full"
         return "custom" if self.is_grid() else "quick"
@@ -172,22 +172,35 @@ def attention_cases(cfg: BenchConfig, device: torch.device) -> list:
 
 # The variants suite: causal sliding windows at N = 8192 beside full causal at the same shape (the
 # variants issue's target: window 256 forward+backward >= 10x faster than full causal, and faster
-# than SDPA given the equivalent bool mask), and decode shapes: Nq new queries against a cache of
-# Nk keys, bottom-right, Llama-style GQA (32 query heads on 8 K/V heads, D = 128), forward only.
+# than SDPA given the equivalent bool mask).
 WINDOW_CASE = Case(1, 8, 8192, 64, causal=True)
 WINDOWS = (0, 256, 1024)  # 0: full causal
-DECODE_SHAPES = [(1, 1, 1024), (1, 1, 8192), (1, 4, 8192), (8, 1, 4096), (1, 1, 32768)]  # (B, Nq, Nk)
 
 
 def variant_cases(cfg: BenchConfig, device: torch.device) -> list:
-    """[(Case, modes)] of the variants suite: windows (fwd, fwd_bwd), then decode shapes (fwd)."""
+    """[(Case, modes)] of the variants suite: full causal and the windows (fwd, fwd_bwd)."""
     dtype = cfg.dtype or default_dtype(device)
     wanted = tuple(m for m in MODES if m in cfg.modes)
     cases = [(replace(WINDOW_CASE, window=w, dtype=dtype), tuple(m for m in ("fwd", "fwd_bwd") if m in wanted))
              for w in WINDOWS]
-    cases += [(Case(b, 32, nk, 128, kv_heads=8, causal=True, seqlen_q=nq, dtype=dtype),
-               tuple(m for m in ("fwd",) if m in wanted)) for b, nq, nk in DECODE_SHAPES]
     return [(c, modes) for c, modes in cases if modes]
+
+
+# The decode suite (the CPU speed issue, round two): Nq new queries against a cache of Nk keys, no
+# mask, Llama-style GQA (32 query heads on 8 K/V heads, D = 128), forward only, in float32 and
+# bfloat16 (--dtype picks one). Memory-bound: judged by the K/V bytes read per second against the
+# machine's copy bandwidth, and against SDPA with enable_gqa.
+DECODE_SHAPES = [(1, 1, 1024), (1, 1, 8192), (1, 1, 32768), (8, 1, 4096), (1, 4, 8192)]  # (B, Nq, Nk)
+DECODE_DTYPES = ("float32", "bfloat16")
+
+
+def decode_cases(cfg: BenchConfig, device: torch.device) -> list:
+    """[(Case, ("fwd",))] of the decode suite: every shape in every dtype."""
+    if "fwd" not in cfg.modes:
+        return []
+    dtypes = (cfg.dtype,) if cfg.dtype else DECODE_DTYPES
+    return [(Case(b, 32, nk, 128, kv_heads=8, seqlen_q=nq, dtype=dtype), ("fwd",))
+            for dtype in dtypes for b, nq, nk in DECODE_SHAPES]
 
 
 def memory_cases(cfg: BenchConfig, device: torch.device) -> list:
@@ -208,5 +221,6 @@ def parse_shape(text: str) -> tuple:
     return tuple(int(p) for p in parts)
 
 
-__all__ = ["BenchConfig", "attention_cases", "memory_cases", "parse_shape", "device_defaults", "default_dtype",
+__all__ = ["BenchConfig", "attention_cases", "variant_cases", "decode_cases", "memory_cases", "parse_shape",
+           "device_defaults", "default_dtype",
            "QUICK_CPU", "QUICK_CUDA", "VARIANTS", "RESULTS_DIR", "RUNS_DIR"]

@@ -141,6 +141,12 @@ def attention_flops(case: Case, mode: str) -> float:
     return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}[mode]
 
 
+def kv_bytes(case: Case) -> int:
+    """Bytes of K and V, what a decoding step must stream from memory at least once."""
+    elem = torch.empty((), dtype=case.torch_dtype).element_size()
+    return 2 * case.batch * case.hkv * case.seqlen * case.head_dim * elem
+
+
 def score_matrix_bytes(case: Case, elem_bytes: Optional[int] = None) -> int:
     """Bytes of one (B, Hq, Nq, N) matrix: what a non-fused implementation materialises."""
     elem = elem_bytes or torch.finfo(case.torch_dtype).bits // 8
@@ -589,6 +595,37 @@ def time_with_do_bench(prepared: dict, modes: tuple, kinds: Optional[dict] = Non
 
 
 # ---------------------------------------------------------------------------
+# The machine's own limits, measured in the run that they are compared with
+# ---------------------------------------------------------------------------
+def machine_rates(device: torch.device, reps: int = 15) -> dict:
+    """{"copy_bytes_per_s": bytes read + written per second by a 256 MiB ``copy_`` (past every
+    cache), "gemm_flops_per_s": a float32 ``torch.mm`` of n x n (2048 on a CPU, 8192 on a GPU)}: medians of ``reps``. A
+    memory-bound kernel (decoding) is judged against the first, a compute-bound one (the
+    training shapes' forward) against the second."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def median_s(fn, n: int) -> float:
+        fn()
+        times = []
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    src = torch.rand(64 << 20, device=device)  # 256 MiB of float32
+    dst = torch.empty_like(src)
+    copy_s = median_s(lambda: dst.copy_(src), reps)
+    del src, dst
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+    gemm_s = median_s(lambda: torch.mm(a, b), max(3, reps // 3))
+    return {"copy_bytes_per_s": 2 * (64 << 20) * 4 / copy_s, "gemm_flops_per_s": 2 * n ** 3 / gemm_s}
+
+
+# ---------------------------------------------------------------------------
 # Device description
 # ---------------------------------------------------------------------------
 def slug(text: str) -> str:
@@ -637,6 +674,7 @@ class Row:
     speedup_vs_naive: Optional[float] = None
     speedup_vs_sdpa: Optional[float] = None
     max_abs_err: Optional[float] = None
+    kv_bytes_per_s: Optional[float] = None  # decode rows: K/V bytes / time (a floor on the bytes read)
     err_scope: str = ""  # "" when max_abs_err covers the whole output, else e.g. "b<1 h<8"
     note: str = ""
 
@@ -644,13 +682,14 @@ class Row:
         d = {"suite": self.suite, "case": self.case.label, **self.case.as_dict(), "mode": self.mode,
              "backend": self.backend}
         for key in ("time_s", "reps", "flops_per_s", "extra_peak_bytes", "speedup_vs_naive", "speedup_vs_sdpa",
-                    "max_abs_err", "err_scope", "note"):
+                    "max_abs_err", "kv_bytes_per_s", "err_scope", "note"):
             d[key] = getattr(self, key)
         d["flops"] = attention_flops(self.case, self.mode)
         return d
 
 
 __all__ = ["Case", "Candidate", "Inputs", "Prepared", "Row", "MODES", "TRAIN_MODES", "DTYPES",
-           "attention_flops", "make_inputs", "naive_attention", "available_candidates", "select_candidates",
+           "attention_flops", "kv_bytes", "machine_rates", "make_inputs", "naive_attention", "available_candidates",
+           "select_candidates",
            "get_candidate", "time_interleaved", "time_with_do_bench", "WallClock", "CudaEventClock",
            "device_name", "default_device"]

@@ -19,7 +19,8 @@ MIB = 2 ** 20
 class Target:
     text: str  # the promise, in words
     metric: str  # "speedup_vs_naive" | "speedup_vs_sdpa" | "speedup_vs_case" (higher is better)
-    #              | "memory_vs_sdpa" (lower)
+    #              | "memory_vs_sdpa" (lower) | "kv_rate_vs_copy" | "flops_vs_gemm" (fractions of the
+    #              machine's copy bandwidth / fp32 GEMM rate measured in the same run: higher)
     case: Case
     mode: str
     threshold: Optional[float]  # None: reported only (the issue gives no number yet)
@@ -37,12 +38,23 @@ TARGETS = [
     Target("extra peak memory of forward+backward <= 1.5x torch SDPA's (flash)", "memory_vs_sdpa",
            Case(1, 8, 8192, 64), "fwd_bwd", 1.5),
 ]
-# The CPU speed shapes, against the fastest torch SDPA backend that runs them
-# (on CPU the default, flash; math where flash cannot, e.g. dropout), reported without a threshold.
-for _case in (Case(8, 12, 128, 64), _BASE, Case(1, 12, 2048, 64), Case(1, 16, 2048, 128, causal=True),
-              Case(4, 12, 512, 64, dropout_p=0.1), Case(4, 12, 512, 64, key_padding=True)):
+# The training shapes of the CPU speed issues against the fastest torch SDPA backend that runs them
+# (on CPU the default, flash): forward+backward >= 1.15x, forward >= 1.05x and >= 90% of the fp32
+# GEMM rate (round two); dropout and key padding reported without a threshold.
+_TRAINING = (Case(8, 12, 128, 64), _BASE, Case(1, 12, 2048, 64), Case(1, 16, 2048, 128, causal=True))
+for _case in _TRAINING:
+    TARGETS += [
+        Target("forward >= 1.05x torch SDPA", "speedup_vs_sdpa", _case, "fwd", 1.05),
+        Target("forward+backward >= 1.15x torch SDPA", "speedup_vs_sdpa", _case, "fwd_bwd", 1.15),
+        Target("forward >= 90% of the fp32 GEMM rate", "flops_vs_gemm", _case, "fwd", 0.9),
+    ]
+for _case in (Case(4, 12, 512, 64, dropout_p=0.1), Case(4, 12, 512, 64, key_padding=True)):
     for _mode in (("fwd_bwd",) if _case.dropout_p else ("fwd", "fwd_bwd")):
         TARGETS.append(Target("speed against torch SDPA (fastest SDPA backend that runs it)", "speedup_vs_sdpa", _case, _mode, None))
+# Half precision: bf16 forward and forward+backward >= 1.2x SDPA in the same dtype
+for _mode in ("fwd", "fwd_bwd"):
+    TARGETS.append(Target("bf16 >= 1.2x torch SDPA in bf16", "speedup_vs_sdpa", Case(4, 12, 512, 64, dtype="bfloat16"),
+                          _mode, 1.2))
 # The variants issue: a causal window of 256 at N = 8192 does ~16x less work than full causal.
 _WINDOW = Case(1, 8, 8192, 64, causal=True, window=256)
 TARGETS += [
@@ -52,6 +64,24 @@ TARGETS += [
     Target("sliding window forward+backward at least as fast as torch SDPA given the equivalent bool mask",
            "speedup_vs_sdpa", _WINDOW, "fwd_bwd", 1.0, suite="variants"),
 ]
+
+
+# Decoding (round two): every decode shape, fp32 and bf16, >= 2x SDPA (enable_gqa) and K/V read at
+# >= 50% of the copy bandwidth
+def _decode_targets() -> list:
+    from .config import DECODE_DTYPES, DECODE_SHAPES
+
+    out = []
+    for dtype in DECODE_DTYPES:
+        for b, nq, nk in DECODE_SHAPES:
+            case = Case(b, 32, nk, 128, kv_heads=8, seqlen_q=nq, dtype=dtype)
+            out += [Target("decode >= 2x torch SDPA (enable_gqa)", "speedup_vs_sdpa", case, "fwd", 2.0, suite="decode"),
+                    Target("decode reads K/V at >= 50% of the copy bandwidth", "kv_rate_vs_copy", case, "fwd", 0.5,
+                           suite="decode")]
+    return out
+
+
+TARGETS += _decode_targets()
 
 
 @dataclass
@@ -81,11 +111,18 @@ def _memory(rows, case: Case, backend: str) -> Optional[int]:
     return None
 
 
-def evaluate_targets(rows: list, targets: list = TARGETS) -> list:
+def evaluate_targets(rows: list, targets: list = TARGETS, machine: Optional[dict] = None) -> list:
+    """``machine``: core.machine_rates of this run (the kv_rate_vs_copy and flops_vs_gemm targets)."""
     results = []
     for t in targets:
         value = None
-        if t.metric == "memory_vs_sdpa":
+        if t.metric in ("kv_rate_vs_copy", "flops_vs_gemm"):
+            row = _find(rows, t.case, t.mode, t.backend, t.suite)
+            ours, limit = ((row and row.kv_bytes_per_s, machine and machine["copy_bytes_per_s"])
+                           if t.metric == "kv_rate_vs_copy" else
+                           (row and row.flops_per_s, machine and machine["gemm_flops_per_s"]))
+            value = ours / limit if ours and limit else None
+        elif t.metric == "memory_vs_sdpa":
             ours, theirs = _memory(rows, t.case, t.backend), _memory(rows, t.case, t.sdpa_backend)
             value = ours / theirs if ours and theirs else None
         elif t.metric == "speedup_vs_case":
@@ -121,10 +158,16 @@ def format_targets(results: list) -> str:
             what = f"{t.backend} vs naive"
         elif t.metric == "speedup_vs_case":
             what = f"{t.backend} vs itself on {t.other_case.label.split(' D=')[0]}"
+        elif t.metric == "kv_rate_vs_copy":
+            what = f"{t.backend} K/V GB/s / copy GB/s"
+        elif t.metric == "flops_vs_gemm":
+            what = f"{t.backend} GFLOP/s / fp32 GEMM's"
         else:
             what = f"{t.backend} vs best SDPA"
-        value = "—" if r.value is None else f"{r.value:.2f}x"
+        fraction = t.metric in ("kv_rate_vs_copy", "flops_vs_gemm")
+        value = "—" if r.value is None else (f"{r.value:.0%}" if fraction else f"{r.value:.2f}x")
         bound = "" if t.threshold is None else (f" (need <= {t.threshold:g}x)" if t.metric == "memory_vs_sdpa"
+                                                  else f" (need >= {t.threshold:.0%})" if fraction
                                                   else f" (need >= {t.threshold:g}x)")
         lines.append(f"  [{r.status:^12}] {t.case.label:<34} {t.mode:<8} {what:<38} {value:>7}{bound}  "
                      f"{t.text}")
@@ -142,7 +185,16 @@ def _num(x, fmt: str, width: int) -> str:
     return f"{'—':>{width}}" if x is None else f"{x:{width}{fmt}}"
 
 
-def format_table(rows: list, device_type: str) -> str:
+def format_machine(machine: Optional[dict]) -> str:
+    if not machine:
+        return ""
+    return (f"machine (measured in this run, the higher of its start and end): copy bandwidth "
+            f"{machine['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + written by a 256 MiB copy_), fp32 GEMM "
+            f"{machine['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s (torch.mm)")
+
+
+def format_table(rows: list, device_type: str, machine: Optional[dict] = None) -> str:
+    """``machine``: core.machine_rates of this run; decode rows then give their K/V rate as a share of its copy bandwidth."""
     unit, scale = flops_unit(device_type)
     lines = []
     speed = [r for r in rows if r.suite not in ("memory", "bert")]
@@ -159,12 +211,16 @@ def format_table(rows: list, device_type: str) -> str:
             lines.append(f"  {r.mode:<8} {r.backend:<18} {'—':>9} {'':>8} {'':>9} {'':>7} {'':>7} {'':>8} {'':>4}  "
                          f"{r.note}")
             continue
+        note = r.note
+        if r.kv_bytes_per_s:
+            share = f" = {r.kv_bytes_per_s / machine['copy_bytes_per_s']:.0%} of copy" if machine else ""
+            note = f"K/V {r.kv_bytes_per_s / 1e9:.1f} GB/s{share}" + (f"; {note}" if note else "")
         lines.append(
             f"  {r.mode:<8} {r.backend:<18} {r.time_s * 1e3:9.2f} "
             f"{_num(r.flops_per_s and r.flops_per_s / scale, '.1f', 8)} "
             f"{_num(r.extra_peak_bytes and r.extra_peak_bytes / MIB, '.1f', 9)} "
             f"{_num(r.speedup_vs_naive, '.2f', 7)} {_num(r.speedup_vs_sdpa, '.2f', 7)} "
-            f"{_num(r.max_abs_err, '.1e', 8)} {_num(r.reps, 'd', 4)}  {r.note}".rstrip())
+            f"{_num(r.max_abs_err, '.1e', 8)} {_num(r.reps, 'd', 4)}  {note}".rstrip())
     mem = [r for r in rows if r.suite == "memory"]
     if mem:
         lines += ["", "memory: extra peak memory of one forward+backward (inputs excluded, outputs and grads included)",

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from . import core, memory
-from .config import BenchConfig, attention_cases, device_defaults, memory_cases, variant_cases
+from .config import BenchConfig, attention_cases, decode_cases, device_defaults, memory_cases, variant_cases
 from .core import Case, Row
 
 SUITES: dict = {}
@@ -223,6 +223,8 @@ def run_attention_case(case: Case, modes: tuple, ctx: RunContext, cfg: BenchConf
                 row.speedup_vs_sdpa = best_sdpa / t["median_s"] if best_sdpa else None
                 row.extra_peak_bytes = peaks.get((cand.name, "fwd" if mode == "fwd" else "fwd_bwd"))
                 row.max_abs_err = errors.get(cand.name)
+                if case.decode:
+                    row.kv_bytes_per_s = core.kv_bytes(case) / t["median_s"]
                 if ref is not None and row.max_abs_err is not None:
                     row.err_scope = ref.scope
             rows.append(row)
@@ -253,15 +255,14 @@ def attention_suite(cfg: BenchConfig, ctx: RunContext) -> list:
 
 
 # ---------------------------------------------------------------------------
-# variants: sliding windows beside full causal, and decode shapes (config.variant_cases)
+# variants: sliding windows beside full causal (config.variant_cases)
 # ---------------------------------------------------------------------------
 @register_suite("variants")
 def variants_suite(cfg: BenchConfig, ctx: RunContext) -> list:
-    # the long-sequence window rows compare fused kernels (SDPA given the window's bool mask);
-    # the decode rows, whose score matrices are small, also the naive expression and SDPA math
+    # the long-sequence window rows compare fused kernels (SDPA given the window's bool mask)
     cases = variant_cases(cfg, ctx.device)
-    rows = _run_cases("variants", cases, cfg, ctx, skip_materialising=lambda case: not cfg.full and not case.decode)
-    return rows + windows_side_by_side([c for c, modes in cases if not c.decode and "fwd_bwd" in modes], cfg, ctx)
+    rows = _run_cases("variants", cases, cfg, ctx, skip_materialising=lambda case: not cfg.full)
+    return rows + windows_side_by_side([c for c, modes in cases if "fwd_bwd" in modes], cfg, ctx)
 
 
 # The window target is a ratio between two cases, which the rows above time minutes apart (each
@@ -309,6 +310,15 @@ def windows_side_by_side(cases: list, cfg: BenchConfig, ctx: RunContext) -> list
         del prepared
         _release(ctx.device)
     return rows
+
+
+# ---------------------------------------------------------------------------
+# decode: a few new queries against a long K/V cache, GQA, fp32 and bf16 (config.decode_cases)
+# ---------------------------------------------------------------------------
+@register_suite("decode")
+def decode_suite(cfg: BenchConfig, ctx: RunContext) -> list:
+    # memory-bound: the rows print K/V bytes per second, the report puts them beside the copy bandwidth
+    return _run_cases("decode", decode_cases(cfg, ctx.device), cfg, ctx)
 
 
 # ---------------------------------------------------------------------------

@@ -108,6 +108,38 @@ def test_window_target_reads_the_side_by_side_rows():
     assert (result.value, result.status) == (12.0, "PASS")
 
 
+def test_machine_rates_are_measured():
+    rates = core.machine_rates(torch.device("cpu"), reps=3)
+    assert set(rates) == {"copy_bytes_per_s", "gemm_flops_per_s"}
+    assert 1e8 < rates["copy_bytes_per_s"] < 1e13 and 1e8 < rates["gemm_flops_per_s"] < 1e15
+
+
+def test_decode_rows_and_their_machine_relative_targets():
+    # a small decode case through the suite's row code: K/V bytes / time, printed beside the copy bandwidth
+    from benchmarks import suites
+
+    cfg = BenchConfig(reps=2, min_reps=2, warmup=1)
+    ctx = suites.make_context(cfg)
+    ctx.candidates = [c for c in ctx.candidates if c.name in ("fastattn:cpu", "sdpa:flash")]
+    case = core.Case(1, 4, 64, 16, kv_heads=2, seqlen_q=1)
+    rows = suites.run_attention_case(case, ("fwd",), ctx, cfg, suite="decode")
+    ours = next(r for r in rows if r.backend == "fastattn:cpu")
+    assert ours.kv_bytes_per_s == pytest.approx(2 * 2 * 64 * 16 * 4 / ours.time_s)
+    machine = {"copy_bytes_per_s": 4 * ours.kv_bytes_per_s, "gemm_flops_per_s": 1e12}
+    assert "= 25% of copy" in report.format_table(rows, "cpu", machine)
+    # every decode shape in both dtypes has both targets; the fractions come from the machine passed in
+    decode = [t for t in report.TARGETS if t.suite == "decode"]
+    assert len(decode) == 2 * 2 * 5 and {t.metric for t in decode} == {"speedup_vs_sdpa", "kv_rate_vs_copy"}
+    target = next(t for t in decode if t.metric == "kv_rate_vs_copy")
+    row = core.Row("decode", target.case, "fwd", "fastattn:cpu", time_s=1.0, kv_bytes_per_s=6e9)
+    result = next(r for r in report.evaluate_targets([row], machine={"copy_bytes_per_s": 10e9,
+                                                                      "gemm_flops_per_s": 1e11})
+                  if r.target is target)
+    assert (result.value, result.status) == (0.6, "PASS")
+    result = next(r for r in report.evaluate_targets([row]) if r.target is target)
+    assert result.status == "not measured"  # no machine rates: no fraction
+
+
 def test_bert_suite_tiny():
     pytest.importorskip("transformers", reason="the bert suite compares against transformers' BERT")
     from benchmarks import bert
