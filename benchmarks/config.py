@@ -194,13 +194,17 @@ DECODE_SHAPES = [(1, 1, 1024), (1, 1, 8192), (1, 1, 32768), (8, 1, 4096), (1, 4,
 DECODE_DTYPES = ("float32", "bfloat16")
 
 
+def decode_case(batch: int, nq: int, nk: int, dtype: str) -> Case:
+    """One decode shape: the suite's rows and the report's targets both build it here."""
+    return Case(batch, 32, nk, 128, kv_heads=8, seqlen_q=nq, dtype=dtype)
+
+
 def decode_cases(cfg: BenchConfig, device: torch.device) -> list:
     """[(Case, ("fwd",))] of the decode suite: every shape in every dtype."""
     if "fwd" not in cfg.modes:
         return []
     dtypes = (cfg.dtype,) if cfg.dtype else DECODE_DTYPES
-    return [(Case(b, 32, nk, 128, kv_heads=8, seqlen_q=nq, dtype=dtype), ("fwd",))
-            for dtype in dtypes for b, nq, nk in DECODE_SHAPES]
+    return [(decode_case(b, nq, nk, dtype), ("fwd",)) for dtype in dtypes for b, nq, nk in DECODE_SHAPES]
 
 
 def memory_cases(cfg: BenchConfig, device: torch.device) -> list:
@@ -221,6 +225,6 @@ def parse_shape(text: str) -> tuple:
     return tuple(int(p) for p in parts)
 
 
-__all__ = ["BenchConfig", "attention_cases", "variant_cases", "decode_cases", "memory_cases", "parse_shape",
+__all__ = ["BenchConfig", "attention_cases", "variant_cases", "decode_case", "decode_cases", "memory_cases", "parse_shape",
            "device_defaults", "default_dtype",
            "QUICK_CPU", "QUICK_CUDA", "VARIANTS", "RESULTS_DIR", "RUNS_DIR"]

@@ -143,7 +143,7 @@ def attention_flops(case: Case, mode: str) -> float:
 
 def kv_bytes(case: Case) -> int:
     """Bytes of K and V, what a decoding step must stream from memory at least once."""
-    elem = torch.empty((), dtype=case.torch_dtype).element_size()
+    elem = torch.finfo(case.torch_dtype).bits // 8
     return 2 * case.batch * case.hkv * case.seqlen * case.head_dim * elem
 
 

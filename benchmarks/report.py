@@ -69,12 +69,12 @@ TARGETS += [
 # Decoding (round two): every decode shape, fp32 and bf16, >= 2x SDPA (enable_gqa) and K/V read at
 # >= 50% of the copy bandwidth
 def _decode_targets() -> list:
-    from .config import DECODE_DTYPES, DECODE_SHAPES
+    from .config import DECODE_DTYPES, DECODE_SHAPES, decode_case
 
     out = []
     for dtype in DECODE_DTYPES:
         for b, nq, nk in DECODE_SHAPES:
-            case = Case(b, 32, nk, 128, kv_heads=8, seqlen_q=nq, dtype=dtype)
+            case = decode_case(b, nq, nk, dtype)
             out += [Target("decode >= 2x torch SDPA (enable_gqa)", "speedup_vs_sdpa", case, "fwd", 2.0, suite="decode"),
                     Target("decode reads K/V at >= 50% of the copy bandwidth", "kv_rate_vs_copy", case, "fwd", 0.5,
                            suite="decode")]
