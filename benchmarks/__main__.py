@@ -160,6 +160,7 @@ def collect_meta(cfg: BenchConfig, device: torch.device, ctx) -> dict:
         "candidates": [c.name for c in ctx.candidates],
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "fastattn_cpu_simd": _fastattn_cpu_simd(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "timer": "triton.testing.do_bench" if ctx.clock is None else ctx.clock.name,
@@ -168,6 +169,12 @@ def collect_meta(cfg: BenchConfig, device: torch.device, ctx) -> dict:
         "flop_formula": "fwd = 2*B*Hq*Nq*Nk*(D+Dv) (= 4*B*H*N^2*D), /2 if causal; bwd = 2.5x fwd; fwd_bwd = 3.5x fwd",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     }
+
+
+def _fastattn_cpu_simd():
+    """The SIMD path of fastattn's CPU kernels on this machine (AVX-512, AVX2, baseline), or None."""
+    from fastattn import _ops
+    return _ops._C.cpu_simd() if _ops._C is not None else None
 
 
 def run(cfg: BenchConfig, echo=print) -> RunResult:
@@ -184,7 +191,8 @@ def run(cfg: BenchConfig, echo=print) -> RunResult:
     if skipped:
         echo(f"left out by default: {', '.join(skipped)} (name it in --backends, or --full, to include it)")
     echo(f"device {meta['device']} ({meta['device_description']}), torch {meta['torch']}, "
-         f"{meta['torch_threads']} threads; candidates: {', '.join(meta['candidates'])}")
+         f"{meta['torch_threads']} threads, fastattn CPU SIMD {meta['fastattn_cpu_simd']}; "
+         f"candidates: {', '.join(meta['candidates'])}")
     # the machine's copy bandwidth and GEMM rate, at the start and the end: the decode and training
     # targets are fractions of the higher of the two
     rates = [core.machine_rates(device)]

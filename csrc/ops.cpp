@@ -39,14 +39,19 @@ TORCH_LIBRARY(fastattn, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn C++ kernels (importing this module registers the torch.ops.fastattn CPU kernels)";
-  m.def("cpu_simd", [] { return fastattn::cpu::cpu_has_avx2_fma() ? "avx2+fma" : "baseline (no AVX2)"; },
+  m.def("cpu_simd",
+        [] {
+          namespace c = fastattn::cpu;
+          return c::cpu_has_avx512() ? "avx512f+avx2+fma" : c::cpu_has_avx2_fma() ? "avx2+fma" : "baseline (no AVX2)";
+        },
         "SIMD path the CPU kernels use on this machine");
   m.def(
       "cpu_tiling",
       [] {
         namespace c = fastattn::cpu;
         // micro-kernel tile, SIMD width and the dropout draw widths (masking.h) first, then each kernel's blocks
-        c::Tiling t = {{"micro_rows", c::MR}, {"micro_cols", c::NR}, {"simd_floats", c::kSimdFloats},
+        c::Tiling t = {{"micro_rows", c::MR}, {"micro_cols", c::NR}, {"micro_cols_avx512", 2 * c::NR},
+                       {"simd_floats", c::kSimdFloats},
                        {"dropout_keys_per_draw", c::kDropoutKeysPerDraw}, {"dropout_simd_keys", c::kDropoutSimdKeys}};
         for (const auto& kernel : {c::fwd_tiling(), c::bwd_tiling()})
           t.insert(t.end(), kernel.begin(), kernel.end());

@@ -129,7 +129,7 @@ def cpu_boundary_cases() -> List[Case]:
 
     t = cpu_tiling()
     rng = random.Random(1234)
-    small = [t["micro_rows"], t["micro_cols"], t["simd_floats"], t["dropout_simd_keys"]]
+    small = [t["micro_rows"], t["micro_cols"], t["micro_cols_avx512"], t["simd_floats"], t["dropout_simd_keys"]]
     big = [t["fwd_block_q"], t["fwd_block_k"], t["bwd_block_q"], t["bwd_block_k"], t["fwd_max_chunk_q"]]
     # The micro-tile edges recur every few rows: all of them up to GRID_MAX (the grid has every length there);
     # the block and chunk edges up to two query chunks and one more row.
@@ -203,7 +203,7 @@ def cpu_boundary_cases() -> List[Case]:
 def window_sizes(t: dict) -> List[int]:
     """Window sides on the kernels' edges: 0, 1, and b - 1, b, b + 1 for the panel and block sizes."""
     sizes = {0, 1}
-    for b in (t["micro_cols"], t["bwd_block_q"], t["bwd_block_k"], t["fwd_block_k"]):
+    for b in (t["micro_cols"], t["micro_cols_avx512"], t["bwd_block_q"], t["bwd_block_k"], t["fwd_block_k"]):
         sizes.update((b - 1, b, b + 1))
     return sorted(sizes)
 

@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "attention_cpu.h"
@@ -16,9 +18,30 @@
 namespace fastattn {
 namespace cpu {
 
+namespace {
+// The widest SIMD path allowed: FASTATTN_CPU_SIMD=avx2 or =baseline caps it (unset: no cap).
+int simd_cap() {
+  const char* env = std::getenv("FASTATTN_CPU_SIMD");
+  const std::string cap = env ? env : "";
+  if (cap == "baseline") return 0;
+  if (cap == "avx2") return 1;
+  return 2;
+}
+}  // namespace
+
 bool cpu_has_avx2_fma() {
 #if FASTATTN_X86 && defined(__GNUC__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = simd_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512() {
+#if FASTATTN_X86 && defined(__GNUC__)
+  // __builtin_cpu_supports also checks that the OS saves the 512-bit registers (XCR0).
+  static const bool has = cpu_has_avx2_fma() && simd_cap() >= 2 && __builtin_cpu_supports("avx512f");
   return has;
 #else
   return false;

@@ -12,7 +12,9 @@
 //
 // SIMD: the float micro-kernel and the exp2 passes have an AVX2+FMA version
 // chosen at run time (function-level target attributes, so the library itself
-// is built for the baseline ISA and never executes AVX2 on a CPU without it).
+// is built for the baseline ISA and never executes AVX2 on a CPU without it);
+// on AVX-512 CPUs the micro-kernel computes two NR panels at once with the same
+// per-element FMA chain, so its results are bitwise those of the AVX2 kernel.
 #pragma once
 
 #include <algorithm>
@@ -29,6 +31,7 @@
 #include <immintrin.h>
 #define FASTATTN_X86 1
 #define FASTATTN_AVX2 __attribute__((target("avx2,fma")))
+#define FASTATTN_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #else
 #define FASTATTN_X86 0
 #endif
@@ -45,8 +48,10 @@ constexpr double kLn2 = 0.6931471805599453;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// True when the running CPU has AVX2 and FMA (decided once).
+// True when the running CPU has AVX2 and FMA / AVX-512F (decided once; the environment
+// variable FASTATTN_CPU_SIMD=avx2 or =baseline caps the choice, e.g. to test the other paths).
 bool cpu_has_avx2_fma();
+bool cpu_has_avx512();
 
 // ---------------------------------------------------------------------------
 // Scratch memory: one 64-byte aligned allocation per thread and kernel call, of exactly
@@ -295,6 +300,49 @@ FASTATTN_AVX2 inline void ukernel_avx2(int K, const float* a, int64_t a_rs, int6
 }
 #endif
 
+#if FASTATTN_X86
+// The AVX-512 micro-kernel: MR rows times two adjacent B panels (b0 and b1, nr <= 2 * NR
+// columns; b1 is not read when nr <= NR), one 16-float register per row and panel. Each
+// element is the same chain of FMAs over k, in the same order, as in ukernel_avx2, and the
+// final add to C the same single rounding, so the two kernels give identical bits.
+template <bool kTwoPanels>
+FASTATTN_AVX512 inline void ukernel_avx512(int K, const float* a, int64_t a_rs, int64_t a_ks, const float* b0,
+                                           const float* b1, int64_t b_ks, float* c, int64_t ldc, int mr, int nr,
+                                           bool accumulate) {
+  static_assert(MR == 6 && NR == 16, "one register per row and panel");
+  const float* ar[MR];
+  // Rows past mr (a partial panel of a row-major A) re-read row 0; their results are discarded.
+  for (int r = 0; r < MR; ++r) ar[r] = a + (r < mr ? r * a_rs : 0);
+  __m512 acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t ak = k * a_ks;
+    const __m512 v0 = _mm512_loadu_ps(b0 + k * b_ks);
+    const __m512 v1 = kTwoPanels ? _mm512_loadu_ps(b1 + k * b_ks) : v0;
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m512 x = _mm512_set1_ps(ar[r][ak]);
+      acc0[r] = _mm512_fmadd_ps(x, v0, acc0[r]);
+      if (kTwoPanels) acc1[r] = _mm512_fmadd_ps(x, v1, acc1[r]);
+    }
+  }
+  // Column masks of the two panels: all 16 columns of a full one, the first nr % NR of a partial one.
+  const int nr0 = std::min(nr, NR), nr1 = kTwoPanels ? nr - NR : 0;
+  const __mmask16 m0 = static_cast<__mmask16>((1u << nr0) - 1), m1 = static_cast<__mmask16>((1u << nr1) - 1);
+  for (int r = 0; r < mr; ++r) {
+    float* cr = c + r * ldc;
+    __m512 x0 = acc0[r];
+    if (accumulate) x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, cr));
+    _mm512_mask_storeu_ps(cr, m0, x0);
+    if (kTwoPanels) {
+      __m512 x1 = acc1[r];
+      if (accumulate) x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, cr + NR));
+      _mm512_mask_storeu_ps(cr + NR, m1, x1);
+    }
+  }
+}
+#endif
+
 // C[M x N] (+)= A[M x K] * B[K x N]. A element (r, k) at a[r * a_rs + k * a_ks] (a packed A:
 // panel i at a + i * K). B packed by pack_b (b_ks = NR, panel j at b + j * b_depth, b_depth >= K
 // the number of rows it was packed with: the product may use only its first K rows) or
@@ -311,6 +359,23 @@ void gemm(int M, int N, int K, const acc_t* a, int64_t a_rs, int64_t a_ks, bool 
   auto b_at = [&](int j) { return b + (b_packed ? j * b_depth : j); };
 #if FASTATTN_X86
   if constexpr (std::is_same_v<acc_t, float>) {
+    static const bool avx512 = cpu_has_avx512();
+    if (avx512) {
+      // Pairs of column panels outer: two B panels (K x 32) stay in L1 while the A rows stream.
+      for (int j = 0; j < N; j += 2 * NR) {
+        const int nr = std::min(2 * NR, N - j);
+        for (int i = 0; i < M; i += MR) {
+          const int mr = std::min(MR, M - i);
+          if (nr > NR)
+            ukernel_avx512<true>(K, a_at(i), a_rs, a_ks, b_at(j), b_at(j + NR), b_ks, c + i * ldc + j, ldc, mr, nr,
+                                 accumulate);
+          else
+            ukernel_avx512<false>(K, a_at(i), a_rs, a_ks, b_at(j), nullptr, b_ks, c + i * ldc + j, ldc, mr, nr,
+                                  accumulate);
+        }
+      }
+      return;
+    }
     static const bool avx2 = cpu_has_avx2_fma();
     if (avx2) {
       // Column panels outer: one B panel (K x 16) stays in L1 while the A rows stream.
@@ -512,13 +577,103 @@ FASTATTN_AVX2 inline void scale_bias_exp2_avx2(float* x, int n, float c, const f
   }
   for (; j < n; ++j) x[j] = std::exp2(x[j] * c - m + (bias ? bias[j] : 0.0f));
 }
+
+// The same passes 16 floats at a time. Every element goes through the same operations as in
+// the AVX2 versions (and a remainder of 8 through those), and exp2_sum adds its two halves to
+// an 8-lane sum in the AVX2 order, so the results are bitwise those of the AVX2 passes.
+FASTATTN_AVX512 inline __m512 exp2_avx512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-127.0f);
+  x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
+  x = _mm512_max_ps(lo, x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381610e-4f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 r = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NEQ_UQ), r);
+}
+
+// Floats 8..15 of a register (AVX-512F only: the 32x8 extract needs AVX512DQ).
+FASTATTN_AVX512 inline __m256 upper_half_avx512(__m512 v) {
+  return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+FASTATTN_AVX512 inline float add_bias_max_avx512(float* x, int n, const float* bias) {
+  __m512 vmax16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 v = _mm512_loadu_ps(x + j);
+    if (bias) {
+      v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+      _mm512_storeu_ps(x + j, v);
+    }
+    vmax16 = _mm512_max_ps(vmax16, v);
+  }
+  __m256 vmax = _mm256_max_ps(_mm512_castps512_ps256(vmax16), upper_half_avx512(vmax16));
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_loadu_ps(x + j);
+    if (bias) {
+      v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+      _mm256_storeu_ps(x + j, v);
+    }
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  float m = hmax_avx2(vmax);
+  for (; j < n; ++j) {
+    if (bias) x[j] += bias[j];
+    m = std::max(m, x[j]);
+  }
+  return m;
+}
+
+FASTATTN_AVX512 inline float exp2_sum_avx512(float* x, int n, float m) {
+  const __m512 vm16 = _mm512_set1_ps(m);
+  __m256 vs = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 p = exp2_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm16));
+    _mm512_storeu_ps(x + j, p);
+    vs = _mm256_add_ps(vs, _mm512_castps512_ps256(p));
+    vs = _mm256_add_ps(vs, upper_half_avx512(p));
+  }
+  for (; j + 8 <= n; j += 8) {
+    const __m256 p = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(m)));
+    _mm256_storeu_ps(x + j, p);
+    vs = _mm256_add_ps(vs, p);
+  }
+  float s = hsum_avx2(vs);
+  for (; j < n; ++j) {
+    x[j] = std::exp2(x[j] - m);
+    s += x[j];
+  }
+  return s;
+}
+
+FASTATTN_AVX512 inline void scale_bias_exp2_avx512(float* x, int n, float c, const float* bias, float m) {
+  const __m512 vc = _mm512_set1_ps(c), vm = _mm512_set1_ps(m);
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 v = _mm512_fmsub_ps(_mm512_loadu_ps(x + j), vc, vm);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+    _mm512_storeu_ps(x + j, exp2_avx512(v));
+  }
+  scale_bias_exp2_avx2(x + j, n - j, c, bias ? bias + j : nullptr, m);
+}
 #endif
 
 template <typename acc_t>
 acc_t add_bias_max(acc_t* x, int n, const acc_t* bias) {
 #if FASTATTN_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    static const bool avx2 = cpu_has_avx2_fma();
+    static const bool avx512 = cpu_has_avx512(), avx2 = cpu_has_avx2_fma();
+    if (avx512) return add_bias_max_avx512(x, n, bias);
     if (avx2) return add_bias_max_avx2(x, n, bias);
   }
 #endif
@@ -534,7 +689,8 @@ template <typename acc_t>
 acc_t exp2_sum(acc_t* x, int n, acc_t m) {
 #if FASTATTN_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    static const bool avx2 = cpu_has_avx2_fma();
+    static const bool avx512 = cpu_has_avx512(), avx2 = cpu_has_avx2_fma();
+    if (avx512) return exp2_sum_avx512(x, n, m);
     if (avx2) return exp2_sum_avx2(x, n, m);
   }
 #endif
@@ -550,7 +706,8 @@ template <typename acc_t>
 void scale_bias_exp2(acc_t* x, int n, acc_t c, const acc_t* bias, acc_t m) {
 #if FASTATTN_X86
   if constexpr (std::is_same_v<acc_t, float>) {
-    static const bool avx2 = cpu_has_avx2_fma();
+    static const bool avx512 = cpu_has_avx512(), avx2 = cpu_has_avx2_fma();
+    if (avx512) return scale_bias_exp2_avx512(x, n, c, bias, m);
     if (avx2) return scale_bias_exp2_avx2(x, n, c, bias, m);
   }
 #endif

@@ -1,0 +1,112 @@
+"""The CPU kernels' SIMD paths against each other.
+
+The library picks its widest path at run time (AVX-512, AVX2+FMA, or portable C++), so a test run
+on one machine only exercises one of them. FASTATTN_CPU_SIMD caps the choice; each path runs here
+in its own process (the choice is made once per process):
+
+- the AVX-512 micro-kernel computes every element with the same FMA chain as the AVX2 one, so its
+  outputs and gradients must be *bitwise* those of the AVX2 path (on a CPU with AVX-512);
+- the portable path (what non-x86 CPUs run) must match the float64 reference like the others.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _ops
+from fastattn.reference import attention_reference
+
+pytestmark = pytest.mark.skipif(_ops._C is None, reason="the CPU extension is not built")
+
+# Shapes around the micro-kernel's edges: head dims (the N of O = P V) and key counts (the N of
+# S = Q Kᵀ) on both sides of one and two 16-column panels, rows on both sides of the 6-row tile.
+CASES = [
+    dict(B=1, Hq=2, Hkv=1, Nq=7, Nk=33, D=17, causal=False, mask=False, dtype="float32"),
+    dict(B=2, Hq=4, Hkv=2, Nq=13, Nk=31, D=33, causal=True, mask=False, dtype="float32"),
+    dict(B=1, Hq=2, Hkv=2, Nq=97, Nk=65, D=59, causal=False, mask=True, dtype="float32"),
+    dict(B=1, Hq=3, Hkv=1, Nq=64, Nk=97, D=64, causal=True, mask=False, dtype="float32"),
+    dict(B=1, Hq=2, Hkv=1, Nq=1, Nk=1000, D=128, causal=False, mask=False, dtype="float32"),
+    dict(B=1, Hq=2, Hkv=1, Nq=5, Nk=48, D=129, causal=False, mask=True, dtype="float32"),
+    dict(B=1, Hq=2, Hkv=1, Nq=40, Nk=40, D=65, causal=True, mask=False, dtype="bfloat16"),
+    dict(B=1, Hq=2, Hkv=2, Nq=6, Nk=32, D=16, causal=False, mask=False, dtype="float16"),
+]
+
+WORKER = textwrap.dedent("""
+    import sys, torch, fastattn
+    from fastattn import _ops
+    cases, path = eval(sys.argv[1]), sys.argv[2]
+    out = {"simd": _ops._C.cpu_simd(), "results": []}
+    for i, c in enumerate(cases):
+        g = torch.Generator().manual_seed(1000 + i)
+        dt = getattr(torch, c["dtype"])
+        q = torch.randn(c["B"], c["Hq"], c["Nq"], c["D"], generator=g).to(dt).requires_grad_()
+        k = torch.randn(c["B"], c["Hkv"], c["Nk"], c["D"], generator=g).to(dt).requires_grad_()
+        v = torch.randn(c["B"], c["Hkv"], c["Nk"], c["D"], generator=g).to(dt).requires_grad_()
+        mask = torch.randn(c["B"], 1, c["Nq"], c["Nk"], generator=g) if c["mask"] else None
+        do = torch.randn(c["B"], c["Hq"], c["Nq"], c["D"], generator=g).to(dt)
+        o = fastattn.attention(q, k, v, attn_mask=mask, causal=c["causal"], backend="cpu")
+        o.backward(do)
+        out["results"].append([t.detach().clone() for t in (o, q.grad, k.grad, v.grad)] + [q, k, v, mask, do])
+    torch.save(out, path)
+""")
+
+
+def run_path(simd: str, tmp_path):
+    path = tmp_path / f"{simd}.pt"
+    env = dict(os.environ, FASTATTN_CPU_SIMD=simd)
+    proc = subprocess.run([sys.executable, "-c", WORKER, repr(CASES), str(path)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"FASTATTN_CPU_SIMD={simd} worker failed:\n{proc.stderr[-3000:]}"
+    return torch.load(path, weights_only=False)
+
+
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def test_the_cap_selects_the_path(tmp_path):
+    assert run_path("baseline", tmp_path)["simd"] == "baseline (no AVX2)"
+    flags = cpu_flags()
+    if {"avx2", "fma"} <= flags:
+        assert run_path("avx2", tmp_path)["simd"] == "avx2+fma"
+    if {"avx2", "fma", "avx512f"} <= flags:
+        assert _ops._C.cpu_simd() == "avx512f+avx2+fma"
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "avx512f"} <= cpu_flags(),
+                    reason="this CPU has no AVX-512F: the AVX-512 micro-kernel cannot run here")
+def test_avx512_gives_the_bits_of_avx2(tmp_path):
+    wide, narrow = run_path("avx512", tmp_path), run_path("avx2", tmp_path)
+    assert (wide["simd"], narrow["simd"]) == ("avx512f+avx2+fma", "avx2+fma")
+    for case, a, b in zip(CASES, wide["results"], narrow["results"]):
+        for name, x, y in zip(("out", "dq", "dk", "dv"), a[:4], b[:4]):
+            assert torch.equal(x, y), f"{case}: {name} differs between AVX-512 and AVX2 " \
+                                      f"(max |diff| {(x.double() - y.double()).abs().max().item():.3g})"
+
+
+def test_portable_path_matches_the_float64_reference(tmp_path):
+    # What a CPU without AVX2 (ARM, old x86) runs: the same checks as the SIMD paths get elsewhere.
+    res = run_path("baseline", tmp_path)
+    assert res["simd"] == "baseline (no AVX2)"
+    for case, r in zip(CASES, res["results"]):
+        o, dq, dk, dv, q, k, v, mask, do = r
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref = attention_reference(q64, k64, v64, attn_mask=None if mask is None else mask.double(),
+                                  causal=case["causal"])
+        ref.backward(do.double())
+        tol = 2e-5 if case["dtype"] == "float32" else 2e-2
+        for name, x, y in (("out", o, ref), ("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+            err = (x.double() - y).abs().max().item()
+            scale = y.abs().max().item() + 1e-6
+            assert err <= tol * max(1.0, scale), f"{case}: {name} max error {err:.3g} (scale {scale:.3g})"
