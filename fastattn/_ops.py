@@ -192,6 +192,13 @@ def sinks_grad(sinks: Optional[torch.Tensor], out: torch.Tensor, grad_out: torch
     return (-(p_sink * delta).sum(dims)).to(sinks.dtype)
 
 
+def needs_autograd(*tensors) -> bool:
+    """Whether a call on these inputs must go through its autograd.Function: grad mode is on and
+    one of them requires grad. Otherwise (inference) the forward op runs alone, without the
+    Function's bookkeeping (tens of microseconds, as much as a short decode step's kernel)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 class AttentionFunction(torch.autograd.Function):
     """out, lse = fwd(...); backward calls the bwd op (lse is not differentiable).
 

@@ -78,7 +78,15 @@ def mask_kind(attn_mask: Optional[torch.Tensor]) -> Optional[str]:
     return "key_padding" if shape[1] == 1 and shape[2] == 1 else "bool"
 
 
-@torch.compiler.assume_constant_result  # a device property: keeps torch.compile(fullgraph=True) traceable
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without its import of torch._dynamo (2 s at ``import
+    fastattn``): that decorator only sets this mark, which Dynamo reads when it traces a call
+    (tests/test_compile.py checks that torch's decorator still sets exactly this mark)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result  # a device property: keeps torch.compile(fullgraph=True) traceable
 def _compute_capability(index: Optional[int]) -> tuple:
     return tuple(torch.cuda.get_device_capability(index))
 
@@ -88,7 +96,7 @@ def _kernel_image_problem_cached(index: int) -> str:
     return _ops._C_cuda.kernel_image_problem(index)
 
 
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _kernel_image_problem(index: Optional[int]) -> str:
     """Empty when the built CUDA kernels have an image this GPU can run (probed once per device)."""
     if _ops._C_cuda is None or not hasattr(_ops._C_cuda, "kernel_image_problem"):

@@ -165,3 +165,27 @@ def test_info_module_runs():
     assert torch.__version__ in text
     for backend in fastattn.available_backends():
         assert backend in text, f"backend {backend!r} missing from the info output:\n{text}"
+
+
+def test_constant_result_mark_is_torchs():
+    """dispatch marks its device probes as torch.compiler.assume_constant_result does, without
+    importing torch._dynamo at `import fastattn` (2 s): the mark must stay torch's."""
+    from fastattn import dispatch
+
+    def probe():
+        return 1
+
+    before = set(vars(probe))
+    torch.compiler.assume_constant_result(probe)
+    assert set(vars(probe)) - before == {"_dynamo_marked_constant"} and probe._dynamo_marked_constant is True
+    for fn in (dispatch._compute_capability, dispatch._kernel_image_problem):
+        assert fn._dynamo_marked_constant is True
+
+
+def test_import_does_not_load_dynamo():
+    import subprocess
+    import sys
+    code = "import sys, fastattn, fastattn.nn; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False", "import fastattn imports torch._dynamo (about 2 s)"
