@@ -75,7 +75,10 @@ class BenchConfig:
             return self.suites[0]  # memory, bert, variants, decode
         if self.full:
             return "full"
-        return "custom" if self.is_grid() else "quick"
+        if self.is_grid():
+            return "custom"
+        # a subset of the default suites is named by them, so that it never replaces a quick run's files
+        return "quick" if tuple(self.suites) in (DEFAULT_SUITES, ("attention",)) else "-".join(self.suites)
 
 
 # ---------------------------------------------------------------------------
