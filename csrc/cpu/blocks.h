@@ -489,6 +489,12 @@ inline void store_row(const acc_t* src, int n, dst_t* dst, int64_t stride) {
 // Softmax row passes, in base 2 (the softmax scale is pre-multiplied by log2(e)).
 // ---------------------------------------------------------------------------
 #if FASTATTN_X86
+// Taylor coefficients of 2^f = exp(f ln2), ln2^k / k!, highest degree first (Horner).
+constexpr int kExp2Terms = 8;
+constexpr float kExp2Taylor[kExp2Terms] = {1.5252733804059840e-5f, 1.5403530393381610e-4f, 1.3333558146428443e-3f,
+                                           9.6181291076284772e-3f, 5.5504108664821580e-2f, 2.4022650695910071e-1f,
+                                           6.9314718055994531e-1f, 1.0f};
+
 // 2^x for 8 floats. Rounds x to n + f (|f| <= 1/2), evaluates 2^f with a
 // degree-7 polynomial (relative error ~1e-8 before rounding) and scales by 2^n
 // through the exponent bits. x <= -127 (including -inf) gives exactly 0, x >= 128
@@ -499,15 +505,8 @@ FASTATTN_AVX2 inline __m256 exp2_avx2(__m256 x) {
   x = _mm256_max_ps(lo, x);
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(x, n);
-  // Taylor coefficients of 2^f = exp(f ln2): ln2^k / k!
-  __m256 p = _mm256_set1_ps(1.5252733804059840e-5f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381610e-4f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Taylor[0]);
+  for (int i = 1; i < kExp2Terms; ++i) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Taylor[i]));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   // n = -127 encodes 0.0f above already; the mask also zeroes inputs that were -inf.
@@ -528,10 +527,9 @@ FASTATTN_AVX2 inline float hmax_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// x[j] += bias[j] when there is a bias; returns max_j x[j].
-FASTATTN_AVX2 inline float add_bias_max_avx2(float* x, int n, const float* bias) {
-  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int j = 0;
+// x[j] += bias[j] when there is a bias; returns max_j x[j]. The _from form goes on from
+// element j with the running maxima vmax (where the AVX-512 pass leaves its remainder).
+FASTATTN_AVX2 inline float add_bias_max_avx2_from(float* x, int n, const float* bias, int j, __m256 vmax) {
   for (; j + 8 <= n; j += 8) {
     __m256 v = _mm256_loadu_ps(x + j);
     if (bias) {
@@ -548,11 +546,14 @@ FASTATTN_AVX2 inline float add_bias_max_avx2(float* x, int n, const float* bias)
   return m;
 }
 
-// x[j] = 2^(x[j] - m); returns the sum.
-FASTATTN_AVX2 inline float exp2_sum_avx2(float* x, int n, float m) {
+FASTATTN_AVX2 inline float add_bias_max_avx2(float* x, int n, const float* bias) {
+  return add_bias_max_avx2_from(x, n, bias, 0, _mm256_set1_ps(-std::numeric_limits<float>::infinity()));
+}
+
+// x[j] = 2^(x[j] - m); returns the sum. The _from form goes on from element j with the
+// running lane sums vs (where the AVX-512 pass leaves its remainder).
+FASTATTN_AVX2 inline float exp2_sum_avx2_from(float* x, int n, float m, int j, __m256 vs) {
   const __m256 vm = _mm256_set1_ps(m);
-  __m256 vs = _mm256_setzero_ps();
-  int j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 p = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
     _mm256_storeu_ps(x + j, p);
@@ -564,6 +565,10 @@ FASTATTN_AVX2 inline float exp2_sum_avx2(float* x, int n, float m) {
     s += x[j];
   }
   return s;
+}
+
+FASTATTN_AVX2 inline float exp2_sum_avx2(float* x, int n, float m) {
+  return exp2_sum_avx2_from(x, n, m, 0, _mm256_setzero_ps());
 }
 
 // x[j] = 2^(x[j] * c + bias[j] - m) (bias may be null).
@@ -587,14 +592,8 @@ FASTATTN_AVX512 inline __m512 exp2_avx512(__m512 x) {
   x = _mm512_max_ps(lo, x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5252733804059840e-5f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381610e-4f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExp2Taylor[0]);
+  for (int i = 1; i < kExp2Terms; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Taylor[i]));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   const __m512 r = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NEQ_UQ), r);
@@ -616,21 +615,8 @@ FASTATTN_AVX512 inline float add_bias_max_avx512(float* x, int n, const float* b
     }
     vmax16 = _mm512_max_ps(vmax16, v);
   }
-  __m256 vmax = _mm256_max_ps(_mm512_castps512_ps256(vmax16), upper_half_avx512(vmax16));
-  for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_loadu_ps(x + j);
-    if (bias) {
-      v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
-      _mm256_storeu_ps(x + j, v);
-    }
-    vmax = _mm256_max_ps(vmax, v);
-  }
-  float m = hmax_avx2(vmax);
-  for (; j < n; ++j) {
-    if (bias) x[j] += bias[j];
-    m = std::max(m, x[j]);
-  }
-  return m;
+  return add_bias_max_avx2_from(x, n, bias, j,
+                                _mm256_max_ps(_mm512_castps512_ps256(vmax16), upper_half_avx512(vmax16)));
 }
 
 FASTATTN_AVX512 inline float exp2_sum_avx512(float* x, int n, float m) {
@@ -643,17 +629,7 @@ FASTATTN_AVX512 inline float exp2_sum_avx512(float* x, int n, float m) {
     vs = _mm256_add_ps(vs, _mm512_castps512_ps256(p));
     vs = _mm256_add_ps(vs, upper_half_avx512(p));
   }
-  for (; j + 8 <= n; j += 8) {
-    const __m256 p = exp2_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + j), _mm256_set1_ps(m)));
-    _mm256_storeu_ps(x + j, p);
-    vs = _mm256_add_ps(vs, p);
-  }
-  float s = hsum_avx2(vs);
-  for (; j < n; ++j) {
-    x[j] = std::exp2(x[j] - m);
-    s += x[j];
-  }
-  return s;
+  return exp2_sum_avx2_from(x, n, m, j, vs);
 }
 
 FASTATTN_AVX512 inline void scale_bias_exp2_avx512(float* x, int n, float c, const float* bias, float m) {
