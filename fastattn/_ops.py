@@ -199,6 +199,20 @@ def needs_autograd(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def attention_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, backend="cpu", variants=PLAIN,
+                  alibi_slopes=None, sinks=None):
+    """The forward op of ``backend``: what AttentionFunction.forward runs, and inference calls alone."""
+    return OP_PAIRS[backend].fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, *variants, alibi_slopes,
+                                 sinks)
+
+
+def varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
+                         rng_state, backend="cpu", variants=PLAIN, alibi_slopes=None, sinks=None):
+    """The varlen forward op of ``backend`` (VarlenAttentionFunction.forward's, and inference's)."""
+    return OP_PAIRS[backend].varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                        scale, dropout_p, rng_state, *variants, alibi_slopes, sinks)
+
+
 class AttentionFunction(torch.autograd.Function):
     """out, lse = fwd(...); backward calls the bwd op (lse is not differentiable).
 
@@ -208,8 +222,8 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, causal, scale, dropout_p, rng_state, backend="cpu", variants=PLAIN,
                 alibi_slopes=None, sinks=None):
-        out, lse = OP_PAIRS[backend].fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, *variants,
-                                         alibi_slopes, sinks)
+        out, lse = attention_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, backend, variants,
+                                 alibi_slopes, sinks)
         ctx.save_for_backward(q, k, v, out, lse, attn_mask, rng_state, alibi_slopes, sinks)
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.backend, ctx.variants = causal, scale, dropout_p, backend, variants
         ctx.mark_non_differentiable(lse)
@@ -231,8 +245,8 @@ class VarlenAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
                 rng_state, backend="cpu", variants=PLAIN, alibi_slopes=None, sinks=None):
-        out, lse = OP_PAIRS[backend].varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                causal, scale, dropout_p, rng_state, *variants, alibi_slopes, sinks)
+        out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                        scale, dropout_p, rng_state, backend, variants, alibi_slopes, sinks)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, rng_state, alibi_slopes, sinks)
         ctx.args = (max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
         ctx.backend, ctx.variants = backend, variants

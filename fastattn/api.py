@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 
 from . import dispatch, reference
-from ._ops import OP_PAIRS, AttentionFunction, Variants, VarlenAttentionFunction, needs_autograd
+from ._ops import (AttentionFunction, Variants, VarlenAttentionFunction, attention_fwd, needs_autograd,
+                   varlen_attention_fwd)
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -291,12 +292,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return reference.attention_reference(
             q, k, v, causal=causal, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale, rng_state=rng_state,
             return_lse=return_lse, **variants.keywords(), alibi_slopes=alibi_slopes, sinks=sinks)
-    if needs_autograd(q, k, v, attn_mask, alibi_slopes, sinks):
-        out, lse = AttentionFunction.apply(q, k, v, attn_mask, bool(causal), scale, dropout_p, rng_state, name,
-                                           variants, alibi_slopes, sinks)
-    else:
-        out, lse = OP_PAIRS[name].fwd(q, k, v, attn_mask, bool(causal), scale, dropout_p, rng_state, *variants,
-                                      alibi_slopes, sinks)
+    run = AttentionFunction.apply if needs_autograd(q, k, v, attn_mask, alibi_slopes, sinks) else attention_fwd
+    out, lse = run(q, k, v, attn_mask, bool(causal), scale, dropout_p, rng_state, name, variants, alibi_slopes, sinks)
     return (out, lse) if return_lse else out
 
 
@@ -445,12 +442,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
             sinks=sinks)
     cu_q = cu_seqlens_q.to(device=q.device).contiguous()
     cu_k = cu_seqlens_k.to(device=q.device).contiguous()
-    if needs_autograd(q, k, v, alibi_slopes, sinks):
-        out, lse = VarlenAttentionFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k),
-                                                 bool(causal), scale, dropout_p, rng_state, name, variants,
-                                                 alibi_slopes, sinks)
-    else:
-        out, lse = OP_PAIRS[name].varlen_fwd(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k),
-                                             bool(causal), scale, dropout_p, rng_state, *variants, alibi_slopes,
-                                             sinks)
+    run = VarlenAttentionFunction.apply if needs_autograd(q, k, v, alibi_slopes, sinks) else varlen_attention_fwd
+    out, lse = run(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), bool(causal), scale, dropout_p,
+                   rng_state, name, variants, alibi_slopes, sinks)
     return (out, lse) if return_lse else out
