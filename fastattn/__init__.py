@@ -27,6 +27,7 @@ def _load_source_triton_kernels() -> None:
     module = _importlib_util.module_from_spec(spec)
     _sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    globals()["triton_kernels"] = module  # as the import system binds a submodule on its package
 
 
 _load_source_triton_kernels()

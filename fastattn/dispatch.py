@@ -17,6 +17,9 @@ from typing import Optional
 import torch
 
 from . import _ops
+# Imported here, not where it is first needed: an import inside a function that torch.compile traces fails
+# the whole graph when the module was not imported before (it imports neither triton nor a kernel).
+from . import triton_kernels
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
 # Order in which "auto" tries the backends for a device.
@@ -129,8 +132,6 @@ def _cuda_unsupported(device: torch.device, head_dim: int, value_head_dim: Optio
 def backend_devices(backend: str) -> tuple:
     """Device types whose tensors ``backend`` takes (Triton: "cpu" under its interpreter, read now)."""
     if backend == "triton":
-        from . import triton_kernels
-
         return (triton_kernels.device_type(),)
     return CAPABILITIES[backend].devices
 
@@ -142,8 +143,6 @@ def available_backends() -> list:
         names.append("cpu")
     if _ops._C_cuda is not None and torch.cuda.is_available():
         names.append("cuda")
-    from . import triton_kernels
-
     if triton_kernels.unavailable_reason() is None:
         names.append("triton")
     names.append("reference")
@@ -162,8 +161,6 @@ def why_unsupported(backend: str, device: torch.device, dtype: torch.dtype, head
     """
     if backend not in available_backends():
         if backend == "triton":
-            from . import triton_kernels
-
             return f"backend 'triton' is not available in this process: {triton_kernels.unavailable_reason()}"
         if backend in CAPABILITIES or backend in ("cuda", "triton"):
             return f"backend {backend!r} is not available in this process (available: {available_backends()})"

@@ -40,6 +40,25 @@ print("compiled ok")
     assert "compiled ok" in _run(code, str(tmp_path))
 
 
+def test_compile_fullgraph_first_call_from_the_source_checkout():
+    """fastattn imported from the checkout without an install (the editable finder removed): a first call
+    compiled with fullgraph=True traces dispatch, where an import inside a function of a module not yet
+    bound on its package (fastattn.triton_kernels, loaded by hand from csrc/triton there) failed the graph.
+    Found by transformers' test_generate_compile_model_forward_fullgraph run with fastattn from PYTHONPATH."""
+    code = """
+import sys; sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+import os, torch, fastattn
+assert fastattn.__file__.startswith(os.getcwd()), fastattn.__file__
+q, k, v = (torch.randn(2, 4, 9, 16) for _ in range(3))
+mask = torch.rand(2, 1, 9, 9) > 0.3
+mask[..., 0] = True
+f = torch.compile(lambda q, k, v, m: fastattn.attention(q, k, v, attn_mask=m), fullgraph=True, backend="eager")
+torch.testing.assert_close(f(q, k, v, mask), torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+print("compiled ok")
+"""
+    assert "compiled ok" in _run(code, REPO)
+
+
 def test_info_from_the_source_checkout():
     """python -m fastattn.info run in the repository: ./fastattn comes first on sys.path. The Triton kernels
     (csrc/triton, mapped into the package only when installed) still load; the info does not crash."""
