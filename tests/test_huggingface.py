@@ -114,6 +114,26 @@ def test_register_adds_attention_and_mask_functions():
         fhf.register("org/kernel")
 
 
+def test_band_mask_reads_both_forms_of_the_query_span():
+    """transformers up to 5.0 passes the queries' positions (``cache_position``), newer releases
+    ``q_length`` + ``q_offset``: both give the same band (found by running transformers 5.0's own
+    model tests, where the ``cache_position`` form raised a TypeError)."""
+    from transformers.masking_utils import causal_mask_function
+    padding = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # (B, seen keys): left padding in row 0
+    common = dict(batch_size=2, kv_length=6, kv_offset=0, mask_function=causal_mask_function,
+                  attention_mask=padding, allow_is_causal_skip=False)
+    newer = fhf.band_mask(q_length=2, q_offset=4, **common)
+    older = fhf.band_mask(cache_position=torch.arange(4, 6), **common)
+    for band in (newer, older):
+        assert isinstance(band, fhf.CausalBandMask) and band.window == 0 and band.shape == (2, 1, 2, 6)
+        assert torch.equal(band.key_padding, padding.bool()[:, None, None, :])
+    assert older.sdpa_args["cache_position"].tolist() == [4, 5]  # passed on to sdpa_mask as given
+    assert fhf._query_span({"cache_position": torch.tensor([4, 6])}) == (2, None)  # not a range: dense mask
+    # queries that do not end at the last key (a static cache's unfilled tail): the dense sdpa mask
+    dense = fhf.band_mask(q_length=2, q_offset=2, **common)
+    assert isinstance(dense, torch.Tensor) and dense.shape == (2, 1, 2, 6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Encoders with padding
 # ---------------------------------------------------------------------------------------------

@@ -106,33 +106,51 @@ def _band_window(mask_function) -> Optional[int]:
     return window if isinstance(window, int) and window > 0 else None
 
 
-def band_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0, mask_function=None,
-              attention_mask: Optional[torch.Tensor] = None, local_size=None, allow_is_causal_skip: bool = True,
-              allow_is_bidirectional_skip: bool = False, use_vmap: bool = False, device="cpu", **kwargs):
+def band_mask(**mask_args):
     """transformers mask function: a CausalBandMask where the kernels can apply the pattern themselves,
-    else exactly the ``sdpa`` mask (same arguments)."""
-    from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+    else exactly the ``sdpa`` mask (``sdpa_mask`` called with the same arguments).
 
+    transformers calls mask functions with keyword arguments, whose names changed across versions:
+    the queries are ``q_length`` + ``q_offset`` (newer releases) or ``cache_position``, the tensor of
+    their positions (up to 5.0); both are read here, and everything is passed on to ``sdpa_mask`` as given.
+    """
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    attention_mask = mask_args.get("attention_mask")
     if isinstance(attention_mask, CausalBandMask):  # prepared ahead (generate with a compileable cache): as-is,
         return attention_mask                        # as transformers passes prepared 4-D tensor masks through
-    mask_function = causal_mask_function if mask_function is None else mask_function
-    sdpa_args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                     local_size=local_size, allow_is_causal_skip=allow_is_causal_skip,
-                     allow_is_bidirectional_skip=allow_is_bidirectional_skip, use_vmap=use_vmap, device=device)
-    window = None if use_vmap else _band_window(mask_function)
+    batch_size, kv_length = mask_args["batch_size"], mask_args["kv_length"]
+    kv_offset = mask_args.get("kv_offset", 0)
+    q_length, q_offset = _query_span(mask_args)
+    mask_function = mask_args.get("mask_function") or causal_mask_function
+    window = None if mask_args.get("use_vmap", False) else _band_window(mask_function)
     # bottom-right alignment is the band only when the queries end at the last key (a dynamic or sliding
     # cache, no cache); a static cache's unfilled tail (tensor q_offset) keeps the dense mask
     if (window is None or not isinstance(q_offset, int) or not isinstance(kv_offset, int)
             or q_offset - kv_offset != kv_length - q_length):
-        return sdpa_mask(**sdpa_args)
-    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        return sdpa_mask(**mask_args)
     key_padding = None
-    if padding is not None:
+    if attention_mask is not None:  # (B, seen keys) 2-D padding mask: pad to the cache's length, take this span
+        missing = kv_offset + kv_length - attention_mask.shape[-1]
+        padding = torch.nn.functional.pad(attention_mask, (0, missing)) if missing > 0 else attention_mask
+        device = mask_args.get("device", attention_mask.device)
         keep = padding[:, kv_offset:kv_offset + kv_length].to(device=device, dtype=torch.bool)
         if not bool(keep.all()):
             key_padding = keep[:, None, None, :]  # (B, 1, 1, Lk)
-    return CausalBandMask(window, key_padding, batch_size, q_length, kv_length, sdpa_args)
+    return CausalBandMask(window, key_padding, batch_size, q_length, kv_length, dict(mask_args))
+
+
+def _query_span(mask_args):
+    """(number of queries, position of the first) from either form transformers passes; the position
+    is None where it is only known as a tensor under torch.compile, or the positions are not a range."""
+    if "q_length" in mask_args:
+        return mask_args["q_length"], mask_args.get("q_offset", 0)
+    cache_position = mask_args["cache_position"]  # (Lq,) positions of the queries
+    q_length = cache_position.shape[0]
+    if torch.compiler.is_compiling() or q_length == 0:
+        return q_length, None
+    first, last = cache_position[[0, -1]].tolist()
+    return q_length, (first if last - first == q_length - 1 else None)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
