@@ -10,6 +10,7 @@ Needs transformers (`pip install fastattn[hf]`); without it the module is skippe
 from __future__ import annotations
 
 import copy
+import inspect
 import subprocess
 import sys
 
@@ -26,6 +27,12 @@ from conftest import attention_devices, require_fused  # noqa: E402
 # of magnitude ~1-3 and ~1e-6 for gradients; the tolerances leave ~10x room.
 OUT_ATOL, OUT_RTOL = 5e-6, 1e-5
 GRAD_ATOL, GRAD_RTOL = 2e-5, 1e-4
+# BERT-style encoders look registered implementations up from transformers 5.0 (before, they pick one of
+# their own attention classes by name); the decoders from 4.53, the oldest release fastattn[hf] allows.
+ENCODERS_CALL_REGISTERED = int(transformers.__version__.split(".")[0]) >= 5
+needs_encoder_interface = pytest.mark.skipif(
+    not ENCODERS_CALL_REGISTERED, reason=f"transformers {transformers.__version__}: BERT-style encoders call a "
+    "registered attention implementation from 5.0")
 
 
 @pytest.fixture(params=attention_devices(), ids=lambda d: f"device={d.type}")
@@ -69,13 +76,22 @@ def assert_fused(calls, n):
     assert "reference" not in calls["backends"], calls["backends"]
 
 
+def switch_to_fastattn(model):
+    """model.set_attn_implementation (newer transformers), or the config field that older ones (4.53) read
+    at every forward: the same switch either way."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("fastattn")
+    else:
+        model.config._attn_implementation = "fastattn"
+
+
 def twin(model_cls, config, device):
     """(sdpa model, fastattn model) with the same random weights."""
     torch.manual_seed(0)
     config._attn_implementation = "sdpa"
     sdpa = model_cls(config).to(device)
     ours = copy.deepcopy(sdpa)
-    ours.set_attn_implementation("fastattn")
+    switch_to_fastattn(ours)
     assert ours.config._attn_implementation == "fastattn" and sdpa.config._attn_implementation == "sdpa"
     return sdpa, ours
 
@@ -129,8 +145,12 @@ def test_band_mask_reads_both_forms_of_the_query_span():
         assert torch.equal(band.key_padding, padding.bool()[:, None, None, :])
     assert older.sdpa_args["cache_position"].tolist() == [4, 5]  # passed on to sdpa_mask as given
     assert fhf._query_span({"cache_position": torch.tensor([4, 6])}) == (2, None)  # not a range: dense mask
-    # queries that do not end at the last key (a static cache's unfilled tail): the dense sdpa mask
-    dense = fhf.band_mask(q_length=2, q_offset=2, **common)
+    # queries that do not end at the last key (a static cache's unfilled tail): the dense sdpa mask,
+    # built by this transformers' sdpa_mask, which takes one of the two forms
+    from transformers.masking_utils import sdpa_mask
+    installed_form = ({"q_length": 2, "q_offset": 2} if "q_length" in inspect.signature(sdpa_mask).parameters
+                      else {"cache_position": torch.arange(2, 4)})
+    dense = fhf.band_mask(**installed_form, **common)
     assert isinstance(dense, torch.Tensor) and dense.shape == (2, 1, 2, 6)
 
 
@@ -145,6 +165,7 @@ def encoder_config(kind):
     return transformers.RobertaModel, transformers.RobertaConfig(**common, pad_token_id=1)
 
 
+@needs_encoder_interface
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_encoder_with_padding_matches_sdpa(kind, padding, device, calls):
@@ -171,6 +192,7 @@ def test_encoder_with_padding_matches_sdpa(kind, padding, device, calls):
     compare_grads(sdpa, ours)
 
 
+@needs_encoder_interface
 def test_encoder_without_padding_passes_no_mask(device, calls):
     require_fused(device, dtype=torch.float32, has_mask=True)
     model_cls, config = encoder_config("bert")
@@ -425,6 +447,8 @@ def test_decoders_match_eager_without_materialising_masks(family, device, calls)
     sliding-window layers) equal "eager"'s; every fastattn call got the band natively (causal, the window,
     bottom-right) with at most a (B, 1, 1, Lk) key-padding mask: nothing of size Lq x Lk was built."""
     require_fused(device, dtype=torch.float32, has_mask=True)
+    if family == "gpt_oss" and not hasattr(transformers, "GptOssForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no GPT-OSS")
     model_cls, config = decoder(family)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -434,7 +458,7 @@ def test_decoders_match_eager_without_materialising_masks(family, device, calls)
             if isinstance(getattr(m, "sinks", None), torch.nn.Parameter):
                 m.sinks.normal_()
     ours = copy.deepcopy(eager)
-    ours.set_attn_implementation("fastattn")
+    switch_to_fastattn(ours)
     ids = torch.randint(1, 128, (2, 12)).to(device)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding
@@ -469,7 +493,7 @@ def test_static_cache_generate_matches_eager(device, calls):
     torch.manual_seed(0)
     eager = model_cls(config).to(device).eval()
     ours = copy.deepcopy(eager)
-    ours.set_attn_implementation("fastattn")
+    switch_to_fastattn(ours)
     ids = torch.randint(1, 128, (1, 7)).to(device)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
     with torch.no_grad():

@@ -23,6 +23,12 @@ for sequences packed into one row (padding-free training, ``position_ids`` resta
 flash-attention style ``cu_seq_lens_q/k`` kwargs), ``fastattn.varlen_attention``.
 Results equal the ``sdpa`` (or, for models without one, the ``eager``) implementation's.
 transformers is imported only by this module (``pip install fastattn[hf]``).
+
+Versions: a model runs a registered implementation only where its attention layer looks it up in
+``ALL_ATTENTION_FUNCTIONS``: the decoder families above from transformers 4.53, BERT-style encoders
+(BERT, RoBERTa, ...) from 5.0; before 5.0 those pick one of their own classes by name and raise
+``KeyError: 'fastattn'`` (tested here: this module's tests on 4.53.3, transformers' own model tests
+on 5.0, see tests/upstream/run.py).
 """
 from __future__ import annotations
 
