@@ -58,7 +58,7 @@ def calls(monkeypatch):
         return name
 
     def attention(*a, **k):
-        record["dense"].append(k)
+        record["dense"].append(dict(k, q_len=a[0].shape[-2]))
         return real_attention(*a, **k)
 
     def varlen(*a, **k):
@@ -148,10 +148,19 @@ def test_band_mask_reads_both_forms_of_the_query_span():
     # queries that do not end at the last key (a static cache's unfilled tail): the dense sdpa mask,
     # built by this transformers' sdpa_mask, which takes one of the two forms
     from transformers.masking_utils import sdpa_mask
-    installed_form = ({"q_length": 2, "q_offset": 2} if "q_length" in inspect.signature(sdpa_mask).parameters
-                      else {"cache_position": torch.arange(2, 4)})
-    dense = fhf.band_mask(**installed_form, **common)
+
+    def installed_form(q_length, q_offset):
+        if "q_length" in inspect.signature(sdpa_mask).parameters:
+            return {"q_length": q_length, "q_offset": q_offset}
+        return {"cache_position": torch.arange(q_offset, q_offset + q_length)}
+
+    dense = fhf.band_mask(**installed_form(2, 2), **common)
     assert isinstance(dense, torch.Tensor) and dense.shape == (2, 1, 2, 6)
+    # one query under plain causal masking: the sdpa mask, (B, 1, 1, Lk), no bigger than the band; a compiled
+    # decode loop over a static cache then sees one mask type at every step (transformers' own
+    # test_generate_compile_model_forward_fullgraph recompiled at the step that filled the cache)
+    one = fhf.band_mask(**installed_form(1, 5), **common)
+    assert isinstance(one, torch.Tensor) and one.shape == (2, 1, 1, 6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,6 +484,9 @@ def test_decoders_match_eager_without_materialising_masks(family, device, calls)
     for k in calls["dense"]:
         m = k.get("attn_mask")
         assert m is None or (m.dim() == 4 and m.shape[1:3] == (1, 1)), f"an Lq x Lk mask was built: {m.shape}"
+        if k["q_len"] == 1 and not k.get("causal"):  # one query under plain causal masking: the sdpa mask,
+            assert m is None or m.dtype == torch.bool  # (B, 1, 1, Lk) key padding, no band needed
+            continue
         assert k.get("causal") and k.get("alignment") == "bottom_right"
         windows.add(tuple(k.get("window_size", (-1, -1))))
         if family == "gemma2":

@@ -131,9 +131,12 @@ def band_mask(**mask_args):
     mask_function = mask_args.get("mask_function") or causal_mask_function
     window = None if mask_args.get("use_vmap", False) else _band_window(mask_function)
     # bottom-right alignment is the band only when the queries end at the last key (a dynamic or sliding
-    # cache, no cache); a static cache's unfilled tail (tensor q_offset) keeps the dense mask
+    # cache, no cache); a static cache's unfilled tail (tensor q_offset) keeps the dense mask. One query
+    # under plain causal masking sees every key: the sdpa mask is (B, 1, 1, Lk) or None, no bigger than
+    # the band's, and a compiled decode loop over a static cache then gets the same mask type at every
+    # step (the band would appear at the step that fills the cache, and recompile the graph)
     if (window is None or not isinstance(q_offset, int) or not isinstance(kv_offset, int)
-            or q_offset - kv_offset != kv_length - q_length):
+            or q_offset - kv_offset != kv_length - q_length or (window == 0 and q_length == 1)):
         return sdpa_mask(**mask_args)
     key_padding = None
     if attention_mask is not None:  # (B, seen keys) 2-D padding mask: pad to the cache's length, take this span
