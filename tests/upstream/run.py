@@ -67,11 +67,12 @@ def run_pytest(test_dir: Path, test_file: str, suite: str, swap: bool, junit: Pa
     env = dict(os.environ, FASTATTN_UPSTREAM_SWAP="1" if swap else "0", FASTATTN_UPSTREAM_CALLS=str(calls),
                PYTHONPATH=os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]),
                PYTORCH_PRINT_REPRO_ON_FAILURE="0")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", UPSTREAM[suite]["plugin"],
-           f"--junitxml={junit}", test_file]
+    options = []
     if suite == "transformers":
-        cmd[4:4] = ["-o", "addopts="]  # its pyproject collects the docs' doctests too
+        options = ["-o", "addopts="]  # its pyproject collects the docs' doctests too
         env["HF_HUB_OFFLINE"] = "1"  # tests that download checkpoints fail at once, in both runs alike
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, "-p", UPSTREAM[suite]["plugin"],
+           f"--junitxml={junit}", test_file]
     start = time.perf_counter()
     subprocess.run(cmd, cwd=test_dir, env=env, timeout=timeout, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
@@ -107,7 +108,7 @@ def compare(baseline: dict, ours: dict) -> dict:
                    if o == "failed" and baseline.get(name, ("missing", ""))[0] != "failed"}
     fixed = sorted(name for name, (o, _) in ours.items()
                    if o != "failed" and baseline.get(name, ("", ""))[0] == "failed")
-    return {"counts": counts, "regressions": regressions, "fixed_vs_torch": fixed}
+    return {"counts": counts, "regressions": regressions, "fixed_vs_baseline": fixed}
 
 
 def main(argv=None) -> int:
