@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -131,6 +132,18 @@ def test_synthetic_qa_splits_by_module():
     assert any(not e.answers for e in train)
 
 
+def test_synthetic_topics_split_by_sentence_and_cover_every_class(tmp_path):
+    train, dev = synthetic.build_topic_rows()
+    assert len(train) > 500 and len(dev) > 100
+    assert not {r["text"] for r in train} & {r["text"] for r in dev}  # no dev sentence seen in training
+    labels = {r["label"] for r in train}
+    assert len(labels) >= 8 and labels == {r["label"] for r in dev}
+    assert max(Counter(r["label"] for r in dev).values()) < 0.5 * len(dev)  # a majority guess stays weak
+    finetune_main(["make-classification-data", "--out", str(tmp_path)])
+    rows = data_lib.read_table(str(tmp_path / "dev.csv"))
+    assert rows == [{"text": r["text"], "label": r["label"]} for r in dev]
+
+
 def test_every_flag_has_help_with_its_default(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
@@ -184,6 +197,9 @@ def test_classification_and_tagging_end_to_end(tmp_path, checkpoint):
                                                 for i in range(12)))
     rows = _run(checkpoint, str(tmp_path / "cls"), "classification", str(csv_path), str(csv_path), "--steps", "3")
     assert "accuracy" in rows[-1]["eval"] and "macro_f1" in rows[-1]["eval"]
+    png = tmp_path / "runs.png"  # runs side by side (here the same run twice)
+    finetune_main(["plot-runs", "--out", str(png), f"a={tmp_path / 'cls'}", f"b={tmp_path / 'cls' / 'metrics.jsonl'}"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     conll = tmp_path / "t.conll"
     conll.write_text("\n\n".join("one B\ntwo I\nten O" for _ in range(6)) + "\n")
     rows = _run(checkpoint, str(tmp_path / "tag"), "tagging", str(conll), str(conll), "--steps", "3")

@@ -1,8 +1,10 @@
-"""``python -m fastattn.finetune``: fine-tune, answer a question, or build the bundled QA set.
+"""``python -m fastattn.finetune``: fine-tune, answer a question, or build the bundled QA / classification sets.
 
     python -m fastattn.finetune --task qa --model runs/mlm/final --train-file train.json --eval-file dev.json
     python -m fastattn.finetune answer --model runs/finetune/final --question "..." --context "..."
     python -m fastattn.finetune make-qa-data --out data/stdlib-qa
+    python -m fastattn.finetune make-classification-data --out data/stdlib-topics
+    python -m fastattn.finetune plot-runs --out runs.png pre-trained=runs/a random=runs/b
 """
 from __future__ import annotations
 
@@ -99,12 +101,50 @@ def make_qa_data_main(argv) -> int:
     return 0
 
 
+def make_classification_data_main(argv) -> int:
+    from .synthetic import write_topic_dataset
+
+    p = argparse.ArgumentParser(prog="fastattn-finetune make-classification-data",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="train.csv / dev.csv (text, label): which stdlib package a docstring "
+                                            "sentence comes from")
+    p.add_argument("--out", required=True, help="folder for train.csv and dev.csv")
+    p.add_argument("--seed", type=int, default=0, help="random seed (row order)")
+    a = p.parse_args(argv)
+    for path in write_topic_dataset(a.out, a.seed):
+        print(path)
+    return 0
+
+
+def plot_runs_main(argv) -> int:
+    import os
+
+    from .train import plot_runs
+
+    p = argparse.ArgumentParser(prog="fastattn-finetune plot-runs", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="training loss and eval metric of several runs in one figure")
+    p.add_argument("--out", required=True, help="the .png to write")
+    p.add_argument("runs", nargs="+", metavar="LABEL=DIR", help="a run's label and its --out-dir (its metrics.jsonl)")
+    a = p.parse_args(argv)
+    runs = []
+    for item in a.runs:
+        label, sep, path = item.partition("=")
+        if not sep:
+            p.error(f"expected LABEL=DIR, got {item!r}")
+        runs.append((label, os.path.join(path, "metrics.jsonl") if os.path.isdir(path) else path))
+    plot_runs(runs, a.out)
+    print(a.out)
+    return 0
+
+
+SUBCOMMANDS = {"answer": answer_main, "make-qa-data": make_qa_data_main,
+               "make-classification-data": make_classification_data_main, "plot-runs": plot_runs_main}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "answer":
-        return answer_main(argv[1:])
-    if argv and argv[0] == "make-qa-data":
-        return make_qa_data_main(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     summary = train(parse_args(argv))
     if summary.get("final_eval"):
         print("done:", json.dumps(summary["final_eval"]["eval"]))

@@ -1,4 +1,5 @@
-"""A SQuAD-format question-answering set built from the Python standard library, with no network.
+"""A SQuAD-format question-answering set and a sentence-classification set built from the Python standard
+library, with no network.
 
 Each context lists a few public stdlib functions and methods (of different modules) with the first sentence of their
 docstrings ("json.dumps: Serialize obj to a JSON formatted str."), read with ``ast`` (nothing is
@@ -7,10 +8,15 @@ imported). Questions ask for either side of an entry:
   * "Which function: serialize obj to a JSON formatted str?" -> "json.dumps"
 and, with ``unanswerable`` > 0, about a function of another module (no answer: SQuAD v2.0).
 Modules are split between train and dev, so dev questions are about functions never seen in training.
+
+The classification set (``build_topic_rows``) asks which stdlib package a docstring sentence comes from
+("Return the currently running event loop" -> asyncio), over the packages with enough public functions; the
+split is by sentence, so a sentence shared by several methods sits on one side only.
 """
 from __future__ import annotations
 
 import ast
+import csv
 import hashlib
 import os
 import random
@@ -96,4 +102,37 @@ def write_dataset(out_dir: str, seed: int = 0, unanswerable: float = 0.0) -> Tup
     paths = os.path.join(out_dir, "train.json"), os.path.join(out_dir, "dev.json")
     write_squad(train, paths[0])
     write_squad(dev, paths[1])
+    return paths
+
+
+def build_topic_rows(seed: int = 0, min_per_class: int = 40, eval_fraction: float = 0.2
+                     ) -> Tuple[List[dict], List[dict]]:
+    """(train, dev) rows ``{"text": sentence, "label": package}`` for the packages with >= min_per_class
+    distinct sentences; a stable hash of the sentence decides its side."""
+    by_package = {}
+    for module, _, summary in stdlib_entries():
+        if "." in module:  # a package's submodule: the package is the label
+            by_package.setdefault(module.split(".")[0], set()).add(summary)
+    train, dev = [], []
+    for package, sentences in sorted(by_package.items()):
+        if len(sentences) < min_per_class:
+            continue
+        for text in sorted(sentences):
+            held_out = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 1000 < eval_fraction * 1000
+            (dev if held_out else train).append({"text": text, "label": package})
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(dev)
+    return train, dev
+
+
+def write_topic_dataset(out_dir: str, seed: int = 0) -> Tuple[str, str]:
+    """train.csv and dev.csv (columns text, label) under out_dir; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, "train.csv"), os.path.join(out_dir, "dev.csv")
+    for rows, path in zip(build_topic_rows(seed), paths):
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
     return paths

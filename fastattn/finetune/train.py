@@ -211,6 +211,31 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def plot_runs(runs: List[tuple], png_path: str) -> None:
+    """Runs side by side: training loss and the main eval metric (qa F1, accuracy, MSE) of each
+    ``(label, metrics.jsonl)``, e.g. a pre-trained run beside its ``--random-init`` and ``--attn sdpa`` twins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for (label, path), style in zip(runs, ("-", "--", ":", "-.") * len(runs)):
+        rows = [json.loads(line) for line in open(path)]
+        train_rows, evals = [r for r in rows if "loss" in r], [r for r in rows if "eval" in r]
+        key = next(k for k in ("f1", "accuracy", "mse") if evals and k in evals[0]["eval"])
+        a.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], style, label=label)
+        b.plot([r["step"] for r in evals], [r["eval"][key] for r in evals], style, marker="o", label=label)
+        b.set(ylabel=f"eval {key}")
+    a.set(xlabel="step", ylabel="training loss")
+    b.set(xlabel="step")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
 def train(cfg: FinetuneConfig) -> dict:
     """Run (or resume) a fine-tuning; returns the summary (also written to out_dir/summary.json)."""
     d, device = mlm_loop._init_distributed(cfg.device)
