@@ -80,21 +80,12 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
   if (p.causal && p.window_left < 0)
     std::stable_sort(tasks.begin(), tasks.end(), [](auto& x, auto& y) { return x.q1 > y.q1; });
 
-  // A task of at most NR rows (a decoding step) over float keys with unit stride computes its scores
-  // transposed, Sᵀ = K (c Q)ᵀ: K's rows are read where they are (the micro-kernel broadcasts them)
-  // instead of being copied into Kᵀ panels, and Q is the one small packed panel. Each score is the
-  // same chain of FMAs over d as in S = (c Q) Kᵀ (only the two factors of each product swap), so the
-  // two ways give the same bits.
-  const bool keys_in_place = std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float> && p.k.d == 1;
-
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const int64_t kRows = round_up(max_rows, kBlockQ);
-    const bool any_transposed = keys_in_place && max_rows <= NR;
-    Scratch<acc_t> q_pack(packed_a_size(kRows, D)), k_pack(any_transposed ? 0 : packed_b_size(D, kBlockK)),
+    Scratch<acc_t> q_pack(packed_a_size(kRows, D)), k_pack(packed_b_size(D, kBlockK)),
         v_pack(packed_b_size(kBlockK, Dv)), scores(kBlockQ * kBlockK), o_acc(kRows * Dv), row_max(kRows),
-        row_sum(kRows), bias(kBlockK), row_bias(kBlockK), q_cols(keys_in_place ? packed_b_size(D, NR) : 0),
-        scores_t(keys_in_place ? kBlockK * NR : 0);
+        row_sum(kRows), bias(kBlockK), row_bias(kBlockK);
     for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
       const auto [b, hk, q0, q1] = tasks[t];
       const int64_t n = q1 - q0, rows = group * n;
@@ -116,12 +107,6 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
           pack_a_row(q + p.base_q(p.q, b, head_of(r)) + query_of(r) * p.q.n, p.q.d, D, q_pack.get(),
                      static_cast<int>(r), q_scale);
       }
-      // Sᵀ's right operand: (c Q)ᵀ as one column panel, column r = row r (the values of q_pack).
-      const bool transposed = keys_in_place && rows <= NR;
-      if (transposed)
-        for (int d = 0; d < D; ++d)
-          for (int r = 0; r < NR; ++r)
-            q_cols[d * NR + r] = r < rows ? q_pack[r / MR * MR * D + d * MR + r % MR] : acc_t(0);
       std::fill(o_acc.get(), o_acc.get() + rows * Dv, acc_t(0));
       // A sink is a first key of logit sinks[h] (in base 2) and value zero: max and sum start from it.
       for (int64_t r = 0; r < rows; ++r) {
@@ -137,7 +122,7 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
         // One bias row for the whole task (key padding); a key block it hides completely is skipped,
         // a hidden tail is trimmed off.
         if (block_mask_row && (bk = fill_mask_bias(p, b, hk * group, 0, kb, bk, bias.get())) == 0) continue;
-        if (!transposed) pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, k_pack.get());  // Kᵀ: (D x bk)
+        pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, k_pack.get());  // Kᵀ: (D x bk)
         const auto v_right = right_operand(vh + kb * p.v.n, p.v.n, p.v.d, bk, Dv, v_pack.get());  // V: (bk x Dv)
 
         for (int64_t r0 = 0; r0 < rows; r0 += kBlockQ) {
@@ -161,23 +146,10 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
                                                  strip_across_heads ? q1 - 1 : query_of(last), kb, bk);
             strips.add(keys.lo, keys.hi, bk);
           }
-          if (transposed) {  // the strips' columns at once, as rows of Sᵀ, then into S's rows
-            if constexpr (std::is_same_v<scalar_t, acc_t>) {
-              int c0 = bk, c1 = 0;
-              for (int si = 0; si < strips.count; ++si)
-                if (strips.cols[si].hi > strips.cols[si].lo)
-                  c0 = std::min(c0, strips.cols[si].lo), c1 = std::max(c1, strips.cols[si].hi);
-              gemm(c1 - c0, bq, D, strided_left(kh + (kb + c0) * p.k.n, p.k.n, int64_t(1)),
-                   packed_right(q_cols.get(), D), scores_t.get(), NR, false);
-              for (int c = c0; c < c1; ++c)
-                for (int rr = 0; rr < bq; ++rr) s[rr * kBlockK + c] = scores_t[(c - c0) * NR + rr];
-            }
-          } else {
-            for (int si = 0; si < strips.count; ++si)
-              if (const auto [c0, c1] = strips.cols[si]; c1 > c0)
-                gemm(std::min(MR, bq - si * MR), c1 - c0, D, packed_left(q_pack.get() + (r0 + si * MR) * D),
-                     packed_right(k_pack.get() + c0 * D), s + si * MR * kBlockK + c0, kBlockK, false);
-          }
+          for (int si = 0; si < strips.count; ++si)
+            if (const auto [c0, c1] = strips.cols[si]; c1 > c0)
+              gemm(std::min(MR, bq - si * MR), c1 - c0, D, packed_left(q_pack.get() + (r0 + si * MR) * D),
+                   packed_right(k_pack.get() + c0 * D), s + si * MR * kBlockK + c0, kBlockK, false);
 
           for (int rr = 0; rr < bq; ++rr) {
             const int64_t row = r0 + rr, h = head_of(row), i = query_of(row);
