@@ -29,6 +29,11 @@ from .qa import QAExample, write_squad
 _SENTENCE = re.compile(r"^([A-Z][^.]{10,120})\.(\s|$)")
 
 
+def _held_out(key: str, fraction: float) -> bool:
+    """The dev side of a split, by a stable hash of key (the same on every machine and run)."""
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 1000 < fraction * 1000
+
+
 def stdlib_entries() -> List[Tuple[str, str, str]]:
     """(module, qualified name, first docstring sentence) of public stdlib functions and methods."""
     from fastattn.mlm.corpus import _stdlib_files
@@ -63,7 +68,7 @@ def build_examples(seed: int = 0, per_context: int = 4, unanswerable: float = 0.
     rng = random.Random(seed)
     splits = {False: [], True: []}  # held out -> entries
     for module, name, summary in stdlib_entries():
-        held_out = int(hashlib.sha1(module.encode()).hexdigest(), 16) % 1000 < eval_fraction * 1000
+        held_out = _held_out(module, eval_fraction)
         splits[held_out].append((name, summary))
     train, dev = [], []
     for held_out, entries in splits.items():
@@ -118,7 +123,7 @@ def build_topic_rows(seed: int = 0, min_per_class: int = 40, eval_fraction: floa
         if len(sentences) < min_per_class:
             continue
         for text in sorted(sentences):
-            held_out = int(hashlib.sha1(text.encode()).hexdigest(), 16) % 1000 < eval_fraction * 1000
+            held_out = _held_out(text, eval_fraction)
             (dev if held_out else train).append({"text": text, "label": package})
     rng = random.Random(seed)
     rng.shuffle(train)
