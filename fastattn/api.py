@@ -49,7 +49,7 @@ def _check_qkv(q, k, v, layout_q: str, layout_k: str, layout_v: str, head_axis: 
         raise InvalidArgumentError(
             f"k and v must have the same number of heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     hq, hkv = q.shape[head_axis], k.shape[head_axis]
-    if hkv == 0 or hq % hkv != 0:
+    if (hq % hkv != 0) if hkv else hq != 0:  # no heads at all (an empty batch of heads) is allowed, as in torch
         raise InvalidArgumentError(
             f"the number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
 

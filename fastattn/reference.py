@@ -145,7 +145,7 @@ def attention_reference(q, k, v, *, causal: bool = False, attn_mask: Optional[to
     Hkv, Nk = k.shape[1], k.shape[2]
     cdt = compute_dtype or _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    group = Hq // Hkv
+    group = Hq // Hkv if Hkv else 1  # no heads at all: an empty result
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
     if group > 1:
         kc = kc.repeat_interleave(group, dim=1)  # (B, Hq, Nk, D)

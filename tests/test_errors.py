@@ -34,6 +34,8 @@ def _attention_cases():
         "kv_heads_differ": (*_replace(base, v=torch.randn(2, 4, 6, 8)), {}, r"\bv\b"),
         "hq_not_multiple": (*_replace(base, k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8)), {},
                             r"(?i)\bq\b.*heads|heads.*\bk\b"),
+        "no_kv_heads": (*_replace(base, k=torch.randn(2, 0, 6, 8), v=torch.randn(2, 0, 6, 8)), {},
+                        r"(?i)\bq\b.*heads|heads.*\bk\b"),
         "batch_differs": (*_replace(base, k=torch.randn(3, 2, 6, 8), v=torch.randn(3, 2, 6, 8)), {},
                           r"(?i)batch"),
         "k_dtype_differs": (*_replace(base, k=k.double()), {}, r"\bk\b.*float64|dtype"),

@@ -192,6 +192,27 @@ def test_call_like_torch():
     assert_close("out", out, ref, **SDPA_TOL[torch.float64])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 4, 10, 64), (2, 4, 0, 64), (2, 4, 10, 0), (0, 0, 0, 0), (2, 0, 5, 8)])
+def test_empty_inputs_like_torch(shape, dtype):
+    """Empty batches, sequences, head dims and head counts (no heads at all) give torch's shapes and values,
+    forward and backward; a head dim of 0 makes every logit 0 (uniform attention)."""
+    b, h, s, d = shape
+    tol = SDPA_TOL.get(dtype, dict(atol=1e-2, rtol=1e-2))
+    leaves = [torch.randn(b, h, s, d, dtype=dtype), torch.randn(b, h, s, d, dtype=dtype),
+              torch.randn(b, h, s, 32, dtype=dtype)]
+    ours = [t.clone().requires_grad_() for t in leaves]
+    theirs = [t.clone().requires_grad_() for t in leaves]
+    out, ref = fastattn.scaled_dot_product_attention(*ours), F.scaled_dot_product_attention(*theirs)
+    assert out.shape == ref.shape == (b, h, s, 32)
+    assert_close("out", out, ref, **tol)
+    grad = torch.randn_like(ref)
+    out.backward(grad), ref.backward(grad)
+    for name, a, r in zip("qkv", ours, theirs):
+        assert a.grad.shape == r.grad.shape
+        assert_close(f"d{name}", a.grad, r.grad, **tol)
+
+
 @pytest.mark.parametrize("variant", ["causal_upper_left", "causal_lower_right"])
 @pytest.mark.parametrize("Nq,Nk", [(5, 9), (9, 5), (7, 7)])
 @pytest.mark.parametrize("dims", [4, 3])

@@ -140,7 +140,7 @@ void check_dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) 
   CHECK_ARG(k.size(3) == q.size(3), "k head dim ", k.size(3), " differs from q head dim ", q.size(3));
   CHECK_ARG(v.size(1) == k.size(1) && v.size(2) == k.size(2), "v must be (B, Hkv, Nk, Dv) like k ", k.sizes(),
             ", got ", v.sizes());
-  CHECK_ARG(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "q heads (", q.size(1),
+  CHECK_ARG(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0, "q heads (", q.size(1),
             ") must be a multiple of k/v heads (", k.size(1), ")");
 }
 
@@ -236,7 +236,7 @@ AttnParams varlen_params(const at::Tensor& q, const at::Tensor& k, const at::Ten
   CHECK_ARG(k.size(2) == q.size(2), "k head dim ", k.size(2), " differs from q head dim ", q.size(2));
   CHECK_ARG(v.size(0) == k.size(0) && v.size(1) == k.size(1), "v must be (total_k, Hkv, Dv) like k ", k.sizes(),
             ", got ", v.sizes());
-  CHECK_ARG(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "q heads (", q.size(1),
+  CHECK_ARG(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0, "q heads (", q.size(1),
             ") must be a multiple of k/v heads (", k.size(1), ")");
   for (const auto& [t, name, total] : {std::tuple{&cu_q, "cu_seqlens_q", q.size(0)},
                                        std::tuple{&cu_k, "cu_seqlens_k", k.size(0)}}) {

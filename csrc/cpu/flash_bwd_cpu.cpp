@@ -40,7 +40,7 @@ template <typename scalar_t, typename acc_t>
 void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
               const scalar_t* out, const acc_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;  // no heads at all: nothing to do
   const acc_t scale = static_cast<acc_t>(p.scale);
   const bool softcap = p.softcap > 0.0;
   // exp2 argument per S = Q Kᵀ element: c S, or (softcap log2 e) t with t = tanh(S scale / softcap)

@@ -34,7 +34,7 @@ template <typename scalar_t, typename acc_t>
 void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
               acc_t* lse) {
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
-  const int64_t group = p.heads_q / p.heads_kv;
+  const int64_t group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;  // no heads at all: nothing to do
   const bool softcap = p.softcap > 0.0;
   // Q is packed pre-multiplied so that the GEMM gives the logits in base-2 units, or, with a
   // soft-cap, scale / softcap times them: the row pass then takes (softcap log2 e) tanh of it.
