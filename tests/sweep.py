@@ -130,7 +130,8 @@ def cpu_boundary_cases() -> List[Case]:
     t = cpu_tiling()
     rng = random.Random(1234)
     small = [t["micro_rows"], t["micro_cols"], t["micro_cols_avx512"], t["simd_floats"], t["dropout_simd_keys"]]
-    big = [t["fwd_block_q"], t["fwd_block_k"], t["bwd_block_q"], t["bwd_block_k"], t["fwd_max_chunk_q"]]
+    big = [t["fwd_block_q"], t["fwd_block_k"], t["bwd_block_q"], t["bwd_block_k"], t["fwd_max_chunk_q"],
+           t["decode_block_k"]]
     # The micro-tile edges recur every few rows: all of them up to GRID_MAX (the grid has every length there);
     # the block and chunk edges up to two query chunks and one more row.
     lengths = sorted(set(boundary_lengths(small, GRID_MAX)) | set(boundary_lengths(big, 2 * t["fwd_max_chunk_q"] + 1)))
@@ -247,6 +248,24 @@ def cpu_variant_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[
             add(name=f"decode-Nq{nq}-Nk{nk}-w{window[0]}", B=2, Hq=8, Hkv=2, Nq=nq, Nk=nk, D=rng.choice((16, 64, 128)),
                 causal=True, alignment="bottom_right", window=window, sinks=rng.random() < 0.5,
                 dtype=rng.choice(DTYPES))
+    # 8b. The decode path (tasks of at most decode_max_rows rows, in quads of decode_quad_rows): task row
+    # counts (query heads per K/V head x new queries) on both sides of a quad and of the limit, key counts on
+    # the decode key blocks' edges, head dims on its steps (D a multiple of 4, Dv of 8: 16 + 8 takes a half
+    # register) and off them (the general path), key padding (the one mask it takes), sinks, windows, bf16.
+    quad, limit, dblock = t["decode_quad_rows"], t["decode_max_rows"], t["decode_block_k"]
+    row_counts = sorted({1, quad - 1, quad, quad + 1, limit - 1, limit, limit + 1})
+    decode_nk = [n for n in boundary_lengths([dblock], 3 * dblock + 1) if n > 2]
+    for rows in row_counts:
+        for group, nq in sorted({(g, rows // g) for g in (1, 2, 3, 4, 8, 16, 17) if rows % g == 0}):
+            nk = rng.choice(decode_nk)
+            D, Dv = rng.choice(((4, 8), (12, 16), (24, 24), (64, 64), (128, 128), (132, 40), (17, 16), (64, 20)))
+            mask = rng.choice(("none", "keypad"))
+            causal = rng.random() < 0.5
+            window = [rng.choice(sides), 0] if causal and rng.random() < 0.3 else [-1, -1]
+            add(name=f"decodepath-rows{rows}-g{group}-Nq{nq}-Nk{nk}-D{D}.{Dv}-{mask}", B=2, Hq=2 * group, Hkv=2,
+                Nq=nq, Nk=nk, D=D, Dv=Dv, causal=causal, alignment="bottom_right", window=window, mask=mask,
+                sinks=rng.random() < 0.3, dtype=rng.choice(("float32", "bfloat16")),
+                layout=rng.choice(("contiguous", "bnhd", "strided")), threads=rng.choice((1, 2, 3)))
     # 9. Varlen with variants: empty and short sequences, per-sequence ALiBi slopes.
     edge = [0, 1] + short
     for combo in combos:

@@ -33,6 +33,10 @@ CASES = [
     dict(B=1, Hq=2, Hkv=1, Nq=5, Nk=48, D=129, causal=False, mask=True, dtype="float32"),
     dict(B=1, Hq=2, Hkv=1, Nq=40, Nk=40, D=65, causal=True, mask=False, dtype="bfloat16"),
     dict(B=1, Hq=2, Hkv=2, Nq=6, Nk=32, D=16, causal=False, mask=False, dtype="float16"),
+    # the decode path (tasks of <= decode_max_rows rows): quads of rows, key blocks, a value row's last 8 columns
+    dict(B=2, Hq=8, Hkv=2, Nq=3, Nk=131, D=64, causal=True, mask=False, dtype="bfloat16"),
+    dict(B=1, Hq=16, Hkv=1, Nq=1, Nk=77, D=24, causal=False, mask=True, dtype="float32"),
+    dict(B=2, Hq=6, Hkv=2, Nq=5, Nk=200, D=40, causal=True, mask=True, dtype="float32"),
 ]
 
 WORKER = textwrap.dedent("""

@@ -7,6 +7,10 @@
 // of kBlockQ rows of the task, each row keeping its own running max m, normaliser l and output
 // accumulator (online softmax, base 2 with the softmax scale pre-multiplied by log2 e). Extra
 // memory is the per-thread scratch below, O(rows x head_dim + block): never O(N^2).
+//
+// Tasks of at most kDecodeMaxRows rows (a decoding step: the query heads of a group, one or a few
+// new tokens each) take the decode path instead (decode_task, with the kernels of decode_blocks.h):
+// the same online softmax over blocks of kDecodeBlockK keys, with K and V read in place.
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -14,6 +18,7 @@
 
 #include "attention_cpu.h"
 #include "blocks.h"
+#include "decode_blocks.h"
 #include "masking.h"
 
 namespace fastattn {
@@ -24,11 +29,124 @@ constexpr int kBlockQ = 48;       // query rows per micro-block (a multiple of M
 static_assert(kBlockQ <= kMaxStrips * MR, "a micro-block's strips fit a Staircase");
 constexpr int kBlockK = 256;      // keys per block (a multiple of NR and of 4)
 constexpr int kMaxChunkQ = 512;   // query rows per task at most: they share each packed K/V block
+constexpr int kDecodeMaxRows = 16;  // tasks of at most this many rows take the decode path
+constexpr int kDecodeBlockK = 64;   // keys per block of the decode path (a multiple of 8)
 
 // Rows of a task: row r is query q0 + r % (q1 - q0) of head hk * group + r / (q1 - q0).
 struct FwdTask {
   int64_t b, hk, q0, q1;
 };
+
+// Whether a call's tasks of few rows can take the decode path: float or bf16 inputs on a CPU with
+// AVX2 (the decode kernels have AVX2 and AVX-512 versions only), K and V with unit stride along
+// the head dim, head dims the kernels' steps divide, and no per-element logit transform (dropout,
+// soft-cap, ALiBi, a mask that varies along the task's rows: those take the general path).
+template <typename scalar_t>
+bool decode_path_applies(const AttnParams& p, bool block_mask_row) {
+  if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, c10::BFloat16>) {
+    return false;
+  } else {
+#if FASTATTN_X86
+    static const bool avx2 = cpu_has_avx2_fma();
+    return avx2 && p.head_dim % 4 == 0 && p.head_dim_v % 8 == 0 && p.k.d == 1 && p.v.d == 1 && p.dropout_p == 0.0 &&
+           p.softcap <= 0.0 && p.alibi_slopes == nullptr && (p.mask == nullptr || block_mask_row);
+#else
+    (void)p, (void)block_mask_row;
+    return false;
+#endif
+  }
+}
+
+#if FASTATTN_X86
+// One task of the decode path: the rows' scores block by block, the online softmax row pass of
+// the general path, then P V; the rows go by quads of kQuadRows (a last quad's empty rows have
+// zero queries and zero probabilities). Scratch: qq (quads x 4 x D), s (quads x 4 x kDecodeBlockK),
+// o (quads x 4 x Dv), row_max / row_sum (quads x 4), bias (kDecodeBlockK).
+template <typename scalar_t>
+void decode_task(const AttnParams& p, const FwdTask& task, int64_t group, bool block_mask_row, float q_scale,
+                 const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, float* lse, float* qq,
+                 float* s, float* o_acc, float* row_max, float* row_sum, float* bias) {
+  static const bool avx512 = cpu_has_avx512();
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
+  const auto [b, hk, q0, q1] = task;
+  const int64_t n = q1 - q0;
+  const int rows = static_cast<int>(group * n), quads = (rows + kQuadRows - 1) / kQuadRows;
+  auto head_of = [&](int64_t r) { return hk * group + r / n; };
+  auto query_of = [&](int64_t r) { return q0 + r % n; };
+  const scalar_t* kh = k + p.base_k(p.k, b, hk);
+  const scalar_t* vh = v + p.base_k(p.v, b, hk);
+  const VisibleBand band = p.band(b);
+
+  for (int qd = 0; qd < quads; ++qd) {
+    const scalar_t* rows_q[kQuadRows];
+    const int in_quad = std::min(kQuadRows, rows - qd * kQuadRows);
+    for (int r = 0; r < kQuadRows; ++r) {
+      const int64_t row = qd * kQuadRows + std::min(r, in_quad - 1);
+      rows_q[r] = q + p.base_q(p.q, b, head_of(row)) + query_of(row) * p.q.n;
+    }
+    pack_query_quad(rows_q, in_quad, p.q.d, D, q_scale, qq + static_cast<int64_t>(qd) * kQuadRows * D);
+  }
+  std::fill(o_acc, o_acc + static_cast<int64_t>(quads) * kQuadRows * Dv, 0.0f);
+  for (int r = 0; r < quads * kQuadRows; ++r) {
+    const float sink = r < rows && p.sinks ? static_cast<float>(p.sinks[head_of(r)] * kLog2e) : kNegInf;
+    row_max[r] = sink;
+    row_sum[r] = sink == kNegInf ? 0.0f : 1.0f;
+  }
+
+  const int64_t kv_begin = band.key_begin(q0), kv_end = band.key_end(q1 - 1);
+  for (int64_t kb = kv_begin; kb < kv_end; kb += kDecodeBlockK) {
+    int bk = static_cast<int>(std::min<int64_t>(kDecodeBlockK, kv_end - kb));
+    if (block_mask_row && (bk = fill_mask_bias(p, b, hk * group, 0, kb, bk, bias)) == 0) continue;
+    if (avx512) {
+      decode_scores_avx512(qq, quads, kh + kb * p.k.n, p.k.n, bk, D, s, kDecodeBlockK);
+    } else {
+      for (int qd = 0; qd < quads; ++qd)
+        decode_scores_avx2(qq + static_cast<int64_t>(qd) * kQuadRows * D, kh + kb * p.k.n, p.k.n, bk, D,
+                           s + static_cast<int64_t>(qd) * kQuadRows * kDecodeBlockK, kDecodeBlockK);
+    }
+    for (int row = 0; row < quads * kQuadRows; ++row) {
+      float* x = s + static_cast<int64_t>(row) * kDecodeBlockK;
+      const auto keys = row < rows ? band.keys_in_block(query_of(row), kb, bk) : VisibleBand::Range{0, 0};
+      if (keys.empty()) {  // P V reads the row's bk probabilities: zeros
+        std::fill(x, x + bk, 0.0f);
+        continue;
+      }
+      const int lo = keys.lo, cnt = keys.hi - keys.lo;
+      const float m_old = row_max[row];
+      const float m_new = std::max(m_old, add_bias_max(x + lo, cnt, block_mask_row ? bias + lo : nullptr));
+      const float m_use = m_new == kNegInf ? 0.0f : m_new;  // all masked so far: exp2(-inf) = 0
+      const float alpha = std::exp2(m_old - m_use);
+      row_sum[row] = row_sum[row] * alpha + exp2_sum(x + lo, cnt, m_use);
+      row_max[row] = m_new;
+      std::fill(x, x + lo, 0.0f);
+      std::fill(x + keys.hi, x + bk, 0.0f);
+      if (alpha != 1.0f) {
+        float* o = o_acc + static_cast<int64_t>(row) * Dv;
+        for (int d = 0; d < Dv; ++d) o[d] *= alpha;
+      }
+    }
+    for (int qd = 0; qd < quads; ++qd) {
+      const float* pq = s + static_cast<int64_t>(qd) * kQuadRows * kDecodeBlockK;
+      float* oq = o_acc + static_cast<int64_t>(qd) * kQuadRows * Dv;
+      if (avx512)
+        decode_values_avx512(pq, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, oq);
+      else
+        decode_values_avx2(pq, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, oq);
+    }
+  }
+
+  for (int row = 0; row < rows; ++row) {
+    const int64_t h = head_of(row), i = query_of(row);
+    const float l = row_sum[row];
+    const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // no dropout on this path: keep scale 1
+    float* o = o_acc + static_cast<int64_t>(row) * Dv;
+    for (int d = 0; d < Dv; ++d) o[d] *= inv;
+    store_row(o, Dv, out + p.base_q(p.out, b, h) + i * p.out.n, p.out.d);
+    lse[p.row_index(b, h, i)] = l == 0.0f ? kNegInf : (row_max[row] + std::log2(l)) * static_cast<float>(kLn2);
+  }
+}
+#endif
 
 template <typename scalar_t, typename acc_t>
 void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out,
@@ -81,6 +199,21 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
     std::stable_sort(tasks.begin(), tasks.end(), [](auto& x, auto& y) { return x.q1 > y.q1; });
 
   std::atomic<int64_t> next_task{0};
+#if FASTATTN_X86
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (max_rows <= kDecodeMaxRows && decode_path_applies<scalar_t>(p, block_mask_row)) {
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+        const int64_t padded = round_up(max_rows, kQuadRows);
+        Scratch<float> qq(padded * D), s(padded * kDecodeBlockK), o_acc(padded * Dv), row_max(padded),
+            row_sum(padded), bias(kDecodeBlockK);
+        for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());)
+          decode_task(p, tasks[t], group, block_mask_row, q_scale, q, k, v, out, lse, qq.get(), s.get(), o_acc.get(),
+                      row_max.get(), row_sum.get(), bias.get());
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const int64_t kRows = round_up(max_rows, kBlockQ);
     Scratch<acc_t> q_pack(packed_a_size(kRows, D)), k_pack(packed_b_size(D, kBlockK)),
@@ -212,7 +345,11 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
 
 }  // namespace
 
-Tiling fwd_tiling() { return {{"fwd_block_q", kBlockQ}, {"fwd_block_k", kBlockK}, {"fwd_max_chunk_q", kMaxChunkQ}}; }
+Tiling fwd_tiling() {
+  return {{"fwd_block_q", kBlockQ},           {"fwd_block_k", kBlockK},
+          {"fwd_max_chunk_q", kMaxChunkQ},    {"decode_max_rows", kDecodeMaxRows},
+          {"decode_block_k", kDecodeBlockK},  {"decode_quad_rows", kQuadRows}};
+}
 
 void flash_fwd_cpu(const AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    at::Tensor& out, at::Tensor& lse) {

@@ -1,0 +1,249 @@
+// Building blocks of the CPU forward pass for a few query rows against many keys (a decoding
+// step: the query heads of one K/V head, one or a few new tokens each).
+//
+// With so few rows, the general path's GEMM tiles are mostly empty and packing Kᵀ costs more than
+// the product; here K and V are read in place, row after row, as they lie in memory (the
+// hardware prefetchers see two sequential streams), and four query rows share each vector:
+//
+// * scores: lane (r, c) of a 16-lane vector holds query row r's partial dot product over the
+//   dimensions d = c mod 4. A key's 4 values k[4i..4i+3], broadcast to the four rows, meet the
+//   rows' q[4i..4i+3] in one FMA, so a key costs D / 4 FMAs for 4 rows and every lane is used;
+//   four keys' vectors are then reduced together ((c0 + c2) + (c1 + c3) by unpacks), giving each
+//   row four scores.
+// * values: o[r] += p[r][j] v[j] with v[j] read in place, the 4 rows' accumulators in registers.
+//
+// Each score and each output element is one fixed chain of operations, the same in the AVX-512
+// and the AVX2 versions (an AVX2 register holds two rows of the quad; every shuffle used acts
+// within 128-bit lanes), so the two give identical bits, as the general path's kernels do.
+#pragma once
+
+#include "blocks.h"
+
+namespace fastattn {
+namespace cpu {
+
+constexpr int kQuadRows = 4;  // query rows per vector of the scores kernel
+
+// A quad's query rows packed for decode_scores: vector i (16 floats) holds, at lane r * 4 + c,
+// scale * q_r[4 i + c] (rows past `rows` zero). D must be a multiple of 4.
+template <typename src_t>
+inline void pack_query_quad(const src_t* const rows_q[kQuadRows], int rows, int64_t cs, int D, float scale,
+                            float* dst) {
+  for (int i = 0; i < D / 4; ++i)
+    for (int r = 0; r < kQuadRows; ++r)
+      for (int c = 0; c < 4; ++c)
+        dst[i * 16 + r * 4 + c] = r < rows ? load_as<float>(rows_q[r] + (4 * i + c) * cs) * scale : 0.0f;
+}
+
+#if FASTATTN_X86
+// Four consecutive values of a key row as floats (bf16 widened exactly).
+FASTATTN_AVX2 inline __m128 load4_as_float(const float* p) { return _mm_loadu_ps(p); }
+FASTATTN_AVX2 inline __m128 load4_as_float(const c10::BFloat16* p) {
+  // each bf16 becomes the high half of a float: interleaved after a zero half (one shuffle)
+  const __m128i bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), bits));
+}
+
+// Four keys' partial sums (lane r * 4 + c of each) to their scores: lane r * 4 + t is key t's
+// score for row r, ((c0 + c2) + (c1 + c3)). Within 128-bit lanes: the same for AVX2 and AVX-512.
+FASTATTN_AVX2 inline __m256 reduce_quad_keys_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+  const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+  return _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))),
+                       _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(ab), _mm256_castps_pd(cd))));
+}
+
+FASTATTN_AVX512 inline __m512 reduce_quad_keys_avx512(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+}
+
+// s[r * lds + j] = q_r . k_j for the quad's 4 rows and keys j < n (key j's row at k + j * ks, unit
+// stride along d). Keys are taken four at a time; a last group of fewer re-reads key n - 1 and
+// writes its extra scores at j < round_up(n, 4), which lds must allow for.
+template <typename src_t>
+FASTATTN_AVX2 void decode_scores_avx2(const float* qq, const src_t* k, int64_t ks, int n, int D, float* s,
+                                      int64_t lds) {
+  for (int j = 0; j < n; j += 4) {
+    const src_t* kr[4];
+    for (int t = 0; t < 4; ++t) kr[t] = k + std::min(j + t, n - 1) * ks;
+    __m256 acc[4][2];  // [key][rows 0-1, rows 2-3]
+    for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    for (int i = 0; i < D / 4; ++i) {
+      const __m256 q01 = _mm256_loadu_ps(qq + i * 16), q23 = _mm256_loadu_ps(qq + i * 16 + 8);
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        const __m128 k4 = load4_as_float(kr[t] + 4 * i);
+        const __m256 kk = _mm256_insertf128_ps(_mm256_castps128_ps256(k4), k4, 1);
+        acc[t][0] = _mm256_fmadd_ps(kk, q01, acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(kk, q23, acc[t][1]);
+      }
+    }
+    const __m256 s01 = reduce_quad_keys_avx2(acc[0][0], acc[1][0], acc[2][0], acc[3][0]);
+    const __m256 s23 = reduce_quad_keys_avx2(acc[0][1], acc[1][1], acc[2][1], acc[3][1]);
+    _mm_storeu_ps(s + j, _mm256_castps256_ps128(s01));
+    _mm_storeu_ps(s + lds + j, _mm256_extractf128_ps(s01, 1));
+    _mm_storeu_ps(s + 2 * lds + j, _mm256_castps256_ps128(s23));
+    _mm_storeu_ps(s + 3 * lds + j, _mm256_extractf128_ps(s23, 1));
+  }
+}
+
+// The same, 8 keys at a time for one quad (eight independent FMA chains) (_one); for kQuads quads
+// at once (their vectors kQuadRows * D apart in qq, their scores kQuadRows * lds apart in s), 4
+// keys at a time, each key's broadcast serving every quad.
+template <typename src_t>
+FASTATTN_AVX512 void decode_scores_avx512_one(const float* qq, const src_t* k, int64_t ks, int n, int D, float* s,
+                                              int64_t lds) {
+  for (int j = 0; j < n; j += 8) {
+    const src_t* kr[8];
+    for (int t = 0; t < 8; ++t) kr[t] = k + std::min(j + t, n - 1) * ks;
+    __m512 acc[8];
+    for (int t = 0; t < 8; ++t) acc[t] = _mm512_setzero_ps();
+    for (int i = 0; i < D / 4; ++i) {
+      const __m512 q = _mm512_loadu_ps(qq + i * 16);
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) acc[t] = _mm512_fmadd_ps(_mm512_broadcast_f32x4(load4_as_float(kr[t] + 4 * i)), q, acc[t]);
+    }
+    for (int g = 0; g < 2 && j + 4 * g < n; ++g) {
+      const __m512 sq = reduce_quad_keys_avx512(acc[4 * g], acc[4 * g + 1], acc[4 * g + 2], acc[4 * g + 3]);
+      for (int r = 0; r < kQuadRows; ++r) _mm_storeu_ps(s + r * lds + j + 4 * g, _mm512_extractf32x4_ps(sq, r));
+    }
+  }
+}
+
+template <int kQuads, typename src_t>
+FASTATTN_AVX512 void decode_scores_avx512(const float* qq, const src_t* k, int64_t ks, int n, int D, float* s,
+                                          int64_t lds) {
+  if constexpr (kQuads == 1) {
+    decode_scores_avx512_one(qq, k, ks, n, D, s, lds);
+    return;
+  }
+  constexpr int kKeys = 4;
+  for (int j = 0; j < n; j += kKeys) {
+    const src_t* kr[kKeys];
+    for (int t = 0; t < kKeys; ++t) kr[t] = k + std::min(j + t, n - 1) * ks;
+    __m512 acc[kQuads][kKeys];
+    for (int g = 0; g < kQuads; ++g)
+      for (int t = 0; t < kKeys; ++t) acc[g][t] = _mm512_setzero_ps();
+    for (int i = 0; i < D / 4; ++i) {
+      __m512 q[kQuads];
+      for (int g = 0; g < kQuads; ++g) q[g] = _mm512_loadu_ps(qq + static_cast<int64_t>(g) * kQuadRows * D + i * 16);
+#pragma GCC unroll 8
+      for (int t = 0; t < kKeys; ++t) {
+        const __m512 kk = _mm512_broadcast_f32x4(load4_as_float(kr[t] + 4 * i));
+        for (int g = 0; g < kQuads; ++g) acc[g][t] = _mm512_fmadd_ps(kk, q[g], acc[g][t]);
+      }
+    }
+    for (int g = 0; g < kQuads; ++g)
+      for (int t0 = 0; t0 < kKeys && j + t0 < n; t0 += 4) {
+        const __m512 sq = reduce_quad_keys_avx512(acc[g][t0], acc[g][t0 + 1], acc[g][t0 + 2], acc[g][t0 + 3]);
+        float* sg = s + static_cast<int64_t>(g) * kQuadRows * lds + j + t0;
+        for (int r = 0; r < kQuadRows; ++r) _mm_storeu_ps(sg + r * lds, _mm512_extractf32x4_ps(sq, r));
+      }
+  }
+}
+
+// decode_scores_avx512 over `quads` quads, up to 4 at once.
+template <typename src_t>
+FASTATTN_AVX512 void decode_scores_avx512(const float* qq, int quads, const src_t* k, int64_t ks, int n, int D,
+                                          float* s, int64_t lds) {
+  for (int g = 0; g < quads; g += 4) {
+    const float* qg = qq + static_cast<int64_t>(g) * kQuadRows * D;
+    float* sg = s + static_cast<int64_t>(g) * kQuadRows * lds;
+    switch (std::min(4, quads - g)) {
+      case 1: decode_scores_avx512<1>(qg, k, ks, n, D, sg, lds); break;
+      case 2: decode_scores_avx512<2>(qg, k, ks, n, D, sg, lds); break;
+      case 3: decode_scores_avx512<3>(qg, k, ks, n, D, sg, lds); break;
+      default: decode_scores_avx512<4>(qg, k, ks, n, D, sg, lds); break;
+    }
+  }
+}
+
+// o[r * Dv + d] += sum_j p[r * ldp + j] v[j][d] for the quad's 4 rows, keys j < n in order (key j's
+// row at v + j * vs, unit stride along d), Dv a multiple of 8. Each o element is one chain of FMAs.
+template <typename src_t>
+FASTATTN_AVX2 void decode_values_avx2(const float* p, int64_t ldp, const src_t* v, int64_t vs, int n, int Dv,
+                                      float* o) {
+  for (int d0 = 0; d0 < Dv; d0 += 16) {
+    const bool two = d0 + 16 <= Dv;  // else 8 columns left
+    __m256 acc[kQuadRows][2];
+    for (int r = 0; r < kQuadRows; ++r) {
+      acc[r][0] = _mm256_loadu_ps(o + r * Dv + d0);
+      acc[r][1] = two ? _mm256_loadu_ps(o + r * Dv + d0 + 8) : _mm256_setzero_ps();
+    }
+    for (int j = 0; j < n; ++j) {
+      const src_t* vr = v + j * vs + d0;
+      const __m256 v0 = load8_as_float_avx2(vr), v1 = two ? load8_as_float_avx2(vr + 8) : v0;
+#pragma GCC unroll 4
+      for (int r = 0; r < kQuadRows; ++r) {
+        const __m256 pr = _mm256_broadcast_ss(p + r * ldp + j);
+        acc[r][0] = _mm256_fmadd_ps(pr, v0, acc[r][0]);
+        if (two) acc[r][1] = _mm256_fmadd_ps(pr, v1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < kQuadRows; ++r) {
+      _mm256_storeu_ps(o + r * Dv + d0, acc[r][0]);
+      if (two) _mm256_storeu_ps(o + r * Dv + d0 + 8, acc[r][1]);
+    }
+  }
+}
+
+// 16 consecutive values as floats, or only the first 8 (the rest zero) when `half`: Dv is a
+// multiple of 8, so a row's last part is 16, 8 or nothing.
+FASTATTN_AVX512 inline __m512 load16_as_float_avx512(const float* p, bool half) {
+  return half ? _mm512_castps256_ps512(_mm256_loadu_ps(p)) : _mm512_loadu_ps(p);
+}
+FASTATTN_AVX512 inline __m512 load16_as_float_avx512(const c10::BFloat16* p, bool half) {
+  const __m256i bits = half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                            : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// The same, 64 columns (4 registers per row) at a time; a row's last part takes fewer registers.
+template <typename src_t>
+FASTATTN_AVX512 void decode_values_avx512(const float* p, int64_t ldp, const src_t* v, int64_t vs, int n, int Dv,
+                                          float* o) {
+  constexpr int kRegs = 4;
+  for (int d0 = 0; d0 < Dv; d0 += 16 * kRegs) {
+    const int cols = std::min(16 * kRegs, Dv - d0);  // a multiple of 8
+    const int regs = (cols + 15) / 16;
+    const bool half = cols % 16 != 0;  // the last register holds 8 columns
+    const __mmask16 last = half ? __mmask16(0x00FF) : __mmask16(0xFFFF);
+    __m512 acc[kQuadRows][kRegs];
+    for (int r = 0; r < kQuadRows; ++r)
+      for (int x = 0; x < kRegs; ++x)
+        acc[r][x] = x < regs ? _mm512_maskz_loadu_ps(x == regs - 1 ? last : __mmask16(0xFFFF), o + r * Dv + d0 + 16 * x)
+                             : _mm512_setzero_ps();
+    if (regs == kRegs && !half) {
+      for (int j = 0; j < n; ++j) {
+        const src_t* vr = v + j * vs + d0;
+        __m512 vv[kRegs];
+        for (int x = 0; x < kRegs; ++x) vv[x] = load16_as_float_avx512(vr + 16 * x, false);
+#pragma GCC unroll 4
+        for (int r = 0; r < kQuadRows; ++r) {
+          const __m512 pr = _mm512_set1_ps(p[r * ldp + j]);
+          for (int x = 0; x < kRegs; ++x) acc[r][x] = _mm512_fmadd_ps(pr, vv[x], acc[r][x]);
+        }
+      }
+    } else {
+      for (int j = 0; j < n; ++j) {
+        const src_t* vr = v + j * vs + d0;
+        __m512 vv[kRegs];
+        for (int x = 0; x < regs; ++x) vv[x] = load16_as_float_avx512(vr + 16 * x, half && x == regs - 1);
+        for (int r = 0; r < kQuadRows; ++r) {
+          const __m512 pr = _mm512_set1_ps(p[r * ldp + j]);
+          for (int x = 0; x < regs; ++x) acc[r][x] = _mm512_fmadd_ps(pr, vv[x], acc[r][x]);
+        }
+      }
+    }
+    for (int r = 0; r < kQuadRows; ++r)
+      for (int x = 0; x < regs; ++x)
+        _mm512_mask_storeu_ps(o + r * Dv + d0 + 16 * x, x == regs - 1 ? last : __mmask16(0xFFFF), acc[r][x]);
+  }
+}
+#endif
+
+}  // namespace cpu
+}  // namespace fastattn
