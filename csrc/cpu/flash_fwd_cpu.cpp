@@ -98,6 +98,13 @@ void decode_task(const AttnParams& p, const FwdTask& task, int64_t group, bool b
   for (int64_t kb = kv_begin; kb < kv_end; kb += kDecodeBlockK) {
     int bk = static_cast<int>(std::min<int64_t>(kDecodeBlockK, kv_end - kb));
     if (block_mask_row && (bk = fill_mask_bias(p, b, hk * group, 0, kb, bk, bias)) == 0) continue;
+    // The next block's K and V rows, asked for now: the hardware prefetchers stop at every 4 KiB
+    // page, and a block's rows span 8-16 of them (measured 1.0-1.15x on long caches).
+    if (const int64_t next = kb + kDecodeBlockK; next < kv_end) {
+      const int cnt = static_cast<int>(std::min<int64_t>(kDecodeBlockK, kv_end - next));
+      prefetch_rows_l2(kh + next * p.k.n, p.k.n, cnt, D);
+      prefetch_rows_l2(vh + next * p.v.n, p.v.n, cnt, Dv);
+    }
     if (avx512) {
       decode_scores_avx512(qq, quads, kh + kb * p.k.n, p.k.n, bk, D, s, kDecodeBlockK);
     } else {
