@@ -60,6 +60,16 @@ FASTATTN_AVX512 inline __m512 reduce_quad_keys_avx512(__m512 a, __m512 b, __m512
                        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
 }
 
+// Row r's four scores (128-bit lane r of sq) to s + r * lds. The lane index is an immediate of the
+// instruction: spelled out, not a loop (an unoptimised build would not unroll it).
+FASTATTN_AVX512 inline void store_quad_scores_avx512(__m512 sq, float* s, int64_t lds) {
+  static_assert(kQuadRows == 4, "one 128-bit lane per row");
+  _mm_storeu_ps(s, _mm512_extractf32x4_ps(sq, 0));
+  _mm_storeu_ps(s + lds, _mm512_extractf32x4_ps(sq, 1));
+  _mm_storeu_ps(s + 2 * lds, _mm512_extractf32x4_ps(sq, 2));
+  _mm_storeu_ps(s + 3 * lds, _mm512_extractf32x4_ps(sq, 3));
+}
+
 // s[r * lds + j] = q_r . k_j for the quad's 4 rows and keys j < n (key j's row at k + j * ks, unit
 // stride along d). Keys are taken four at a time; a last group of fewer re-reads key n - 1 and
 // writes its extra scores at j < round_up(n, 4), which lds must allow for.
@@ -108,7 +118,7 @@ FASTATTN_AVX512 void decode_scores_avx512_one(const float* qq, const src_t* k, i
     }
     for (int g = 0; g < 2 && j + 4 * g < n; ++g) {
       const __m512 sq = reduce_quad_keys_avx512(acc[4 * g], acc[4 * g + 1], acc[4 * g + 2], acc[4 * g + 3]);
-      for (int r = 0; r < kQuadRows; ++r) _mm_storeu_ps(s + r * lds + j + 4 * g, _mm512_extractf32x4_ps(sq, r));
+      store_quad_scores_avx512(sq, s + j + 4 * g, lds);
     }
   }
 }
@@ -140,7 +150,7 @@ FASTATTN_AVX512 void decode_scores_avx512(const float* qq, const src_t* k, int64
       for (int t0 = 0; t0 < kKeys && j + t0 < n; t0 += 4) {
         const __m512 sq = reduce_quad_keys_avx512(acc[g][t0], acc[g][t0 + 1], acc[g][t0 + 2], acc[g][t0 + 3]);
         float* sg = s + static_cast<int64_t>(g) * kQuadRows * lds + j + t0;
-        for (int r = 0; r < kQuadRows; ++r) _mm_storeu_ps(sg + r * lds, _mm512_extractf32x4_ps(sq, r));
+        store_quad_scores_avx512(sq, sg, lds);
       }
   }
 }
