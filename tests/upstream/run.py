@@ -41,7 +41,12 @@ UPSTREAM = {
         "plugin": "swap_in_fastattn",
         # and a newer nn/test_multihead_attention.py (after pytorch issue 163640, autumn 2025): pytorch/pytorch
         # at 03f76200b7b3eccc1be6d93f2841dcfea04d972e, read file by file (the repository is over the fetch limit)
-        "newer_files": {"nn/test_multihead_attention.py": "03f76200b7b3eccc1be6d93f2841dcfea04d972e"},
+        "newer_files": {"nn/test_multihead_attention.py": "03f76200b7b3eccc1be6d93f2841dcfea04d972e",
+                        # a current test_transformers.py (CausalBias, enable_gqa, zero-sized inputs, compile with
+                        # dynamic shapes): github.com/Nik-Reddy/pytorch (a fork of main) at this commit, its CPU
+                        # classes (TestTransformers, TestSDPAFailureModes, TestSDPA, TestSDPACpuOnly, TestAttnBias)
+                        # transcribed through read_file; the CUDA-, XPU- and @onlyCUDA-only tests left out
+                        "test_transformers.py": "1dea6e3d39ae1ea15dbe58437bbd18e0e967ebf3"},
     },
     # transformers main of 2025-12-23 (5.0.0.dev0), the newest copy reachable here: a fork's snapshot
     # (github.com/feisenyu/transformers_4573) whose history holds upstream's commits unchanged up to this one.
