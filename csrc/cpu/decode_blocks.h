@@ -126,10 +126,7 @@ FASTATTN_AVX512 void decode_scores_avx512_one(const float* qq, const src_t* k, i
 template <int kQuads, typename src_t>
 FASTATTN_AVX512 void decode_scores_avx512(const float* qq, const src_t* k, int64_t ks, int n, int D, float* s,
                                           int64_t lds) {
-  if constexpr (kQuads == 1) {
-    decode_scores_avx512_one(qq, k, ks, n, D, s, lds);
-    return;
-  }
+  static_assert(kQuads >= 2 && kQuads <= 4, "one quad takes decode_scores_avx512_one");
   constexpr int kKeys = 4;
   for (int j = 0; j < n; j += kKeys) {
     const src_t* kr[kKeys];
@@ -163,7 +160,7 @@ FASTATTN_AVX512 void decode_scores_avx512(const float* qq, int quads, const src_
     const float* qg = qq + static_cast<int64_t>(g) * kQuadRows * D;
     float* sg = s + static_cast<int64_t>(g) * kQuadRows * lds;
     switch (std::min(4, quads - g)) {
-      case 1: decode_scores_avx512<1>(qg, k, ks, n, D, sg, lds); break;
+      case 1: decode_scores_avx512_one(qg, k, ks, n, D, sg, lds); break;
       case 2: decode_scores_avx512<2>(qg, k, ks, n, D, sg, lds); break;
       case 3: decode_scores_avx512<3>(qg, k, ks, n, D, sg, lds); break;
       default: decode_scores_avx512<4>(qg, k, ks, n, D, sg, lds); break;
