@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -484,10 +485,22 @@ def train(cfg: TrainConfig) -> dict:
                 warnings.warn("matplotlib is not installed: no loss.png (pip install matplotlib)")
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    del net  # DDP's reducer holds the process group (see finish_distributed)
+    finish_distributed(d)
+    return summary
+
+
+def finish_distributed(d: Dist) -> None:
+    """Wait for every process, then free the process group while the interpreter is whole.
+
+    Call it after dropping the DistributedDataParallel wrapper. Its reducer holds the process group,
+    inside reference cycles; left to the interpreter's shutdown, the group's Gloo threads are torn
+    down during finalization, which can abort a process whose run had finished ("terminate called
+    without an active exception", seen once in CI on rank 1 after its last step)."""
+    gc.collect()
     d.barrier()
     if d.enabled:
         dist.destroy_process_group()
-    return summary
 
 
 @torch.no_grad()

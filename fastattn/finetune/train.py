@@ -323,7 +323,6 @@ def train(cfg: FinetuneConfig) -> dict:
                 warnings.warn("matplotlib is not installed: no curves.png (pip install matplotlib)")
         with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    d.barrier()
-    if d.enabled:
-        torch.distributed.destroy_process_group()
+    del net  # DDP's reducer holds the process group
+    mlm_loop.finish_distributed(d)
     return summary
