@@ -224,7 +224,7 @@ def run(cfg: BenchConfig, echo=print) -> RunResult:
     report.write_csv(files[1], rows)
     if cfg.plot:
         try:
-            files += report.plot(rows, stem, device.type)
+            files += report.plot(rows, stem, device.type, targets)
         except ImportError:
             echo("matplotlib is not importable: skipped the plots (pip install matplotlib)")
     else:

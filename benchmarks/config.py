@@ -97,6 +97,9 @@ QUICK_CPU = [
     (Case(4, 12, 512, 64, key_padding=True), _ALL),
     (Case(4, 12, 512, 64, kv_heads=3), _ALL),  # GQA, 4 query heads per k/v head
 ]
+# ... and half precision at the foundation shape, against SDPA in the same dtype (round two's target).
+# They keep their dtype: --dtype runs the whole preset in one dtype instead.
+QUICK_CPU_HALF = [(Case(4, 12, 512, 64, dtype=dtype), ("fwd", "fwd_bwd")) for dtype in ("bfloat16", "float16")]
 
 # The quick default on CUDA: tokens = 16k, hidden 2048 (as flash-attention's benchmarks), bf16.
 QUICK_CUDA = [(Case(16384 // n, 2048 // d, n, d, causal=c), _ALL)
@@ -147,6 +150,8 @@ def attention_cases(cfg: BenchConfig, device: torch.device) -> list:
         preset = QUICK_CUDA if device.type == "cuda" else QUICK_CPU
         cases = [(replace(c, dtype=dtype), tuple(m for m in modes if m in wanted))
                  for c, modes in preset]
+        if device.type == "cpu" and cfg.dtype is None:
+            cases += [(c, tuple(m for m in modes if m in wanted)) for c, modes in QUICK_CPU_HALF]
         return [(c, modes) for c, modes in cases if modes]
     causal = cfg.causal if cfg.causal is not None else ([False, True] if cfg.full else [False])
     variants = cfg.variants or (["plain", "padding", "gqa"] if cfg.full else ["plain"])
@@ -230,4 +235,4 @@ def parse_shape(text: str) -> tuple:
 
 __all__ = ["BenchConfig", "attention_cases", "variant_cases", "decode_case", "decode_cases", "memory_cases", "parse_shape",
            "device_defaults", "default_dtype",
-           "QUICK_CPU", "QUICK_CUDA", "VARIANTS", "RESULTS_DIR", "RUNS_DIR"]
+           "QUICK_CPU", "QUICK_CPU_HALF", "QUICK_CUDA", "VARIANTS", "RESULTS_DIR", "RUNS_DIR"]

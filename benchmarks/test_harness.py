@@ -40,6 +40,31 @@ def test_quick_preset_has_the_target_shapes():
     assert core.Case(4, 12, 512, 64) in cases
     assert core.Case(1, 16, 2048, 128, causal=True) in cases
     assert core.Case(1, 8, 8192, 64) in memory_cases(BenchConfig(), torch.device("cpu"))
+    # half precision keeps its dtype in the default run, and every half-precision target has its row
+    for dtype in ("bfloat16", "float16"):
+        assert (core.Case(4, 12, 512, 64, dtype=dtype), ("fwd", "fwd_bwd")) in attention_cases(
+            BenchConfig(), torch.device("cpu"))
+    half = [t for t in report.TARGETS if t.case.dtype != "float32" and t.suite == "attention"]
+    assert len(half) == 4 and all(t.case in cases for t in half)
+    # --dtype runs the whole preset in that one dtype
+    assert {c.dtype for c, _ in attention_cases(BenchConfig(dtype="float64"), torch.device("cpu"))} == {"float64"}
+
+
+def test_targets_plot_marks_each_measured_target(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    half = next(t for t in report.TARGETS if t.case.dtype == "bfloat16")
+    memory = next(t for t in report.TARGETS if t.metric == "memory_vs_sdpa")
+    results = [report.TargetResult(half, 1.5, "PASS"), report.TargetResult(memory, 2.0, "MISS"),
+               report.TargetResult(report.TARGETS[0], None, "not measured")]
+    assert [report._target_margin(r) for r in results[:2]] == [1.5 / 1.2, 1.5 / 2.0]
+    path = report._plot_targets(plt, results, tmp_path / "t-targets.png")
+    assert path.stat().st_size > 0
+    assert report._plot_targets(plt, results[2:], tmp_path / "none.png") is None
 
 
 def test_full_sweep_holds_tokens_constant():
