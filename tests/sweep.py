@@ -266,6 +266,24 @@ def cpu_variant_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[
                 Nq=nq, Nk=nk, D=D, Dv=Dv, causal=causal, alignment="bottom_right", window=window, mask=mask,
                 sinks=rng.random() < 0.3, dtype=rng.choice(("float32", "bfloat16")),
                 layout=rng.choice(("contiguous", "bnhd", "strided")), threads=rng.choice((1, 2, 3)))
+    # 8c. Flash-decoding: decode tasks fewer than the threads (one K/V head at batch 1, or varlen) split their
+    # keys into parts of at least decode_min_split_blocks blocks, merged afterwards: key counts on both sides
+    # of one and two parts' worth and of a part's edge, 1-4 threads, row counts up to the limit, the masks
+    # and variants the decode path takes (a part that sees no key of a row must weigh nothing in the merge).
+    part = t["decode_min_split_blocks"] * dblock
+    split_nk = sorted({n for n in boundary_lengths([part, 2 * part, part + dblock], 3 * part + 1) if n > 2}
+                      | {7 * part + 5})
+    for nk in split_nk:
+        for threads in (2, 3, 4):
+            group, nq = rng.choice([(g, r // g) for r in (1, quad, limit) for g in (1, 2, 4, 8, 16, 32)
+                                    if r % g == 0 and r // g <= 4])
+            causal = rng.random() < 0.5
+            window = [rng.choice(sides + [part // 2, part + 1]), 0] if causal and rng.random() < 0.4 else [-1, -1]
+            add(name=f"flashdecode-t{threads}-g{group}-Nq{nq}-Nk{nk}-w{window[0]}", B=1, Hq=group, Hkv=1, Nq=nq, Nk=nk,
+                D=rng.choice((16, 64, 128)), causal=causal, alignment="bottom_right", window=window,
+                mask=rng.choice(("none", "keypad")), sinks=rng.random() < 0.4,
+                dtype=rng.choice(("float32", "bfloat16")), layout=rng.choice(("contiguous", "bnhd", "strided")),
+                threads=threads)
     # 9. Varlen with variants: empty and short sequences, per-sequence ALiBi slopes.
     edge = [0, 1] + short
     for combo in combos:

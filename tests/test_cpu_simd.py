@@ -37,6 +37,9 @@ CASES = [
     dict(B=2, Hq=8, Hkv=2, Nq=3, Nk=131, D=64, causal=True, mask=False, dtype="bfloat16"),
     dict(B=1, Hq=16, Hkv=1, Nq=1, Nk=77, D=24, causal=False, mask=True, dtype="float32"),
     dict(B=2, Hq=6, Hkv=2, Nq=5, Nk=200, D=40, causal=True, mask=True, dtype="float32"),
+    # flash-decoding (one K/V head: fewer tasks than threads, keys split into parts merged afterwards)
+    dict(B=1, Hq=8, Hkv=1, Nq=1, Nk=1000, D=64, causal=False, mask=False, dtype="float32"),
+    dict(B=1, Hq=4, Hkv=1, Nq=2, Nk=777, D=128, causal=True, mask=False, dtype="bfloat16"),
 ]
 
 WORKER = textwrap.dedent("""

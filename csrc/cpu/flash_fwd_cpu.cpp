@@ -10,7 +10,10 @@
 //
 // Tasks of at most kDecodeMaxRows rows (a decoding step: the query heads of a group, one or a few
 // new tokens each) take the decode path instead (decode_task, with the kernels of decode_blocks.h):
-// the same online softmax over blocks of kDecodeBlockK keys, with K and V read in place.
+// the same online softmax over blocks of kDecodeBlockK keys, with K and V read in place. When such
+// tasks are fewer than the threads (one K/V head at batch 1: multi-query models), their keys are
+// split into parts run as tasks of their own and merged afterwards (flash-decoding; the split count
+// follows the thread count, so the output's last bits do too).
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -29,12 +32,24 @@ constexpr int kBlockQ = 48;       // query rows per micro-block (a multiple of M
 static_assert(kBlockQ <= kMaxStrips * MR, "a micro-block's strips fit a Staircase");
 constexpr int kBlockK = 256;      // keys per block (a multiple of NR and of 4)
 constexpr int kMaxChunkQ = 512;   // query rows per task at most: they share each packed K/V block
-constexpr int kDecodeMaxRows = 16;  // tasks of at most this many rows take the decode path
+constexpr int kDecodeMaxRows = 32;  // tasks of at most this many rows take the decode path
 constexpr int kDecodeBlockK = 64;   // keys per block of the decode path (a multiple of 8)
+constexpr int kDecodeMinSplitBlocks = 4;  // flash-decoding: blocks per key split at least
+constexpr int kDecodeMaxSplits = 64;      // and splits per task at most
 
 // Rows of a task: row r is query q0 + r % (q1 - q0) of head hk * group + r / (q1 - q0).
 struct FwdTask {
   int64_t b, hk, q0, q1;
+};
+
+// Flash-decoding: when a call's decode tasks are fewer than the threads (e.g. multi-query heads at
+// batch 1), each task's keys are split into kv_splits parts, run as tasks of their own that leave
+// unnormalised partial outputs with their row max and sum, merged per task afterwards.
+struct KeySplit {
+  int index = 0, count = 1;
+};
+struct DecodePartial {  // one split's rows: o (rows x Dv, unnormalised), max and sum (log2 units)
+  float *o, *row_max, *row_sum;
 };
 
 // Whether a call's tasks of few rows can take the decode path: float or bf16 inputs on a CPU with
@@ -63,9 +78,10 @@ bool decode_path_applies(const AttnParams& p, bool block_mask_row) {
 // zero queries and zero probabilities). Scratch: qq (quads x 4 x D), s (quads x 4 x kDecodeBlockK),
 // o (quads x 4 x Dv), row_max / row_sum (quads x 4), bias (kDecodeBlockK).
 template <typename scalar_t>
-void decode_task(const AttnParams& p, const FwdTask& task, int64_t group, bool block_mask_row, float q_scale,
-                 const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* out, float* lse, float* qq,
-                 float* s, float* o_acc, float* row_max, float* row_sum, float* bias) {
+void decode_task(const AttnParams& p, const FwdTask& task, KeySplit split, const DecodePartial* partial,
+                 int64_t group, bool block_mask_row, float q_scale, const scalar_t* q, const scalar_t* k,
+                 const scalar_t* v, scalar_t* out, float* lse, float* qq, float* s, float* o_acc, float* row_max,
+                 float* row_sum, float* bias) {
   static const bool avx512 = cpu_has_avx512();
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
@@ -88,13 +104,19 @@ void decode_task(const AttnParams& p, const FwdTask& task, int64_t group, bool b
     pack_query_quad(rows_q, in_quad, p.q.d, D, q_scale, qq + static_cast<int64_t>(qd) * kQuadRows * D);
   }
   std::fill(o_acc, o_acc + static_cast<int64_t>(quads) * kQuadRows * Dv, 0.0f);
-  for (int r = 0; r < quads * kQuadRows; ++r) {
-    const float sink = r < rows && p.sinks ? static_cast<float>(p.sinks[head_of(r)] * kLog2e) : kNegInf;
+  for (int r = 0; r < quads * kQuadRows; ++r) {  // a sink counts once: in the first split
+    const float sink = r < rows && p.sinks && split.index == 0 ? static_cast<float>(p.sinks[head_of(r)] * kLog2e)
+                                                               : kNegInf;
     row_max[r] = sink;
     row_sum[r] = sink == kNegInf ? 0.0f : 1.0f;
   }
 
-  const int64_t kv_begin = band.key_begin(q0), kv_end = band.key_end(q1 - 1);
+  // This split's share of the task's keys, in whole blocks of kDecodeBlockK
+  const int64_t band_begin = band.key_begin(q0), band_end = band.key_end(q1 - 1);
+  const int64_t blocks = std::max<int64_t>((band_end - band_begin + kDecodeBlockK - 1) / kDecodeBlockK, 0);
+  const int64_t per_split = (blocks + split.count - 1) / split.count;
+  const int64_t kv_begin = std::min(band_end, band_begin + split.index * per_split * kDecodeBlockK);
+  const int64_t kv_end = std::min(band_end, kv_begin + per_split * kDecodeBlockK);
   for (int64_t kb = kv_begin; kb < kv_end; kb += kDecodeBlockK) {
     int bk = static_cast<int>(std::min<int64_t>(kDecodeBlockK, kv_end - kb));
     if (block_mask_row && (bk = fill_mask_bias(p, b, hk * group, 0, kb, bk, bias)) == 0) continue;
@@ -143,6 +165,12 @@ void decode_task(const AttnParams& p, const FwdTask& task, int64_t group, bool b
     }
   }
 
+  if (partial != nullptr) {  // a split: merge_decode_splits normalises and stores
+    std::copy(o_acc, o_acc + static_cast<int64_t>(rows) * Dv, partial->o);
+    std::copy(row_max, row_max + rows, partial->row_max);
+    std::copy(row_sum, row_sum + rows, partial->row_sum);
+    return;
+  }
   for (int row = 0; row < rows; ++row) {
     const int64_t h = head_of(row), i = query_of(row);
     const float l = row_sum[row];
@@ -151,6 +179,35 @@ void decode_task(const AttnParams& p, const FwdTask& task, int64_t group, bool b
     for (int d = 0; d < Dv; ++d) o[d] *= inv;
     store_row(o, Dv, out + p.base_q(p.out, b, h) + i * p.out.n, p.out.d);
     lse[p.row_index(b, h, i)] = l == 0.0f ? kNegInf : (row_max[row] + std::log2(l)) * static_cast<float>(kLn2);
+  }
+}
+
+// A task's splits merged in split order: each split's sum and output rescaled to the common max.
+// o (Dv floats) is scratch.
+template <typename scalar_t>
+void merge_decode_splits(const AttnParams& p, const FwdTask& task, int64_t group, const DecodePartial* parts,
+                         int count, scalar_t* out, float* lse, float* o) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int Dv = static_cast<int>(p.head_dim_v);
+  const int64_t n = task.q1 - task.q0;
+  for (int64_t row = 0; row < group * n; ++row) {
+    const int64_t h = task.hk * group + row / n, i = task.q0 + row % n;
+    float m = kNegInf;
+    for (int x = 0; x < count; ++x) m = std::max(m, parts[x].row_max[row]);
+    const float m_use = m == kNegInf ? 0.0f : m;
+    float l = 0.0f;
+    std::fill(o, o + Dv, 0.0f);
+    for (int x = 0; x < count; ++x) {
+      if (parts[x].row_sum[row] == 0.0f) continue;  // the split saw no key of this row
+      const float w = std::exp2(parts[x].row_max[row] - m_use);
+      l += parts[x].row_sum[row] * w;
+      const float* ox = parts[x].o + row * Dv;
+      for (int d = 0; d < Dv; ++d) o[d] += ox[d] * w;
+    }
+    const float inv = l == 0.0f ? 0.0f : 1.0f / l;
+    for (int d = 0; d < Dv; ++d) o[d] *= inv;
+    store_row(o, Dv, out + p.base_q(p.out, task.b, h) + i * p.out.n, p.out.d);
+    lse[p.row_index(task.b, h, i)] = l == 0.0f ? kNegInf : (m + std::log2(l)) * static_cast<float>(kLn2);
   }
 }
 #endif
@@ -209,14 +266,41 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
 #if FASTATTN_X86
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
     if (max_rows <= kDecodeMaxRows && decode_path_applies<scalar_t>(p, block_mask_row)) {
+      const int64_t padded = round_up(max_rows, kQuadRows);
+      // Fewer tasks than threads: split the keys so that every thread has ~2 parts, each of at
+      // least kDecodeMinSplitBlocks blocks (shorter ones cost more to merge than they save).
+      const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+      int64_t longest_k = 0;
+      for (int64_t b = 0; b < p.batch; ++b) longest_k = std::max(longest_k, p.len_k(b));
+      const int64_t blocks = (longest_k + kDecodeBlockK - 1) / kDecodeBlockK;
+      const int splits = n_tasks >= threads ? 1 : static_cast<int>(std::clamp<int64_t>(
+          std::min((2 * threads + n_tasks - 1) / std::max<int64_t>(n_tasks, 1), blocks / kDecodeMinSplitBlocks), 1,
+          kDecodeMaxSplits));
+      std::vector<float> partial_buf;
+      std::vector<DecodePartial> parts;
+      if (splits > 1) {
+        const int64_t per_part = max_rows * (Dv + 2);
+        partial_buf.resize(static_cast<size_t>(n_tasks * splits * per_part));
+        for (int64_t x = 0; x < n_tasks * splits; ++x) {
+          float* base = partial_buf.data() + x * per_part;
+          parts.push_back({base, base + max_rows * Dv, base + max_rows * (Dv + 1)});
+        }
+      }
       at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-        const int64_t padded = round_up(max_rows, kQuadRows);
         Scratch<float> qq(padded * D), s(padded * kDecodeBlockK), o_acc(padded * Dv), row_max(padded),
             row_sum(padded), bias(kDecodeBlockK);
-        for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());)
-          decode_task(p, tasks[t], group, block_mask_row, q_scale, q, k, v, out, lse, qq.get(), s.get(), o_acc.get(),
-                      row_max.get(), row_sum.get(), bias.get());
+        for (int64_t t; (t = next_task.fetch_add(1)) < n_tasks * splits;)
+          decode_task(p, tasks[t / splits], KeySplit{static_cast<int>(t % splits), splits},
+                      splits > 1 ? &parts[t] : nullptr, group, block_mask_row, q_scale, q, k, v, out, lse, qq.get(),
+                      s.get(), o_acc.get(), row_max.get(), row_sum.get(), bias.get());
       });
+      if (splits > 1) {
+        at::parallel_for(0, n_tasks, 1, [&](int64_t t0, int64_t t1) {
+          Scratch<float> o(Dv);
+          for (int64_t t = t0; t < t1; ++t)
+            merge_decode_splits(p, tasks[t], group, &parts[t * splits], splits, out, lse, o.get());
+        });
+      }
       return;
     }
   }
@@ -355,7 +439,8 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
 Tiling fwd_tiling() {
   return {{"fwd_block_q", kBlockQ},           {"fwd_block_k", kBlockK},
           {"fwd_max_chunk_q", kMaxChunkQ},    {"decode_max_rows", kDecodeMaxRows},
-          {"decode_block_k", kDecodeBlockK},  {"decode_quad_rows", kQuadRows}};
+          {"decode_block_k", kDecodeBlockK},  {"decode_quad_rows", kQuadRows},
+          {"decode_min_split_blocks", kDecodeMinSplitBlocks}, {"decode_max_splits", kDecodeMaxSplits}};
 }
 
 void flash_fwd_cpu(const AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
