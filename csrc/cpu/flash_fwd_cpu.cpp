@@ -43,8 +43,8 @@ struct FwdTask {
 };
 
 // Flash-decoding: when a call's decode tasks are fewer than the threads (e.g. multi-query heads at
-// batch 1), each task's keys are split into kv_splits parts, run as tasks of their own that leave
-// unnormalised partial outputs with their row max and sum, merged per task afterwards.
+// batch 1), each task's keys are split into KeySplit::count parts, run as tasks of their own that
+// leave unnormalised partial outputs with their row max and sum, merged per task afterwards.
 struct KeySplit {
   int index = 0, count = 1;
 };
