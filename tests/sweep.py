@@ -268,7 +268,7 @@ def cpu_variant_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[
                 layout=rng.choice(("contiguous", "bnhd", "strided")), threads=rng.choice((1, 2, 3)))
     # 8c. Flash-decoding: decode tasks fewer than the threads (one K/V head at batch 1, or varlen) split their
     # keys into parts of at least decode_min_split_blocks blocks, merged afterwards: key counts on both sides
-    # of one and two parts' worth and of a part's edge, 1-4 threads, row counts up to the limit, the masks
+    # of one and two parts' worth and of a part's edge, 2-4 threads, row counts up to the limit, the masks
     # and variants the decode path takes (a part that sees no key of a row must weigh nothing in the merge).
     part = t["decode_min_split_blocks"] * dblock
     split_nk = sorted({n for n in boundary_lengths([part, 2 * part, part + dblock], 3 * part + 1) if n > 2}

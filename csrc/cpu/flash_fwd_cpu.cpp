@@ -77,6 +77,19 @@ bool decode_path_applies(const AttnParams& p, bool block_mask_row) {
 // the general path, then P V; the rows go by quads of kQuadRows (a last quad's empty rows have
 // zero queries and zero probabilities). Scratch: qq (quads x 4 x D), s (quads x 4 x kDecodeBlockK),
 // o (quads x 4 x Dv), row_max / row_sum (quads x 4), bias (kDecodeBlockK).
+// The end of a decode row: o (Dv floats, sum l and max m in log2 units) normalised in place and
+// stored with its LSE; a row that saw no key gives zeros and -inf.
+template <typename scalar_t>
+void finish_decode_row(const AttnParams& p, int64_t b, int64_t h, int64_t i, float* o, float m, float l,
+                       scalar_t* out, float* lse) {
+  const int Dv = static_cast<int>(p.head_dim_v);
+  const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // no dropout on this path: keep scale 1
+  for (int d = 0; d < Dv; ++d) o[d] *= inv;
+  store_row(o, Dv, out + p.base_q(p.out, b, h) + i * p.out.n, p.out.d);
+  lse[p.row_index(b, h, i)] =
+      l == 0.0f ? -std::numeric_limits<float>::infinity() : (m + std::log2(l)) * static_cast<float>(kLn2);
+}
+
 template <typename scalar_t>
 void decode_task(const AttnParams& p, const FwdTask& task, KeySplit split, const DecodePartial* partial,
                  int64_t group, bool block_mask_row, float q_scale, const scalar_t* q, const scalar_t* k,
@@ -171,15 +184,9 @@ void decode_task(const AttnParams& p, const FwdTask& task, KeySplit split, const
     std::copy(row_sum, row_sum + rows, partial->row_sum);
     return;
   }
-  for (int row = 0; row < rows; ++row) {
-    const int64_t h = head_of(row), i = query_of(row);
-    const float l = row_sum[row];
-    const float inv = l == 0.0f ? 0.0f : 1.0f / l;  // no dropout on this path: keep scale 1
-    float* o = o_acc + static_cast<int64_t>(row) * Dv;
-    for (int d = 0; d < Dv; ++d) o[d] *= inv;
-    store_row(o, Dv, out + p.base_q(p.out, b, h) + i * p.out.n, p.out.d);
-    lse[p.row_index(b, h, i)] = l == 0.0f ? kNegInf : (row_max[row] + std::log2(l)) * static_cast<float>(kLn2);
-  }
+  for (int row = 0; row < rows; ++row)
+    finish_decode_row(p, b, head_of(row), query_of(row), o_acc + static_cast<int64_t>(row) * Dv, row_max[row],
+                      row_sum[row], out, lse);
 }
 
 // A task's splits merged in split order: each split's sum and output rescaled to the common max.
@@ -204,10 +211,7 @@ void merge_decode_splits(const AttnParams& p, const FwdTask& task, int64_t group
       const float* ox = parts[x].o + row * Dv;
       for (int d = 0; d < Dv; ++d) o[d] += ox[d] * w;
     }
-    const float inv = l == 0.0f ? 0.0f : 1.0f / l;
-    for (int d = 0; d < Dv; ++d) o[d] *= inv;
-    store_row(o, Dv, out + p.base_q(p.out, task.b, h) + i * p.out.n, p.out.d);
-    lse[p.row_index(task.b, h, i)] = l == 0.0f ? kNegInf : (m + std::log2(l)) * static_cast<float>(kLn2);
+    finish_decode_row(p, task.b, h, i, o, m, l, out, lse);
   }
 }
 #endif
