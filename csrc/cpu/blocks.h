@@ -229,21 +229,6 @@ void pack_a_row(const src_t* src, int64_t cs, int K, acc_t* panels, int r, acc_t
   for (int k = 0; k < K; ++k) panel[k * MR + r % MR] = load_as<acc_t>(src + k * cs) * scale;
 }
 
-// Asks for `rows` rows of `row_elems` values (row_stride apart) to be brought into L2 ahead of
-// use. Prefetch instructions never fault, so rows past a tensor's end are harmless (none are asked).
-template <typename T>
-inline void prefetch_rows_l2(const T* src, int64_t row_stride, int rows, int row_elems) {
-#if FASTATTN_X86
-  const int64_t bytes = static_cast<int64_t>(row_elems) * sizeof(T);
-  for (int r = 0; r < rows; ++r) {
-    const char* row = reinterpret_cast<const char*>(src + r * row_stride);
-    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T1);
-  }
-#else
-  (void)src, (void)row_stride, (void)rows, (void)row_elems;
-#endif
-}
-
 inline int64_t packed_a_size(int64_t M, int64_t K) { return round_up(M, MR) * K; }
 inline int64_t packed_b_size(int K, int N) { return round_up(N, NR) * K; }
 

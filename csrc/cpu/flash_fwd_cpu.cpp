@@ -133,19 +133,15 @@ void decode_task(const AttnParams& p, const FwdTask& task, KeySplit split, const
   for (int64_t kb = kv_begin; kb < kv_end; kb += kDecodeBlockK) {
     int bk = static_cast<int>(std::min<int64_t>(kDecodeBlockK, kv_end - kb));
     if (block_mask_row && (bk = fill_mask_bias(p, b, hk * group, 0, kb, bk, bias)) == 0) continue;
-    // The next block's K and V rows, asked for now: the hardware prefetchers stop at every 4 KiB
-    // page, and a block's rows span 8-16 of them (measured 1.0-1.15x on long caches).
-    if (const int64_t next = kb + kDecodeBlockK; next < kv_end) {
-      const int cnt = static_cast<int>(std::min<int64_t>(kDecodeBlockK, kv_end - next));
-      prefetch_rows_l2(kh + next * p.k.n, p.k.n, cnt, D);
-      prefetch_rows_l2(vh + next * p.v.n, p.v.n, cnt, Dv);
-    }
+    // The kernels prefetch a few KiB ahead, into the next block: up to this split's end
+    const int avail = static_cast<int>(std::min<int64_t>(kv_end - kb, kDecodeBlockK + kMaxPrefetchRows));
     if (avx512) {
-      decode_scores_avx512(qq, quads, kh + kb * p.k.n, p.k.n, bk, D, s, kDecodeBlockK);
+      decode_scores_avx512(qq, quads, kh + kb * p.k.n, p.k.n, bk, D, s, kDecodeBlockK, avail);
     } else {
       for (int qd = 0; qd < quads; ++qd)
         decode_scores_avx2(qq + static_cast<int64_t>(qd) * kQuadRows * D, kh + kb * p.k.n, p.k.n, bk, D,
-                           s + static_cast<int64_t>(qd) * kQuadRows * kDecodeBlockK, kDecodeBlockK);
+                           s + static_cast<int64_t>(qd) * kQuadRows * kDecodeBlockK, kDecodeBlockK,
+                           qd == 0 ? avail : 0);
     }
     for (int row = 0; row < quads * kQuadRows; ++row) {
       float* x = s + static_cast<int64_t>(row) * kDecodeBlockK;
@@ -171,10 +167,11 @@ void decode_task(const AttnParams& p, const FwdTask& task, KeySplit split, const
     for (int qd = 0; qd < quads; ++qd) {
       const float* pq = s + static_cast<int64_t>(qd) * kQuadRows * kDecodeBlockK;
       float* oq = o_acc + static_cast<int64_t>(qd) * kQuadRows * Dv;
+      const int pf = qd == 0 ? avail : 0;
       if (avx512)
-        decode_values_avx512(pq, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, oq);
+        decode_values_avx512(pq, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, oq, pf);
       else
-        decode_values_avx2(pq, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, oq);
+        decode_values_avx2(pq, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, oq, pf);
     }
   }
 
