@@ -18,6 +18,8 @@
 // within 128-bit lanes), so the two give identical bits, as the general path's kernels do.
 #pragma once
 
+#include <cstring>
+
 #include "blocks.h"
 
 namespace fastattn {
@@ -75,6 +77,19 @@ FASTATTN_AVX2 inline __m128 load4_as_float(const c10::BFloat16* p) {
   return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), bits));
 }
 
+// The same four values in both 128-bit halves of an AVX2 register (one per pair of the quad's rows):
+// a broadcast load, then for bf16 one in-lane interleave with zeros. Widening once and then
+// inserting the half again would cost a second shuffle per 2 FMAs, which on AVX2-only cores (FMA
+// and shuffles sharing ports) is what limits the bf16 scores kernel.
+FASTATTN_AVX2 inline __m256 load4x2_as_float_avx2(const float* p) {
+  return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p));
+}
+FASTATTN_AVX2 inline __m256 load4x2_as_float_avx2(const c10::BFloat16* p) {
+  int64_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), _mm256_set1_epi64x(bits)));
+}
+
 // Four keys' partial sums (lane r * 4 + c of each) to their scores: lane r * 4 + t is key t's
 // score for row r, ((c0 + c2) + (c1 + c3)). Within 128-bit lanes: the same for AVX2 and AVX-512.
 FASTATTN_AVX2 inline __m256 reduce_quad_keys_avx2(__m256 a, __m256 b, __m256 c, __m256 d) {
@@ -119,8 +134,7 @@ FASTATTN_AVX2 void decode_scores_avx2(const float* qq, const src_t* k, int64_t k
       const __m256 q01 = _mm256_loadu_ps(qq + i * 16), q23 = _mm256_loadu_ps(qq + i * 16 + 8);
 #pragma GCC unroll 4
       for (int t = 0; t < 4; ++t) {
-        const __m128 k4 = load4_as_float(kr[t] + 4 * i);
-        const __m256 kk = _mm256_insertf128_ps(_mm256_castps128_ps256(k4), k4, 1);
+        const __m256 kk = load4x2_as_float_avx2(kr[t] + 4 * i);
         acc[t][0] = _mm256_fmadd_ps(kk, q01, acc[t][0]);
         acc[t][1] = _mm256_fmadd_ps(kk, q23, acc[t][1]);
       }
