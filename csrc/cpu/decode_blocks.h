@@ -224,12 +224,55 @@ FASTATTN_AVX512 void decode_scores_avx512(const float* qq, int quads, const src_
 // o[r * Dv + d] += sum_j p[r * ldp + j] v[j][d] for the quad's 4 rows, keys j < n in order (key j's
 // row at v + j * vs, unit stride along d), Dv a multiple of 8. Each o element is one chain of FMAs.
 // avail: as for decode_scores_avx2.
+// bf16 V on AVX2: 16 columns at a time are widened as even and odd columns (a shift and a mask of
+// the 8 dwords, each holding two bf16) instead of two halves (two widening shuffles and two
+// shifts): half the conversion work, which competes with the FMAs for ports on AVX2-only cores.
+// The accumulators then hold o's columns de-interleaved, permuted in and out once per call; each
+// element's FMA chain is unchanged.
+FASTATTN_AVX2 inline void deinterleave16_avx2(const float* o, __m256& even, __m256& odd) {
+  const __m256 a = _mm256_loadu_ps(o), b = _mm256_loadu_ps(o + 8);
+  // per 128-bit lane: columns (0 2 8 10 | 4 6 12 14), then 64-bit pairs into order
+  even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+}
+FASTATTN_AVX2 inline void interleave16_avx2(__m256 even, __m256 odd, float* o) {
+  const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);  // (0-3 | 8-11), (4-7 | 12-15)
+  _mm256_storeu_ps(o, _mm256_permute2f128_ps(lo, hi, 0x20));
+  _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+FASTATTN_AVX2 inline void decode_values16_bf16_avx2(const float* p, int64_t ldp, const c10::BFloat16* v, int64_t vs,
+                                                    int n, int Dv, float* o, bool prefetch, int ahead, int avail) {
+  __m256 even[kQuadRows], odd[kQuadRows];
+  for (int r = 0; r < kQuadRows; ++r) deinterleave16_avx2(o + r * Dv, even[r], odd[r]);
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int j = 0; j < n; ++j) {
+    if (prefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * vs));
+    const __m256 ve = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+    const __m256 vo = _mm256_castsi256_ps(_mm256_and_si256(bits, high));
+#pragma GCC unroll 4
+    for (int r = 0; r < kQuadRows; ++r) {
+      const __m256 pr = _mm256_broadcast_ss(p + r * ldp + j);
+      even[r] = _mm256_fmadd_ps(pr, ve, even[r]);
+      odd[r] = _mm256_fmadd_ps(pr, vo, odd[r]);
+    }
+  }
+  for (int r = 0; r < kQuadRows; ++r) interleave16_avx2(even[r], odd[r], o + r * Dv);
+}
+
 template <typename src_t>
 FASTATTN_AVX2 void decode_values_avx2(const float* p, int64_t ldp, const src_t* v, int64_t vs, int n, int Dv,
                                       float* o, int avail = 0) {
   const int ahead = prefetch_distance_rows<src_t>(Dv);
   for (int d0 = 0; d0 < Dv; d0 += 16) {
     const bool two = d0 + 16 <= Dv;  // else 8 columns left
+    if constexpr (std::is_same_v<src_t, c10::BFloat16>) {
+      if (two) {
+        decode_values16_bf16_avx2(p, ldp, v + d0, vs, n, Dv, o + d0, d0 == 0, ahead, avail);
+        continue;
+      }
+    }
     __m256 acc[kQuadRows][2];
     for (int r = 0; r < kQuadRows; ++r) {
       acc[r][0] = _mm256_loadu_ps(o + r * Dv + d0);
