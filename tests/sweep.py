@@ -266,6 +266,14 @@ def cpu_variant_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[
                 Nq=nq, Nk=nk, D=D, Dv=Dv, causal=causal, alignment="bottom_right", window=window, mask=mask,
                 sinks=rng.random() < 0.3, dtype=rng.choice(("float32", "bfloat16")),
                 layout=rng.choice(("contiguous", "bnhd", "strided")), threads=rng.choice((1, 2, 3)))
+    # The AVX2 values kernel takes float V rows by chunks of decode_values_chunk_bytes: key counts on both
+    # sides of a chunk's edge, inside a block and past one, for head dims whose chunks divide the block and not.
+    for Dv in (128, 40, 8):
+        rows_per_chunk = max(1, t["decode_values_chunk_bytes"] // (4 * Dv))
+        for nk in sorted({n for c in (rows_per_chunk, 2 * rows_per_chunk, dblock + rows_per_chunk)
+                          for n in (c - 1, c, c + 1) if n > 0}):
+            add(name=f"decodechunk-Dv{Dv}-Nk{nk}", B=1, Hq=8, Hkv=2, Nq=1, Nk=nk, D=rng.choice((4, 64, 128)), Dv=Dv,
+                dtype="float32", layout=rng.choice(("contiguous", "strided")), threads=rng.choice((1, 2)))
     # 8c. Flash-decoding: decode tasks fewer than the threads (one K/V head at batch 1, or varlen) split their
     # keys into parts of at least decode_min_split_blocks blocks, merged afterwards: key counts on both sides
     # of one and two parts' worth and of a part's edge, 2-4 threads, row counts up to the limit, the masks

@@ -221,13 +221,10 @@ FASTATTN_AVX512 void decode_scores_avx512(const float* qq, int quads, const src_
   }
 }
 
-// o[r * Dv + d] += sum_j p[r * ldp + j] v[j][d] for the quad's 4 rows, keys j < n in order (key j's
-// row at v + j * vs, unit stride along d), Dv a multiple of 8. Each o element is one chain of FMAs.
-// avail: as for decode_scores_avx2.
 // bf16 V on AVX2: 16 columns at a time are widened as even and odd columns (a shift and a mask of
 // the 8 dwords, each holding two bf16) instead of two halves (two widening shuffles and two
 // shifts): half the conversion work, which competes with the FMAs for ports on AVX2-only cores.
-// The accumulators then hold o's columns de-interleaved, permuted in and out once per call; each
+// The accumulators then hold o's columns de-interleaved, permuted in and out once per strip; each
 // element's FMA chain is unchanged.
 FASTATTN_AVX2 inline void deinterleave16_avx2(const float* o, __m256& even, __m256& odd) {
   const __m256 a = _mm256_loadu_ps(o), b = _mm256_loadu_ps(o + 8);
@@ -241,58 +238,69 @@ FASTATTN_AVX2 inline void interleave16_avx2(__m256 even, __m256 odd, float* o) {
   _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-FASTATTN_AVX2 inline void decode_values16_bf16_avx2(const float* p, int64_t ldp, const c10::BFloat16* v, int64_t vs,
-                                                    int n, int Dv, float* o, bool prefetch, int ahead, int avail) {
-  __m256 even[kQuadRows], odd[kQuadRows];
-  for (int r = 0; r < kQuadRows; ++r) deinterleave16_avx2(o + r * Dv, even[r], odd[r]);
-  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  for (int j = 0; j < n; ++j) {
-    if (prefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
-    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * vs));
-    const __m256 ve = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
-    const __m256 vo = _mm256_castsi256_ps(_mm256_and_si256(bits, high));
+// One strip of the values kernel: columns [0, 16) (kCols 16) or [0, 8) of o and of v's rows,
+// keys [j0, j1). `prefetch`: the strip that asks for V's rows `ahead` of the ones it reads.
+template <int kCols, typename src_t>
+FASTATTN_AVX2 inline void decode_values_strip_avx2(const float* p, int64_t ldp, const src_t* v, int64_t vs, int j0,
+                                                   int j1, int Dv, float* o, bool prefetch, int ahead, int avail) {
+  static_assert(kCols == 8 || kCols == 16, "one or two registers per row");
+  if constexpr (kCols == 16 && std::is_same_v<src_t, c10::BFloat16>) {
+    __m256 even[kQuadRows], odd[kQuadRows];
+    for (int r = 0; r < kQuadRows; ++r) deinterleave16_avx2(o + r * Dv, even[r], odd[r]);
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+    for (int j = j0; j < j1; ++j) {
+      if (prefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
+      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * vs));
+      const __m256 ve = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+      const __m256 vo = _mm256_castsi256_ps(_mm256_and_si256(bits, high));
 #pragma GCC unroll 4
-    for (int r = 0; r < kQuadRows; ++r) {
-      const __m256 pr = _mm256_broadcast_ss(p + r * ldp + j);
-      even[r] = _mm256_fmadd_ps(pr, ve, even[r]);
-      odd[r] = _mm256_fmadd_ps(pr, vo, odd[r]);
+      for (int r = 0; r < kQuadRows; ++r) {
+        const __m256 pr = _mm256_broadcast_ss(p + r * ldp + j);
+        even[r] = _mm256_fmadd_ps(pr, ve, even[r]);
+        odd[r] = _mm256_fmadd_ps(pr, vo, odd[r]);
+      }
     }
+    for (int r = 0; r < kQuadRows; ++r) interleave16_avx2(even[r], odd[r], o + r * Dv);
+  } else {
+    constexpr int kRegs = kCols / 8;
+    __m256 acc[kQuadRows][kRegs];
+    for (int r = 0; r < kQuadRows; ++r)
+      for (int x = 0; x < kRegs; ++x) acc[r][x] = _mm256_loadu_ps(o + r * Dv + 8 * x);
+    for (int j = j0; j < j1; ++j) {
+      if (prefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
+      __m256 vv[kRegs];
+      for (int x = 0; x < kRegs; ++x) vv[x] = load8_as_float_avx2(v + j * vs + 8 * x);
+#pragma GCC unroll 4
+      for (int r = 0; r < kQuadRows; ++r) {
+        const __m256 pr = _mm256_broadcast_ss(p + r * ldp + j);
+        for (int x = 0; x < kRegs; ++x) acc[r][x] = _mm256_fmadd_ps(pr, vv[x], acc[r][x]);
+      }
+    }
+    for (int r = 0; r < kQuadRows; ++r)
+      for (int x = 0; x < kRegs; ++x) _mm256_storeu_ps(o + r * Dv + 8 * x, acc[r][x]);
   }
-  for (int r = 0; r < kQuadRows; ++r) interleave16_avx2(even[r], odd[r], o + r * Dv);
 }
 
+// float V rows are taken by chunks of about this many bytes, each read by every strip of the
+// values kernel while it is in L1: the whole block's V (64 rows of 512 B at D=128) is all of a
+// 32 KiB L1, so strips after the first found their rows in L2. bf16 rows are half as long and
+// their strips pay a permute in and out per chunk: one chunk, the whole block.
+constexpr int kValuesChunkBytes = 8192;
+
+// o[r * Dv + d] += sum_j p[r * ldp + j] v[j][d] for the quad's 4 rows, keys j < n in order (key j's
+// row at v + j * vs, unit stride along d), Dv a multiple of 8. Each o element is one chain of FMAs
+// over j (a chunk's partial sums go through o, exactly). avail: as for decode_scores_avx2.
 template <typename src_t>
 FASTATTN_AVX2 void decode_values_avx2(const float* p, int64_t ldp, const src_t* v, int64_t vs, int n, int Dv,
                                       float* o, int avail = 0) {
   const int ahead = prefetch_distance_rows<src_t>(Dv);
-  for (int d0 = 0; d0 < Dv; d0 += 16) {
-    const bool two = d0 + 16 <= Dv;  // else 8 columns left
-    if constexpr (std::is_same_v<src_t, c10::BFloat16>) {
-      if (two) {
-        decode_values16_bf16_avx2(p, ldp, v + d0, vs, n, Dv, o + d0, d0 == 0, ahead, avail);
-        continue;
-      }
-    }
-    __m256 acc[kQuadRows][2];
-    for (int r = 0; r < kQuadRows; ++r) {
-      acc[r][0] = _mm256_loadu_ps(o + r * Dv + d0);
-      acc[r][1] = two ? _mm256_loadu_ps(o + r * Dv + d0 + 8) : _mm256_setzero_ps();
-    }
-    for (int j = 0; j < n; ++j) {
-      if (d0 == 0) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
-      const src_t* vr = v + j * vs + d0;
-      const __m256 v0 = load8_as_float_avx2(vr), v1 = two ? load8_as_float_avx2(vr + 8) : v0;
-#pragma GCC unroll 4
-      for (int r = 0; r < kQuadRows; ++r) {
-        const __m256 pr = _mm256_broadcast_ss(p + r * ldp + j);
-        acc[r][0] = _mm256_fmadd_ps(pr, v0, acc[r][0]);
-        if (two) acc[r][1] = _mm256_fmadd_ps(pr, v1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < kQuadRows; ++r) {
-      _mm256_storeu_ps(o + r * Dv + d0, acc[r][0]);
-      if (two) _mm256_storeu_ps(o + r * Dv + d0 + 8, acc[r][1]);
-    }
+  const int chunk = std::is_same_v<src_t, float> ? std::max(1, kValuesChunkBytes / (Dv * 4)) : std::max(n, 1);
+  for (int j0 = 0; j0 < n; j0 += chunk) {
+    const int j1 = std::min(n, j0 + chunk);
+    int d0 = 0;
+    for (; d0 + 16 <= Dv; d0 += 16)
+      decode_values_strip_avx2<16>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, d0 == 0, ahead, avail);
+    if (d0 < Dv) decode_values_strip_avx2<8>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, d0 == 0, ahead, avail);
   }
 }
 

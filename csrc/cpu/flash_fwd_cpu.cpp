@@ -441,7 +441,8 @@ Tiling fwd_tiling() {
   return {{"fwd_block_q", kBlockQ},           {"fwd_block_k", kBlockK},
           {"fwd_max_chunk_q", kMaxChunkQ},    {"decode_max_rows", kDecodeMaxRows},
           {"decode_block_k", kDecodeBlockK},  {"decode_quad_rows", kQuadRows},
-          {"decode_min_split_blocks", kDecodeMinSplitBlocks}, {"decode_max_splits", kDecodeMaxSplits}};
+          {"decode_min_split_blocks", kDecodeMinSplitBlocks}, {"decode_max_splits", kDecodeMaxSplits},
+          {"decode_values_chunk_bytes", kValuesChunkBytes}};
 }
 
 void flash_fwd_cpu(const AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
