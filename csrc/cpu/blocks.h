@@ -101,10 +101,12 @@ FASTATTN_AVX2 inline void transpose8x8_avx2(__m256 r[8]) {
 }
 
 // One full row panel (MR x K) of A from float rows, times scale: 8 x 8 register transposes
-// (two rows of padding), each column of MR written with a masked store.
+// (two rows of padding). Each column of MR is stored as 8 floats, in order, so that its 2 padding
+// lanes land on the next column's first two, which the next store writes; the last of the 8 is
+// stored as 4 + 2 floats, never past the panel. (A masked store, vmaskmovps, is microcoded on
+// AMD cores: it was most of this function's time on Zen 3.)
 FASTATTN_AVX2 inline void pack_a_panel_avx2(const float* src, int64_t rs, int K, float* panel, float scale) {
-  static_assert(MR <= 8, "one transposed column of the panel fits one register");
-  const __m256i keep = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+  static_assert(MR == 6, "a transposed column is 6 of a register's 8 floats");
   const __m256 vs = _mm256_set1_ps(scale);
   int k = 0;
   for (; k + 8 <= K; k += 8) {
@@ -112,7 +114,10 @@ FASTATTN_AVX2 inline void pack_a_panel_avx2(const float* src, int64_t rs, int K,
     for (int i = 0; i < MR; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(src + i * rs + k), vs);
     for (int i = MR; i < 8; ++i) r[i] = _mm256_setzero_ps();
     transpose8x8_avx2(r);
-    for (int i = 0; i < 8; ++i) _mm256_maskstore_ps(panel + (k + i) * MR, keep, r[i]);
+    for (int i = 0; i < 7; ++i) _mm256_storeu_ps(panel + (k + i) * MR, r[i]);
+    float* last = panel + (k + 7) * MR;
+    _mm_storeu_ps(last, _mm256_castps256_ps128(r[7]));
+    _mm_storel_pi(reinterpret_cast<__m64*>(last + 4), _mm256_extractf128_ps(r[7], 1));
   }
   for (; k < K; ++k)
     for (int i = 0; i < MR; ++i) panel[k * MR + i] = src[i * rs + k] * scale;
