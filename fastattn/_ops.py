@@ -163,8 +163,12 @@ class OpPair:
     def __init__(self, prefix: str):
         self.prefix = prefix
 
-    def __getattr__(self, op: str):  # fwd, bwd, varlen_fwd, varlen_bwd
-        return getattr(torch.ops.fastattn, self.prefix + op)
+    def __getattr__(self, op: str):  # fwd, bwd, varlen_fwd, varlen_bwd (only called until cached)
+        # The overload itself, not its packet, which would pick it again on every call (a few us);
+        # kept as an attribute, so later calls find it without coming here.
+        overload = getattr(torch.ops.fastattn, self.prefix + op).default
+        setattr(self, op, overload)
+        return overload
 
 
 # Which ops run a backend: the C++ backends share fwd/bwd (dispatch by device), Triton has its own.
@@ -196,7 +200,12 @@ def needs_autograd(*tensors) -> bool:
     """Whether a call on these inputs must go through its autograd.Function: grad mode is on and
     one of them requires grad. Otherwise (inference) the forward op runs alone, without the
     Function's bookkeeping (tens of microseconds, as much as a short decode step's kernel)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not any(generator): this runs on every call
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def attention_fwd(q, k, v, attn_mask, causal, scale, dropout_p, rng_state, backend="cpu", variants=PLAIN,

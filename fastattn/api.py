@@ -32,23 +32,26 @@ def _check_tensor(t, name: str, ndim: int, layout: str) -> None:
 
 
 def _check_qkv(q, k, v, layout_q: str, layout_k: str, layout_v: str, head_axis: int, len_axis: int) -> None:
-    _check_tensor(q, "q", len(layout_q.split(",")), layout_q)
-    _check_tensor(k, "k", len(layout_k.split(",")), layout_k)
-    _check_tensor(v, "v", len(layout_v.split(",")), layout_v)
-    if k.dtype != q.dtype or v.dtype != q.dtype:
+    ndim = layout_q.count(",") + 1  # the three layouts have as many axes
+    _check_tensor(q, "q", ndim, layout_q)
+    _check_tensor(k, "k", ndim, layout_k)
+    _check_tensor(v, "v", ndim, layout_v)
+    dtype, device = q.dtype, q.device
+    if k.dtype != dtype or v.dtype != dtype:
         raise InvalidArgumentTypeError(f"q, k, v must have the same dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
+    if k.device != device or v.device != device:
         raise InvalidArgumentError(f"q, k, v must be on the same device, got q {q.device}, k {k.device}, v {v.device}")
-    if k.shape[-1] != q.shape[-1]:
-        raise InvalidArgumentError(f"k head dim {k.shape[-1]} must equal q head dim {q.shape[-1]} (q {tuple(q.shape)}, "
-                                   f"k {tuple(k.shape)})")
-    if v.shape[len_axis] != k.shape[len_axis]:
+    q_shape, k_shape, v_shape = q.shape, k.shape, v.shape
+    if k_shape[-1] != q_shape[-1]:
+        raise InvalidArgumentError(f"k head dim {k_shape[-1]} must equal q head dim {q_shape[-1]} "
+                                   f"(q {tuple(q_shape)}, k {tuple(k_shape)})")
+    if v_shape[len_axis] != k_shape[len_axis]:
         raise InvalidArgumentError(
-            f"k and v must have the same sequence length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if v.shape[head_axis] != k.shape[head_axis]:
+            f"k and v must have the same sequence length, got k {tuple(k_shape)}, v {tuple(v_shape)}")
+    if v_shape[head_axis] != k_shape[head_axis]:
         raise InvalidArgumentError(
-            f"k and v must have the same number of heads, got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    hq, hkv = q.shape[head_axis], k.shape[head_axis]
+            f"k and v must have the same number of heads, got k {tuple(k_shape)}, v {tuple(v_shape)}")
+    hq, hkv = q_shape[head_axis], k_shape[head_axis]
     if (hq % hkv != 0) if hkv else hq != 0:  # no heads at all (an empty batch of heads) is allowed, as in torch
         raise InvalidArgumentError(
             f"the number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv})")
@@ -137,11 +140,13 @@ def _check_variants(q, causal: bool, window_size, alignment, softcap, alibi_slop
     case takes it): a window (left, 0) is causal (with a left bound), causal ignores the right bound, and the
     alignment only matters where a diagonal does (causal, a window or ALiBi) and Nq != Nk.
     """
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise InvalidArgumentTypeError(
             f"window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
     left, right = window_size
+    if isinstance(left, bool) or not isinstance(left, int) or isinstance(right, bool) or not isinstance(right, int):
+        raise InvalidArgumentTypeError(
+            f"window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
     if left < -1 or right < -1:
         raise InvalidArgumentError(
             f"window_size must be a pair of ints >= -1 (-1: unbounded), got {tuple(window_size)}")
@@ -152,13 +157,14 @@ def _check_variants(q, causal: bool, window_size, alignment, softcap, alibi_slop
             f"softcap must be a float >= 0 (0: no soft-capping), got {type(softcap).__name__}")
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         raise InvalidArgumentError(f"softcap must be a finite float >= 0 (0: no soft-capping), got {softcap}")
-    alibi_slopes = _check_head_tensor(alibi_slopes, "alibi_slopes", q, {"(Hq,)": (heads_q,),
-                                                                        "(B, Hq)": (batch, heads_q)})
-    if alibi_slopes is not None and alibi_slopes.requires_grad:
-        raise InvalidArgumentError(
-            "alibi_slopes requires grad, but fastattn does not compute gradients for the slopes; "
-            "pass alibi_slopes.detach()")
-    sinks = _check_head_tensor(sinks, "sinks", q, {"(Hq,)": (heads_q,)})
+    if alibi_slopes is not None:
+        _check_head_tensor(alibi_slopes, "alibi_slopes", q, {"(Hq,)": (heads_q,), "(B, Hq)": (batch, heads_q)})
+        if alibi_slopes.requires_grad:
+            raise InvalidArgumentError(
+                "alibi_slopes requires grad, but fastattn does not compute gradients for the slopes; "
+                "pass alibi_slopes.detach()")
+    if sinks is not None:
+        _check_head_tensor(sinks, "sinks", q, {"(Hq,)": (heads_q,)})
     if causal or right == 0:
         causal, right = True, -1
     names = []
