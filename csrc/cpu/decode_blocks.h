@@ -238,18 +238,21 @@ FASTATTN_AVX2 inline void interleave16_avx2(__m256 even, __m256 odd, float* o) {
   _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-// One strip of the values kernel: columns [0, 16) (kCols 16) or [0, 8) of o and of v's rows,
-// keys [j0, j1). `prefetch`: the strip that asks for V's rows `ahead` of the ones it reads.
-template <int kCols, typename src_t>
+// One strip of the values kernel: columns [0, kCols) of o and of v's rows (8, 16 or, for float V,
+// 24: 12 accumulators, so that the FMA chains, one per accumulator and 4 cycles long, leave the
+// two FMA pipes some slack), keys [j0, j1). kPrefetch: the strip that asks for V's rows `ahead`
+// of the ones it reads.
+template <int kCols, bool kPrefetch, typename src_t>
 FASTATTN_AVX2 inline void decode_values_strip_avx2(const float* p, int64_t ldp, const src_t* v, int64_t vs, int j0,
-                                                   int j1, int Dv, float* o, bool prefetch, int ahead, int avail) {
-  static_assert(kCols == 8 || kCols == 16, "one or two registers per row");
+                                                   int j1, int Dv, float* o, int ahead, int avail) {
+  static_assert(kCols == 8 || kCols == 16 || (kCols == 24 && std::is_same_v<src_t, float>),
+                "one to three registers per row");
   if constexpr (kCols == 16 && std::is_same_v<src_t, c10::BFloat16>) {
     __m256 even[kQuadRows], odd[kQuadRows];
     for (int r = 0; r < kQuadRows; ++r) deinterleave16_avx2(o + r * Dv, even[r], odd[r]);
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int j = j0; j < j1; ++j) {
-      if (prefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
+      if constexpr (kPrefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
       const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + j * vs));
       const __m256 ve = _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
       const __m256 vo = _mm256_castsi256_ps(_mm256_and_si256(bits, high));
@@ -267,7 +270,7 @@ FASTATTN_AVX2 inline void decode_values_strip_avx2(const float* p, int64_t ldp, 
     for (int r = 0; r < kQuadRows; ++r)
       for (int x = 0; x < kRegs; ++x) acc[r][x] = _mm256_loadu_ps(o + r * Dv + 8 * x);
     for (int j = j0; j < j1; ++j) {
-      if (prefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
+      if constexpr (kPrefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
       __m256 vv[kRegs];
       for (int x = 0; x < kRegs; ++x) vv[x] = load8_as_float_avx2(v + j * vs + 8 * x);
 #pragma GCC unroll 4
@@ -286,6 +289,10 @@ FASTATTN_AVX2 inline void decode_values_strip_avx2(const float* p, int64_t ldp, 
 // 32 KiB L1, so strips after the first found their rows in L2. bf16 rows are half as long and
 // their strips pay a permute in and out per chunk: one chunk, the whole block.
 constexpr int kValuesChunkBytes = 8192;
+// Columns of the AVX2 values kernel's wide strips (float V: 3 registers per row, bf16 V: 2); a
+// row's last 8 or 16 columns take a narrower strip.
+constexpr int kValuesStripColsFloat = 24;
+constexpr int kValuesStripColsBf16 = 16;
 
 // o[r * Dv + d] += sum_j p[r * ldp + j] v[j][d] for the quad's 4 rows, keys j < n in order (key j's
 // row at v + j * vs, unit stride along d), Dv a multiple of 8. Each o element is one chain of FMAs
@@ -297,10 +304,23 @@ FASTATTN_AVX2 void decode_values_avx2(const float* p, int64_t ldp, const src_t* 
   const int chunk = std::is_same_v<src_t, float> ? std::max(1, kValuesChunkBytes / (Dv * 4)) : std::max(n, 1);
   for (int j0 = 0; j0 < n; j0 += chunk) {
     const int j1 = std::min(n, j0 + chunk);
-    int d0 = 0;
-    for (; d0 + 16 <= Dv; d0 += 16)
-      decode_values_strip_avx2<16>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, d0 == 0, ahead, avail);
-    if (d0 < Dv) decode_values_strip_avx2<8>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, d0 == 0, ahead, avail);
+    constexpr int kWide = std::is_same_v<src_t, float> ? kValuesStripColsFloat : kValuesStripColsBf16;
+    // The first strip prefetches; Dv is a multiple of 8, so after the wide strips 0, 8 or 16 columns remain
+    if (Dv >= kWide) {
+      decode_values_strip_avx2<kWide, true>(p, ldp, v, vs, j0, j1, Dv, o, ahead, avail);
+    } else {
+      if (Dv >= 16) decode_values_strip_avx2<16, true>(p, ldp, v, vs, j0, j1, Dv, o, ahead, avail);
+      else decode_values_strip_avx2<8, true>(p, ldp, v, vs, j0, j1, Dv, o, ahead, avail);
+      continue;
+    }
+    int d0 = kWide;
+    for (; d0 + kWide <= Dv; d0 += kWide)
+      decode_values_strip_avx2<kWide, false>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, ahead, avail);
+    if (Dv - d0 >= 16) {
+      decode_values_strip_avx2<16, false>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, ahead, avail);
+      d0 += 16;
+    }
+    if (d0 < Dv) decode_values_strip_avx2<8, false>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, ahead, avail);
   }
 }
 

@@ -442,7 +442,9 @@ Tiling fwd_tiling() {
           {"fwd_max_chunk_q", kMaxChunkQ},    {"decode_max_rows", kDecodeMaxRows},
           {"decode_block_k", kDecodeBlockK},  {"decode_quad_rows", kQuadRows},
           {"decode_min_split_blocks", kDecodeMinSplitBlocks}, {"decode_max_splits", kDecodeMaxSplits},
-          {"decode_values_chunk_bytes", kValuesChunkBytes}};
+          {"decode_values_chunk_bytes", kValuesChunkBytes},
+          {"decode_values_strip_cols_float", kValuesStripColsFloat},
+          {"decode_values_strip_cols_bf16", kValuesStripColsBf16}};
 }
 
 void flash_fwd_cpu(const AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
