@@ -26,7 +26,7 @@ import torch
 
 from . import core, report
 from .config import DEFAULT_SUITES, RESULTS_DIR, RUNS_DIR, VARIANTS, BenchConfig, parse_shape
-from .suites import SUITES, make_context
+from .suites import DECODE_FLUSH_BYTES, SUITES, make_context
 
 
 def _ints(text: str) -> list:
@@ -163,12 +163,21 @@ def collect_meta(cfg: BenchConfig, device: torch.device, ctx) -> dict:
         "fastattn_cpu_simd": _fastattn_cpu_simd(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "timer": "triton.testing.do_bench" if ctx.clock is None else ctx.clock.name,
+        "timer": _timer_description(ctx),
         "reps": ctx.reps, "warmup": ctx.warmup, "case_budget_s": ctx.case_budget_s,
         "load_average_start": _load(),
         "flop_formula": "fwd = 2*B*Hq*Nq*Nk*(D+Dv) (= 4*B*H*N^2*D), /2 if causal; bwd = 2.5x fwd; fwd_bwd = 3.5x fwd",
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     }
+
+
+def _timer_description(ctx) -> str:
+    if ctx.clock is None:
+        return "triton.testing.do_bench"
+    if isinstance(ctx.clock, core.WallClock):  # suites.decode_suite times on a flushing one
+        return (f"{ctx.clock.name}; decode suite: wall clock, caches flushed before each call "
+                f"(a {DECODE_FLUSH_BYTES >> 20} MiB read)")
+    return ctx.clock.name
 
 
 def _fastattn_cpu_simd():

@@ -477,12 +477,23 @@ def free_memory_bytes(device: torch.device) -> int:
 # Timers
 # ---------------------------------------------------------------------------
 class WallClock:
-    """CPU: torch's CPU ops are synchronous, so wall-clock marks bracket the work exactly."""
+    """CPU: torch's CPU ops are synchronous, so wall-clock marks bracket the work exactly.
 
-    name = "wall clock"
+    With ``flush_bytes``, a buffer that large (well beyond the last-level cache) is read before
+    each call, so every candidate starts with its inputs in memory, not in the cache, whatever
+    the previous candidate left there (the decode suite: the figure it compares with the copy
+    bandwidth is bytes streamed from memory). Read, not written: written lines would be dirty,
+    and writing them back would land in the next call's time.
+    """
+
+    def __init__(self, flush_bytes: int = 0):
+        # float32: torch sums it at memory speed (an int8 sum runs ~100x slower)
+        self._flush = torch.ones(flush_bytes // 4, dtype=torch.float32) if flush_bytes else None
+        self.name = "wall clock, caches flushed before each call" if flush_bytes else "wall clock"
 
     def before_call(self):
-        pass
+        if self._flush is not None:
+            self._flush.sum()
 
     def mark(self):
         return time.perf_counter()

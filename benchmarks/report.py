@@ -208,6 +208,8 @@ def format_table(rows: list, device_type: str, machine: Optional[dict] = None) -
             current = (r.suite, r.case)
             scopes = {x.err_scope for x in speed if (x.suite, x.case) == current and x.err_scope}
             scope = f"   (max err on {', '.join(sorted(scopes))} of the output)" if scopes else ""
+            if r.suite == "decode" and device_type == "cpu":  # see suites.decode_suite
+                scope += "   (K/V from memory: caches flushed before each call)"
             lines += ["", f"{r.suite}: {r.case.label}{scope}", header]
         if r.time_s is None:
             lines.append(f"  {r.mode:<8} {r.backend:<18} {'—':>9} {'':>8} {'':>9} {'':>7} {'':>7} {'':>8} {'':>4}  "

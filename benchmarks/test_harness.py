@@ -165,6 +165,24 @@ def test_decode_rows_and_their_machine_relative_targets():
     assert result.status == "not measured"  # no machine rates: no fraction
 
 
+def test_decode_suite_times_every_call_from_memory(monkeypatch):
+    # K/V rates are compared with a copy bandwidth measured from memory: the decode suite's CPU clock
+    # flushes the caches before each call, the other suites' does not
+    from benchmarks import suites
+
+    ctx = suites.make_context(BenchConfig(reps=2))
+    assert isinstance(ctx.clock, core.WallClock) and ctx.clock._flush is None
+    seen = []
+    monkeypatch.setattr(suites, "_run_cases", lambda suite, cases, cfg, ctx: seen.append(ctx.clock) or [])
+    suites.decode_suite(BenchConfig(reps=2), ctx)
+    (clock,) = seen
+    assert clock._flush.numel() * clock._flush.element_size() == suites.DECODE_FLUSH_BYTES
+    assert "flushed" in clock.name and ctx.clock._flush is None  # the run's own clock is unchanged
+    small = core.WallClock(flush_bytes=4096)
+    small.before_call()  # reads the buffer; writes nothing
+    assert torch.equal(small._flush, torch.ones(1024))
+
+
 def test_bert_suite_tiny():
     pytest.importorskip("transformers", reason="the bert suite compares against transformers' BERT")
     from benchmarks import bert
