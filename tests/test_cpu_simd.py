@@ -117,3 +117,33 @@ def test_portable_path_matches_the_float64_reference(tmp_path):
             err = (x.double() - y).abs().max().item()
             scale = y.abs().max().item() + 1e-6
             assert err <= tol * max(1.0, scale), f"{case}: {name} max error {err:.3g} (scale {scale:.3g})"
+
+
+def _bf16_bits_c10(bits: torch.Tensor) -> torch.Tensor:
+    """c10::BFloat16(float)'s rounding (round_to_nearest_even) on float32 bit patterns (int64): add 0x7FFF
+    plus the lowest kept bit, keep the high half; a NaN becomes 0x7FC0."""
+    u = bits & 0xFFFFFFFF
+    rounded = ((u + ((u >> 16) & 1) + 0x7FFF) >> 16) & 0xFFFF
+    exponent_all_ones = (u >> 23) & 0xFF == 0xFF
+    nan = exponent_all_ones & (u & 0x7FFFFF != 0)
+    return torch.where(nan, torch.full_like(rounded, 0x7FC0), rounded)
+
+
+def test_bf16_row_store_rounds_as_c10():
+    # The outputs' float32 -> bf16 store (AVX2 where the CPU has it, 16 floats a step, the rest scalar)
+    # must round every float as the scalar c10 conversion the kernels used before: every high half with the
+    # low halves at and around the rounding boundary (ties to even and odd, +-1), NaNs, infinities,
+    # denormals, plus random bit patterns; lengths that leave 0-15 floats for the scalar tail.
+    highs = torch.arange(1 << 16, dtype=torch.int64) << 16
+    lows = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x4000, 0xC000], dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.cat([(highs[:, None] | lows[None, :]).flatten(),
+                      torch.randint(0, 1 << 32, (1 << 20,), generator=gen, dtype=torch.int64)])
+    src = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)  # the same 32 bits, as float32
+    for n in (src.numel(), 1, 15, 16, 17, 31, 33):
+        got = _ops._C.cpu_store_row_bf16(src[:n].contiguous()).view(torch.int16).to(torch.int64) & 0xFFFF
+        want = _bf16_bits_c10(bits[:n])
+        mismatch = (got != want).nonzero()
+        assert mismatch.numel() == 0, (
+            f"{mismatch.numel()} of {n} floats round differently, first at bits {int(bits[mismatch[0, 0]]):#010x}: "
+            f"got {int(got[mismatch[0, 0]]):#06x}, c10 gives {int(want[mismatch[0, 0]]):#06x}")

@@ -478,11 +478,42 @@ void gemm(int M, int N, int K, const LeftOperand<acc_t>& a, const RightOperand<a
   gemm(M, N, K, a.ptr, a.rs, a.ks, a.packed, b.ptr, b.ks, b.packed, b.depth ? b.depth : K, c, ldc, accumulate);
 }
 
+#if FASTATTN_X86
+// 16 floats to bf16 as c10::BFloat16(float) rounds them (c10::detail::round_to_nearest_even: add
+// 0x7FFF plus the lowest kept bit, keep the high half; a NaN becomes 0x7FC0), bit for bit. That
+// conversion has a branch, so a plain loop of it stays scalar: ~4% of a bf16 forward was its stores.
+FASTATTN_AVX2 inline __m256i round_to_bf16_bits_avx2(__m256 x) {  // 8 bf16 in the low halves of the dwords
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+}
+FASTATTN_AVX2 inline __m256i float16_to_bf16_avx2(__m256 lo, __m256 hi) {
+  // packus works within 128-bit lanes: [lo 0-3, hi 0-3, lo 4-7, hi 4-7], put back in order
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(round_to_bf16_bits_avx2(lo), round_to_bf16_bits_avx2(hi)),
+                                  0xD8);
+}
+
+FASTATTN_AVX2 inline void store_row_bf16_avx2(const float* src, int n, c10::BFloat16* dst) {
+  int d = 0;
+  for (; d + 16 <= n; d += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d),
+                        float16_to_bf16_avx2(_mm256_loadu_ps(src + d), _mm256_loadu_ps(src + d + 8)));
+  for (; d < n; ++d) dst[d] = static_cast<c10::BFloat16>(src[d]);
+}
+#endif
+
 // dst[d * stride] = src[d] for d < n, converted to dst's type; a unit stride (the usual layout)
-// takes a loop the compiler vectorises.
+// takes a loop the compiler vectorises (bf16: the AVX2 conversion above).
 template <typename acc_t, typename dst_t>
 inline void store_row(const acc_t* src, int n, dst_t* dst, int64_t stride) {
   if (stride == 1) {
+#if FASTATTN_X86
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<dst_t, c10::BFloat16>) {
+      static const bool avx2 = cpu_has_avx2_fma();
+      if (avx2) return store_row_bf16_avx2(src, n, dst);
+    }
+#endif
 #pragma omp simd
     for (int d = 0; d < n; ++d) dst[d] = static_cast<dst_t>(src[d]);
   } else {
