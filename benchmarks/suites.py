@@ -11,10 +11,10 @@ together. End-to-end model suites (the BERT one) register here the same way::
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 

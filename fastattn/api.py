@@ -32,7 +32,7 @@ def _check_tensor(t, name: str, ndim: int, layout: str) -> None:
 
 
 def _check_qkv(q, k, v, layout_q: str, layout_k: str, layout_v: str, head_axis: int, len_axis: int) -> None:
-    ndim = layout_q.count(",") + 1  # the three layouts have as many axes
+    ndim = layout_q.count(",") + 1  # k's and v's layouts have as many axes as q's
     _check_tensor(q, "q", ndim, layout_q)
     _check_tensor(k, "k", ndim, layout_k)
     _check_tensor(v, "v", ndim, layout_v)
