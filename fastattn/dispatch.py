@@ -159,9 +159,8 @@ def why_unsupported(backend: str, device: torch.device, dtype: torch.dtype, head
     "cuda" backend only, which takes key-padding masks and Dv == D. ``variants``:
     the names (keys of :data:`VARIANTS`) of the variants the call uses.
     """
-    if backend == "cpu" and _ops._C is not None:
-        pass  # built, so available: every CPU call asks, and need not ask about the GPU and Triton
-    elif backend not in available_backends():
+    # The built CPU backend is available: every CPU call asks, and need not ask about the GPU and Triton
+    if not (backend == "cpu" and _ops._C is not None) and backend not in available_backends():
         if backend == "triton":
             return f"backend 'triton' is not available in this process: {triton_kernels.unavailable_reason()}"
         if backend in CAPABILITIES or backend in ("cuda", "triton"):

@@ -284,6 +284,16 @@ FASTATTN_AVX2 inline void decode_values_strip_avx2(const float* p, int64_t ldp, 
   }
 }
 
+// The strip at column d0; the first one (d0 == 0) prefetches.
+template <int kCols, typename src_t>
+FASTATTN_AVX2 inline void decode_values_strip_at_avx2(const float* p, int64_t ldp, const src_t* v, int64_t vs, int j0,
+                                                      int j1, int Dv, float* o, int d0, int ahead, int avail) {
+  if (d0 == 0)
+    decode_values_strip_avx2<kCols, true>(p, ldp, v, vs, j0, j1, Dv, o, ahead, avail);
+  else
+    decode_values_strip_avx2<kCols, false>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, ahead, avail);
+}
+
 // float V rows are taken by chunks of about this many bytes, each read by every strip of the
 // values kernel while it is in L1: the whole block's V (64 rows of 512 B at D=128) is all of a
 // 32 KiB L1, so strips after the first found their rows in L2. bf16 rows are half as long and
@@ -305,22 +315,20 @@ FASTATTN_AVX2 void decode_values_avx2(const float* p, int64_t ldp, const src_t* 
   for (int j0 = 0; j0 < n; j0 += chunk) {
     const int j1 = std::min(n, j0 + chunk);
     constexpr int kWide = std::is_same_v<src_t, float> ? kValuesStripColsFloat : kValuesStripColsBf16;
-    // The first strip prefetches; Dv is a multiple of 8, so after the wide strips 0, 8 or 16 columns remain
-    if (Dv >= kWide) {
-      decode_values_strip_avx2<kWide, true>(p, ldp, v, vs, j0, j1, Dv, o, ahead, avail);
-    } else {
-      if (Dv >= 16) decode_values_strip_avx2<16, true>(p, ldp, v, vs, j0, j1, Dv, o, ahead, avail);
-      else decode_values_strip_avx2<8, true>(p, ldp, v, vs, j0, j1, Dv, o, ahead, avail);
-      continue;
+    // Wide strips, then the row's last 16 or 8 columns (Dv is a multiple of 8)
+    for (int d0 = 0; d0 < Dv;) {
+      const int left = Dv - d0;
+      if (left >= kWide) {
+        decode_values_strip_at_avx2<kWide>(p, ldp, v, vs, j0, j1, Dv, o, d0, ahead, avail);
+        d0 += kWide;
+      } else if (left >= 16) {
+        decode_values_strip_at_avx2<16>(p, ldp, v, vs, j0, j1, Dv, o, d0, ahead, avail);
+        d0 += 16;
+      } else {
+        decode_values_strip_at_avx2<8>(p, ldp, v, vs, j0, j1, Dv, o, d0, ahead, avail);
+        d0 += 8;
+      }
     }
-    int d0 = kWide;
-    for (; d0 + kWide <= Dv; d0 += kWide)
-      decode_values_strip_avx2<kWide, false>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, ahead, avail);
-    if (Dv - d0 >= 16) {
-      decode_values_strip_avx2<16, false>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, ahead, avail);
-      d0 += 16;
-    }
-    if (d0 < Dv) decode_values_strip_avx2<8, false>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, ahead, avail);
   }
 }
 
