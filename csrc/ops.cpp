@@ -58,21 +58,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return t;
       },
       "Block sizes of the CPU kernels as (name, size) pairs: the boundaries tests/sweep.py sweeps");
+  // The kernels' float32 -> bf16 / fp16 row stores (the outputs' last step), for the tests.
+  auto store_rows = [](const at::Tensor& src, at::ScalarType dtype, const char* name) {
+    TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 1 && src.is_contiguous(),
+                name, ": src must be a contiguous 1-D float32 CPU tensor, got ", src.sizes(), " ", src.scalar_type());
+    at::Tensor dst = at::empty({src.numel()}, src.options().dtype(dtype));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(dtype, "cpu_store_row", [&] {
+      const float* s = src.data_ptr<float>();
+      scalar_t* d = dst.data_ptr<scalar_t>();
+      constexpr int64_t kRow = 1 << 20;  // store_row takes an int count
+      for (int64_t i = 0; i < src.numel(); i += kRow)
+        fastattn::cpu::store_row(s + i, static_cast<int>(std::min(kRow, src.numel() - i)), d + i, 1);
+    });
+    return dst;
+  };
   m.def(
-      "cpu_store_row_bf16",
-      [](const at::Tensor& src) {
-        TORCH_CHECK(src.device().is_cpu() && src.scalar_type() == at::kFloat && src.dim() == 1 && src.is_contiguous(),
-                    "cpu_store_row_bf16: src must be a contiguous 1-D float32 CPU tensor, got ", src.sizes(), " ",
-                    src.scalar_type());
-        at::Tensor dst = at::empty({src.numel()}, src.options().dtype(at::kBFloat16));
-        const float* s = src.data_ptr<float>();
-        c10::BFloat16* d = dst.data_ptr<c10::BFloat16>();
-        constexpr int64_t kRow = 1 << 20;  // store_row takes an int count
-        for (int64_t i = 0; i < src.numel(); i += kRow)
-          fastattn::cpu::store_row(s + i, static_cast<int>(std::min(kRow, src.numel() - i)), d + i, 1);
-        return dst;
-      },
+      "cpu_store_row_bf16", [=](const at::Tensor& src) { return store_rows(src, at::kBFloat16, "cpu_store_row_bf16"); },
       "The kernels' float32 -> bf16 row store (the outputs' last step), for the tests");
+  m.def(
+      "cpu_store_row_f16", [=](const at::Tensor& src) { return store_rows(src, at::kHalf, "cpu_store_row_f16"); },
+      "The kernels' float32 -> fp16 row store (the outputs' last step), for the tests");
 #ifdef FASTATTN_SANITIZE
   m.attr("sanitized") = true;  // built with FASTATTN_SANITIZE (ASan/UBSan): for tests only
 #else

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,6 +144,40 @@ def test_bf16_row_store_rounds_as_c10():
     for n in (src.numel(), 1, 15, 16, 17, 31, 33):
         got = _ops._C.cpu_store_row_bf16(src[:n].contiguous()).view(torch.int16).to(torch.int64) & 0xFFFF
         want = _bf16_bits_c10(bits[:n])
+        mismatch = (got != want).nonzero()
+        assert mismatch.numel() == 0, (
+            f"{mismatch.numel()} of {n} floats round differently, first at bits {int(bits[mismatch[0, 0]]):#010x}: "
+            f"got {int(got[mismatch[0, 0]]):#06x}, c10 gives {int(want[mismatch[0, 0]]):#06x}")
+
+
+def _f16_bits_c10(bits: torch.Tensor) -> torch.Tensor:
+    """c10::Half(float)'s rounding (fp16_ieee_from_fp32_value) on float32 bit patterns (int64): IEEE
+    round-to-nearest-even (numpy's float32 -> float16 cast, an independent implementation) for every
+    number, and sign | 0x7E00 for a NaN."""
+    u = bits & 0xFFFFFFFF
+    f32 = (u - ((u >> 31) << 32)).to(torch.int32).numpy().view(np.float32)
+    with np.errstate(over="ignore"):
+        rounded = torch.from_numpy(f32.astype(np.float16).view(np.uint16).astype(np.int64))
+    nan = ((u >> 23) & 0xFF == 0xFF) & (u & 0x7FFFFF != 0)
+    return torch.where(nan, ((u >> 16) & 0x8000) | 0x7E00, rounded)
+
+
+def test_f16_row_store_rounds_as_c10():
+    # The outputs' float32 -> fp16 store (F16C where the CPU has AVX2, 8 floats a step, the rest scalar)
+    # against the scalar c10 rule: every high half with low halves at and around fp16's rounding
+    # boundaries (bit 12 for normal results, higher for fp16 denormals: the high half covers those),
+    # NaNs with payloads (F16C keeps part of a payload, c10 does not), infinities, overflow, plus
+    # random bit patterns; lengths that leave 0-7 floats for the scalar tail.
+    highs = torch.arange(1 << 16, dtype=torch.int64) << 16
+    lows = torch.tensor([0, 1, 0x0FFF, 0x1000, 0x1001, 0x2000, 0x3000, 0x7FFF, 0x8000, 0xFFFF], dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.cat([(highs[:, None] | lows[None, :]).flatten(),
+                      torch.randint(0, 1 << 32, (1 << 20,), generator=gen, dtype=torch.int64)])
+    src = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)
+    want_all = _f16_bits_c10(bits)
+    for n in (src.numel(), 1, 7, 8, 9, 15, 17):
+        got = _ops._C.cpu_store_row_f16(src[:n].contiguous()).view(torch.int16).to(torch.int64) & 0xFFFF
+        want = want_all[:n]
         mismatch = (got != want).nonzero()
         assert mismatch.numel() == 0, (
             f"{mismatch.numel()} of {n} floats round differently, first at bits {int(bits[mismatch[0, 0]]):#010x}: "

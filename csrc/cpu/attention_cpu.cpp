@@ -31,7 +31,8 @@ int simd_cap() {
 
 bool cpu_has_avx2_fma() {
 #if FASTATTN_X86 && defined(__GNUC__)
-  static const bool has = simd_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = simd_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
   return has;
 #else
   return false;

@@ -26,12 +26,13 @@
 #include <type_traits>
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define FASTATTN_X86 1
-#define FASTATTN_AVX2 __attribute__((target("avx2,fma")))
-#define FASTATTN_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#define FASTATTN_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FASTATTN_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
 #else
 #define FASTATTN_X86 0
 #endif
@@ -48,7 +49,7 @@ constexpr double kLn2 = 0.6931471805599453;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// True when the running CPU has AVX2 and FMA / AVX-512F (decided once; the environment
+// True when the running CPU has AVX2, FMA and F16C / AVX-512F (decided once; the environment
 // variable FASTATTN_CPU_SIMD=avx2 or =baseline caps the choice, e.g. to test the other paths).
 bool cpu_has_avx2_fma();
 bool cpu_has_avx512();
@@ -100,18 +101,38 @@ FASTATTN_AVX2 inline void transpose8x8_avx2(__m256 r[8]) {
   r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// One full row panel (MR x K) of A from float rows, times scale: 8 x 8 register transposes
+// 8 consecutive values as floats. A bfloat16 is the high half of a float, so widening it is a
+// shift, exact (NaN and inf included), the same as the scalar conversion: packing bf16 K/V (the
+// conversion happens once per block there) costs no more than packing float.
+FASTATTN_AVX2 inline __m256 load8_as_float_avx2(const float* p) { return _mm256_loadu_ps(p); }
+FASTATTN_AVX2 inline __m256 load8_as_float_avx2(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+// fp16 widens exactly too (F16C), as c10::Half's scalar conversion does: the scalar loop of it was
+// ~14% of an fp16 forward.
+FASTATTN_AVX2 inline __m256 load8_as_float_avx2(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The input types load8_as_float_avx2 widens: their panels are packed with SIMD.
+template <typename src_t>
+constexpr bool kWidensAvx2 = std::is_same_v<src_t, float> || std::is_same_v<src_t, c10::BFloat16> ||
+                             std::is_same_v<src_t, c10::Half>;
+
+// One full row panel (MR x K) of A from rows (float, bf16 or fp16, widened exactly), times scale: 8 x 8 register transposes
 // (two rows of padding). Each column of MR is stored as 8 floats, in order, so that its 2 padding
 // lanes land on the next column's first two, which the next store writes; the last of the 8 is
 // stored as 4 + 2 floats, never past the panel. (A masked store, vmaskmovps, is microcoded on
 // AMD cores: it was most of this function's time on Zen 3.)
-FASTATTN_AVX2 inline void pack_a_panel_avx2(const float* src, int64_t rs, int K, float* panel, float scale) {
+template <typename src_t>
+FASTATTN_AVX2 inline void pack_a_panel_avx2(const src_t* src, int64_t rs, int K, float* panel, float scale) {
   static_assert(MR == 6, "a transposed column is 6 of a register's 8 floats");
   const __m256 vs = _mm256_set1_ps(scale);
   int k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 r[8];
-    for (int i = 0; i < MR; ++i) r[i] = _mm256_mul_ps(_mm256_loadu_ps(src + i * rs + k), vs);
+    for (int i = 0; i < MR; ++i) r[i] = _mm256_mul_ps(load8_as_float_avx2(src + i * rs + k), vs);
     for (int i = MR; i < 8; ++i) r[i] = _mm256_setzero_ps();
     transpose8x8_avx2(r);
     for (int i = 0; i < 7; ++i) _mm256_storeu_ps(panel + (k + i) * MR, r[i]);
@@ -120,16 +141,7 @@ FASTATTN_AVX2 inline void pack_a_panel_avx2(const float* src, int64_t rs, int K,
     _mm_storel_pi(reinterpret_cast<__m64*>(last + 4), _mm256_extractf128_ps(r[7], 1));
   }
   for (; k < K; ++k)
-    for (int i = 0; i < MR; ++i) panel[k * MR + i] = src[i * rs + k] * scale;
-}
-
-// 8 consecutive values as floats. A bfloat16 is the high half of a float, so widening it is a
-// shift, exact (NaN and inf included), the same as the scalar conversion: packing bf16 K/V (the
-// conversion happens once per block there) costs no more than packing float.
-FASTATTN_AVX2 inline __m256 load8_as_float_avx2(const float* p) { return _mm256_loadu_ps(p); }
-FASTATTN_AVX2 inline __m256 load8_as_float_avx2(const c10::BFloat16* p) {
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+    for (int i = 0; i < MR; ++i) panel[k * MR + i] = load_as<float>(src + i * rs + k) * scale;
 }
 
 // One full column panel (K x NR) of Bᵀ from rows, B(k, c) = src[c * cs + k] (Kᵀ from K's
@@ -169,7 +181,7 @@ void pack_a(const src_t* src, int64_t rs, int64_t cs, int M, int K, acc_t* dst, 
     const int mr = std::min(MR, M - p);
     acc_t* panel = dst + static_cast<int64_t>(p) * K;
 #if FASTATTN_X86
-    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<src_t, float>) {
+    if constexpr (std::is_same_v<acc_t, float> && kWidensAvx2<src_t>) {
       if (avx2 && cs == 1 && mr == MR) {
         pack_a_panel_avx2(src + p * rs, rs, K, panel, scale);
         continue;
@@ -199,8 +211,7 @@ void pack_b(const src_t* src, int64_t rs, int64_t cs, int K, int N, acc_t* dst) 
     const int nr = std::min(NR, N - p);
     acc_t* panel = dst + static_cast<int64_t>(p) * K;
 #if FASTATTN_X86
-    if constexpr (std::is_same_v<acc_t, float> &&
-                  (std::is_same_v<src_t, float> || std::is_same_v<src_t, c10::BFloat16>)) {
+    if constexpr (std::is_same_v<acc_t, float> && kWidensAvx2<src_t>) {
       if (avx2 && nr == NR && rs == 1) {
         pack_b_panel_transposed_avx2(src + p * cs, cs, K, panel);
         continue;
@@ -306,6 +317,27 @@ FASTATTN_AVX2 inline void ukernel_avx2(int K, const float* a, int64_t a_rs, int6
 #endif
 
 #if FASTATTN_X86
+// One k step of one row of an AVX-512 tile: c0 (+ c1) += a * v0 (v1).
+template <bool kTwoPanels>
+FASTATTN_AVX512 inline void fma_row_avx512(float a, __m512 v0, __m512 v1, __m512& c0, __m512& c1) {
+  const __m512 x = _mm512_set1_ps(a);
+  c0 = _mm512_fmadd_ps(x, v0, c0);
+  if (kTwoPanels) c1 = _mm512_fmadd_ps(x, v1, c1);
+}
+
+// One row of an AVX-512 tile to C (its first NR columns under mask m0, the next NR under m1),
+// added to what C holds when accumulating.
+template <bool kTwoPanels>
+FASTATTN_AVX512 inline void store_tile_row_avx512(float* cr, __m512 x0, __m512 x1, __mmask16 m0, __mmask16 m1,
+                                                  bool accumulate) {
+  if (accumulate) x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, cr));
+  _mm512_mask_storeu_ps(cr, m0, x0);
+  if (kTwoPanels) {
+    if (accumulate) x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, cr + NR));
+    _mm512_mask_storeu_ps(cr + NR, m1, x1);
+  }
+}
+
 // The AVX-512 micro-kernel: MR rows times two adjacent B panels (b0 and b1, nr <= 2 * NR
 // columns; b1 is not read when nr <= NR), one 16-float register per row and panel. Each
 // element is the same chain of FMAs over k, in the same order, as in ukernel_avx2, and the
@@ -315,36 +347,37 @@ FASTATTN_AVX512 inline void ukernel_avx512(int K, const float* a, int64_t a_rs, 
                                            const float* b1, int64_t b_ks, float* c, int64_t ldc, int mr, int nr,
                                            bool accumulate) {
   static_assert(MR == 6 && NR == 16, "one register per row and panel");
-  const float* ar[MR];
   // Rows past mr (a partial panel of a row-major A) re-read row 0; their results are discarded.
-  for (int r = 0; r < MR; ++r) ar[r] = a + (r < mr ? r * a_rs : 0);
-  __m512 acc0[MR], acc1[MR];
-  for (int r = 0; r < MR; ++r) acc0[r] = _mm512_setzero_ps(), acc1[r] = _mm512_setzero_ps();
+  const float* a0 = a;
+  const float* a1 = a + (mr > 1 ? a_rs : 0);
+  const float* a2 = a + (mr > 2 ? 2 * a_rs : 0);
+  const float* a3 = a + (mr > 3 ? 3 * a_rs : 0);
+  const float* a4 = a + (mr > 4 ? 4 * a_rs : 0);
+  const float* a5 = a + (mr > 5 ? 5 * a_rs : 0);
+  // Named accumulators, not arrays: with arrays GCC kept some copies of this kernel's tile on the
+  // stack, zeroed by `rep stos` on every call (~10% of the kernel's time at K = 64).
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t k = 0; k < K; ++k) {
     const int64_t ak = k * a_ks;
     const __m512 v0 = _mm512_loadu_ps(b0 + k * b_ks);
     const __m512 v1 = kTwoPanels ? _mm512_loadu_ps(b1 + k * b_ks) : v0;
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const __m512 x = _mm512_set1_ps(ar[r][ak]);
-      acc0[r] = _mm512_fmadd_ps(x, v0, acc0[r]);
-      if (kTwoPanels) acc1[r] = _mm512_fmadd_ps(x, v1, acc1[r]);
-    }
+    fma_row_avx512<kTwoPanels>(a0[ak], v0, v1, c00, c01);
+    fma_row_avx512<kTwoPanels>(a1[ak], v0, v1, c10, c11);
+    fma_row_avx512<kTwoPanels>(a2[ak], v0, v1, c20, c21);
+    fma_row_avx512<kTwoPanels>(a3[ak], v0, v1, c30, c31);
+    fma_row_avx512<kTwoPanels>(a4[ak], v0, v1, c40, c41);
+    fma_row_avx512<kTwoPanels>(a5[ak], v0, v1, c50, c51);
   }
   // Column masks of the two panels: all 16 columns of a full one, the first nr % NR of a partial one.
   const int nr0 = std::min(nr, NR), nr1 = kTwoPanels ? nr - NR : 0;
   const __mmask16 m0 = static_cast<__mmask16>((1u << nr0) - 1), m1 = static_cast<__mmask16>((1u << nr1) - 1);
-  for (int r = 0; r < mr; ++r) {
-    float* cr = c + r * ldc;
-    __m512 x0 = acc0[r];
-    if (accumulate) x0 = _mm512_add_ps(x0, _mm512_maskz_loadu_ps(m0, cr));
-    _mm512_mask_storeu_ps(cr, m0, x0);
-    if (kTwoPanels) {
-      __m512 x1 = acc1[r];
-      if (accumulate) x1 = _mm512_add_ps(x1, _mm512_maskz_loadu_ps(m1, cr + NR));
-      _mm512_mask_storeu_ps(cr + NR, m1, x1);
-    }
-  }
+  store_tile_row_avx512<kTwoPanels>(c, c00, c01, m0, m1, accumulate);
+  if (mr > 1) store_tile_row_avx512<kTwoPanels>(c + ldc, c10, c11, m0, m1, accumulate);
+  if (mr > 2) store_tile_row_avx512<kTwoPanels>(c + 2 * ldc, c20, c21, m0, m1, accumulate);
+  if (mr > 3) store_tile_row_avx512<kTwoPanels>(c + 3 * ldc, c30, c31, m0, m1, accumulate);
+  if (mr > 4) store_tile_row_avx512<kTwoPanels>(c + 4 * ldc, c40, c41, m0, m1, accumulate);
+  if (mr > 5) store_tile_row_avx512<kTwoPanels>(c + 5 * ldc, c50, c51, m0, m1, accumulate);
 }
 #endif
 
@@ -501,10 +534,29 @@ FASTATTN_AVX2 inline void store_row_bf16_avx2(const float* src, int n, c10::BFlo
                         float16_to_bf16_avx2(_mm256_loadu_ps(src + d), _mm256_loadu_ps(src + d + 8)));
   for (; d < n; ++d) dst[d] = static_cast<c10::BFloat16>(src[d]);
 }
+
+// 8 floats to fp16 as c10::Half(float) rounds them (c10::detail::fp16_ieee_from_fp32_value), bit for
+// bit: F16C's conversion rounds to nearest even as it does, overflow to inf and denormals alike; a
+// NaN, whose payload F16C keeps in part, becomes c10's sign | 0x7E00. c10's scalar conversion is
+// bit arithmetic that the compiler does not vectorise.
+FASTATTN_AVX2 inline void store_row_f16_avx2(const float* src, int n, c10::Half* dst) {
+  const __m128i quiet_nan = _mm_set1_epi16(0x7E00), sign = _mm_set1_epi16(static_cast<int16_t>(0x8000));
+  int d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m256 x = _mm256_loadu_ps(src + d);
+    const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // the 8 NaN lanes as 16-bit masks (packs keeps all-ones and zeros as they are)
+    const __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
+    const __m128i fixed = _mm_or_si128(_mm_and_si128(h, sign), quiet_nan);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + d), _mm_blendv_epi8(h, fixed, nan16));
+  }
+  for (; d < n; ++d) dst[d] = static_cast<c10::Half>(src[d]);
+}
 #endif
 
 // dst[d * stride] = src[d] for d < n, converted to dst's type; a unit stride (the usual layout)
-// takes a loop the compiler vectorises (bf16: the AVX2 conversion above).
+// takes a loop the compiler vectorises (bf16 and fp16: the AVX2 conversions above).
 template <typename acc_t, typename dst_t>
 inline void store_row(const acc_t* src, int n, dst_t* dst, int64_t stride) {
   if (stride == 1) {
@@ -512,6 +564,10 @@ inline void store_row(const acc_t* src, int n, dst_t* dst, int64_t stride) {
     if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<dst_t, c10::BFloat16>) {
       static const bool avx2 = cpu_has_avx2_fma();
       if (avx2) return store_row_bf16_avx2(src, n, dst);
+    }
+    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<dst_t, c10::Half>) {
+      static const bool avx2 = cpu_has_avx2_fma();
+      if (avx2) return store_row_f16_avx2(src, n, dst);
     }
 #endif
 #pragma omp simd
