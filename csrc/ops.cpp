@@ -42,7 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_simd",
         [] {
           namespace c = fastattn::cpu;
-          return c::cpu_has_avx512() ? "avx512f+avx2+fma" : c::cpu_has_avx2_fma() ? "avx2+fma" : "baseline (no AVX2)";
+          return c::cpu_has_avx512() ? "avx512f+avx512bw+avx2+fma+f16c"
+               : c::cpu_has_avx2_fma() ? "avx2+fma+f16c"
+                                       : "baseline (no AVX2)";
         },
         "SIMD path the CPU kernels use on this machine");
   m.def(

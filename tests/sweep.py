@@ -275,12 +275,13 @@ def cpu_variant_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[
             add(name=f"decodechunk-Dv{Dv}-Nk{nk}", B=1, Hq=8, Hkv=2, Nq=1, Nk=nk, D=rng.choice((4, 64, 128)), Dv=Dv,
                 dtype="float32", layout=rng.choice(("contiguous", "strided")), threads=rng.choice((1, 2)))
     # Its strips: value head dims of whole wide strips, and of wide strips plus a last 8 or 16 columns
-    # (and narrower than one wide strip), float and bf16.
-    for dtype, key in (("float32", "decode_values_strip_cols_float"), ("bfloat16", "decode_values_strip_cols_bf16")):
+    # (and narrower than one wide strip), float and bf16; the AVX-512 kernel's strips likewise.
+    for dtype, key in (("float32", "decode_values_strip_cols_float"), ("bfloat16", "decode_values_strip_cols_bf16"),
+                       ("float32", "decode_values_strip_cols_avx512"), ("bfloat16", "decode_values_strip_cols_avx512")):
         wide = t[key]
         for Dv in sorted({8} | {d for w in (1, 2, 5) for d in (w * wide - 8, w * wide, w * wide + 8, w * wide + 16)
                           if d > 0 and d % 8 == 0}):
-            add(name=f"decodestrip-{dtype}-Dv{Dv}", B=1, Hq=8, Hkv=2, Nq=2, Nk=rng.choice(decode_nk),
+            add(name=f"decodestrip-{dtype}-{key.rsplit('_', 1)[1]}-Dv{Dv}", B=1, Hq=8, Hkv=2, Nq=2, Nk=rng.choice(decode_nk),
                 D=rng.choice((4, 64, 128)), Dv=Dv, dtype=dtype, layout=rng.choice(("contiguous", "strided")),
                 threads=rng.choice((1, 2)))
     # 8c. Flash-decoding: decode tasks fewer than the threads (one K/V head at batch 1, or varlen) split their

@@ -38,6 +38,8 @@ CASES = [
     dict(B=2, Hq=8, Hkv=2, Nq=3, Nk=131, D=64, causal=True, mask=False, dtype="bfloat16"),
     dict(B=1, Hq=16, Hkv=1, Nq=1, Nk=77, D=24, causal=False, mask=True, dtype="float32"),
     dict(B=2, Hq=6, Hkv=2, Nq=5, Nk=200, D=40, causal=True, mask=True, dtype="float32"),
+    dict(B=2, Hq=8, Hkv=2, Nq=1, Nk=515, D=128, causal=False, mask=False, dtype="bfloat16"),  # one quad
+    dict(B=1, Hq=8, Hkv=2, Nq=4, Nk=300, D=72, causal=True, mask=False, dtype="bfloat16"),  # four quads
     # flash-decoding (one K/V head: fewer tasks than threads, keys split into parts merged afterwards)
     dict(B=1, Hq=8, Hkv=1, Nq=1, Nk=1000, D=64, causal=False, mask=False, dtype="float32"),
     dict(B=1, Hq=4, Hkv=1, Nq=2, Nk=777, D=128, causal=True, mask=False, dtype="bfloat16"),
@@ -86,17 +88,17 @@ def cpu_flags() -> set:
 def test_the_cap_selects_the_path(tmp_path):
     assert run_path("baseline", tmp_path)["simd"] == "baseline (no AVX2)"
     flags = cpu_flags()
-    if {"avx2", "fma"} <= flags:
-        assert run_path("avx2", tmp_path)["simd"] == "avx2+fma"
-    if {"avx2", "fma", "avx512f"} <= flags:
-        assert _ops._C.cpu_simd() == "avx512f+avx2+fma"
+    if {"avx2", "fma", "f16c"} <= flags:
+        assert run_path("avx2", tmp_path)["simd"] == "avx2+fma+f16c"
+    if {"avx2", "fma", "f16c", "avx512f", "avx512bw"} <= flags:
+        assert _ops._C.cpu_simd() == "avx512f+avx512bw+avx2+fma+f16c"
 
 
-@pytest.mark.skipif(not {"avx2", "fma", "avx512f"} <= cpu_flags(),
-                    reason="this CPU has no AVX-512F: the AVX-512 micro-kernel cannot run here")
+@pytest.mark.skipif(not {"avx2", "fma", "f16c", "avx512f", "avx512bw"} <= cpu_flags(),
+                    reason="this CPU has no AVX-512F/BW: the AVX-512 kernels cannot run here")
 def test_avx512_gives_the_bits_of_avx2(tmp_path):
     wide, narrow = run_path("avx512", tmp_path), run_path("avx2", tmp_path)
-    assert (wide["simd"], narrow["simd"]) == ("avx512f+avx2+fma", "avx2+fma")
+    assert (wide["simd"], narrow["simd"]) == ("avx512f+avx512bw+avx2+fma+f16c", "avx2+fma+f16c")
     for case, a, b in zip(CASES, wide["results"], narrow["results"]):
         for name, x, y in zip(("out", "dq", "dk", "dv"), a[:4], b[:4]):
             assert torch.equal(x, y), f"{case}: {name} differs between AVX-512 and AVX2 " \

@@ -42,7 +42,9 @@ bool cpu_has_avx2_fma() {
 bool cpu_has_avx512() {
 #if FASTATTN_X86 && defined(__GNUC__)
   // __builtin_cpu_supports also checks that the OS saves the 512-bit registers (XCR0).
-  static const bool has = cpu_has_avx2_fma() && simd_cap() >= 2 && __builtin_cpu_supports("avx512f");
+  // BW: the bf16 decode kernels' 16-bit unpacks (every AVX-512 CPU but the Xeon Phi has it).
+  static const bool has = cpu_has_avx2_fma() && simd_cap() >= 2 && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw");
   return has;
 #else
   return false;

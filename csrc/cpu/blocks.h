@@ -32,7 +32,7 @@
 #include <immintrin.h>
 #define FASTATTN_X86 1
 #define FASTATTN_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define FASTATTN_AVX512 __attribute__((target("avx512f,avx2,fma,f16c")))
+#define FASTATTN_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
 #else
 #define FASTATTN_X86 0
 #endif
@@ -49,7 +49,7 @@ constexpr double kLn2 = 0.6931471805599453;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// True when the running CPU has AVX2, FMA and F16C / AVX-512F (decided once; the environment
+// True when the running CPU has AVX2, FMA and F16C / AVX-512F and BW (decided once; the environment
 // variable FASTATTN_CPU_SIMD=avx2 or =baseline caps the choice, e.g. to test the other paths).
 bool cpu_has_avx2_fma();
 bool cpu_has_avx512();

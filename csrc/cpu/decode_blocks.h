@@ -69,15 +69,8 @@ inline void prefetch_rows_l1(const src_t* base, int64_t stride, int j0, int j1, 
 }
 
 #if FASTATTN_X86
-// Four consecutive values of a key row as floats (bf16 widened exactly).
-FASTATTN_AVX2 inline __m128 load4_as_float(const float* p) { return _mm_loadu_ps(p); }
-FASTATTN_AVX2 inline __m128 load4_as_float(const c10::BFloat16* p) {
-  // each bf16 becomes the high half of a float: interleaved after a zero half (one shuffle)
-  const __m128i bits = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), bits));
-}
-
-// The same four values in both 128-bit halves of an AVX2 register (one per pair of the quad's rows):
+// Four consecutive values of a key row as floats (bf16 widened exactly: each becomes the high half
+// of a float), in both 128-bit halves of an AVX2 register (one per pair of the quad's rows):
 // a broadcast load, then for bf16 one in-lane interleave with zeros. Widening once and then
 // inserting the half again would cost a second shuffle per 2 FMAs, which on AVX2-only cores (FMA
 // and shuffles sharing ports) is what limits the bf16 scores kernel.
@@ -88,6 +81,17 @@ FASTATTN_AVX2 inline __m256 load4x2_as_float_avx2(const c10::BFloat16* p) {
   int64_t bits;
   std::memcpy(&bits, p, sizeof(bits));
   return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), _mm256_set1_epi64x(bits)));
+}
+
+// The same four values in all four 128-bit lanes of an AVX-512 register (one per row of the quad):
+// float, a broadcast load; bf16, a 64-bit broadcast load and one in-lane interleave with zeros
+// (AVX512BW). Widening to 128 bits and then broadcasting took two shuffles per FMA, and on Intel
+// cores the shuffle port is one of the two 512-bit FMA ports: the bf16 scores ran at half speed.
+FASTATTN_AVX512 inline __m512 load4x4_as_float_avx512(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+FASTATTN_AVX512 inline __m512 load4x4_as_float_avx512(const c10::BFloat16* p) {
+  int64_t bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), _mm512_set1_epi64(bits)));
 }
 
 // Four keys' partial sums (lane r * 4 + c of each) to their scores: lane r * 4 + t is key t's
@@ -164,7 +168,7 @@ FASTATTN_AVX512 void decode_scores_avx512_one(const float* qq, const src_t* k, i
     for (int i = 0; i < D / 4; ++i) {
       const __m512 q = _mm512_loadu_ps(qq + i * 16);
 #pragma GCC unroll 8
-      for (int t = 0; t < 8; ++t) acc[t] = _mm512_fmadd_ps(_mm512_broadcast_f32x4(load4_as_float(kr[t] + 4 * i)), q, acc[t]);
+      for (int t = 0; t < 8; ++t) acc[t] = _mm512_fmadd_ps(load4x4_as_float_avx512(kr[t] + 4 * i), q, acc[t]);
     }
     for (int g = 0; g < 2 && j + 4 * g < n; ++g) {
       const __m512 sq = reduce_quad_keys_avx512(acc[4 * g], acc[4 * g + 1], acc[4 * g + 2], acc[4 * g + 3]);
@@ -191,7 +195,7 @@ FASTATTN_AVX512 void decode_scores_avx512(const float* qq, const src_t* k, int64
       for (int g = 0; g < kQuads; ++g) q[g] = _mm512_loadu_ps(qq + static_cast<int64_t>(g) * kQuadRows * D + i * 16);
 #pragma GCC unroll 8
       for (int t = 0; t < kKeys; ++t) {
-        const __m512 kk = _mm512_broadcast_f32x4(load4_as_float(kr[t] + 4 * i));
+        const __m512 kk = load4x4_as_float_avx512(kr[t] + 4 * i);
         for (int g = 0; g < kQuads; ++g) acc[g][t] = _mm512_fmadd_ps(kk, q[g], acc[g][t]);
       }
     }
@@ -303,6 +307,9 @@ constexpr int kValuesChunkBytes = 8192;
 // row's last 8 or 16 columns take a narrower strip.
 constexpr int kValuesStripColsFloat = 24;
 constexpr int kValuesStripColsBf16 = 16;
+// Columns of the AVX-512 values kernel's strips (4 registers per row, float or bf16 V; a bf16 strip
+// of this width takes the even/odd kernel); a row's last part takes fewer registers.
+constexpr int kValuesStripColsAvx512 = 64;
 
 // o[r * Dv + d] += sum_j p[r * ldp + j] v[j][d] for the quad's 4 rows, keys j < n in order (key j's
 // row at v + j * vs, unit stride along d), Dv a multiple of 8. Each o element is one chain of FMAs
@@ -343,14 +350,66 @@ FASTATTN_AVX512 inline __m512 load16_as_float_avx512(const c10::BFloat16* p, boo
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
+// bf16 V on AVX-512, a strip of kValuesStripColsAvx512 = 64 columns: as in the AVX2 kernel, 32 columns at a time are widened
+// as even and odd columns (a shift and an and of the 16 dwords, each holding two bf16) instead of
+// two widening shuffles and two shifts; the accumulators hold o's columns de-interleaved, permuted
+// in and out once per strip. On Intel cores the widening shuffle takes a 512-bit FMA port: half the
+// conversion work is a quarter more FMAs. Each element's FMA chain is unchanged.
+FASTATTN_AVX512 inline void decode_values_strip_bf16_avx512(const float* p, int64_t ldp, const c10::BFloat16* v,
+                                                              int64_t vs, int n, int Dv, float* o, bool prefetch,
+                                                              int ahead, int avail) {
+  static_assert(kValuesStripColsAvx512 == 64, "two halves of 32 columns, each two registers");
+  // lane i of `even` is column 2i of the 32 (a: columns 0-15, b: 16-31), of `odd` column 2i + 1
+  const __m512i even_cols = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd_cols = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i low_cols = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i high_cols = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i high_halves = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512 even[kQuadRows][2], odd[kQuadRows][2];  // [row][32-column half of the strip]
+  for (int r = 0; r < kQuadRows; ++r)
+    for (int x = 0; x < 2; ++x) {
+      const __m512 a = _mm512_loadu_ps(o + r * Dv + 32 * x), b = _mm512_loadu_ps(o + r * Dv + 32 * x + 16);
+      even[r][x] = _mm512_permutex2var_ps(a, even_cols, b);
+      odd[r][x] = _mm512_permutex2var_ps(a, odd_cols, b);
+    }
+  for (int j = 0; j < n; ++j) {
+    if (prefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
+    __m512 ve[2], vo[2];
+    for (int x = 0; x < 2; ++x) {
+      const __m512i bits = _mm512_loadu_si512(v + j * vs + 32 * x);
+      ve[x] = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+      vo[x] = _mm512_castsi512_ps(_mm512_and_si512(bits, high_halves));
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kQuadRows; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * ldp + j]);
+      for (int x = 0; x < 2; ++x) {
+        even[r][x] = _mm512_fmadd_ps(pr, ve[x], even[r][x]);
+        odd[r][x] = _mm512_fmadd_ps(pr, vo[x], odd[r][x]);
+      }
+    }
+  }
+  for (int r = 0; r < kQuadRows; ++r)
+    for (int x = 0; x < 2; ++x) {
+      _mm512_storeu_ps(o + r * Dv + 32 * x, _mm512_permutex2var_ps(even[r][x], low_cols, odd[r][x]));
+      _mm512_storeu_ps(o + r * Dv + 32 * x + 16, _mm512_permutex2var_ps(even[r][x], high_cols, odd[r][x]));
+    }
+}
+
 // The same, 64 columns (4 registers per row) at a time; a row's last part takes fewer registers.
 template <typename src_t>
 FASTATTN_AVX512 void decode_values_avx512(const float* p, int64_t ldp, const src_t* v, int64_t vs, int n, int Dv,
                                           float* o, int avail = 0) {
-  constexpr int kRegs = 4;
+  constexpr int kRegs = kValuesStripColsAvx512 / 16;
   const int ahead = prefetch_distance_rows<src_t>(Dv);
   for (int d0 = 0; d0 < Dv; d0 += 16 * kRegs) {
     const int cols = std::min(16 * kRegs, Dv - d0);  // a multiple of 8
+    if constexpr (std::is_same_v<src_t, c10::BFloat16>) {
+      if (cols == 16 * kRegs) {
+        decode_values_strip_bf16_avx512(p, ldp, v + d0, vs, n, Dv, o + d0, d0 == 0, ahead, avail);
+        continue;
+      }
+    }
     const int regs = (cols + 15) / 16;
     const bool half = cols % 16 != 0;  // the last register holds 8 columns
     const __mmask16 last = half ? __mmask16(0x00FF) : __mmask16(0xFFFF);

@@ -444,7 +444,8 @@ Tiling fwd_tiling() {
           {"decode_min_split_blocks", kDecodeMinSplitBlocks}, {"decode_max_splits", kDecodeMaxSplits},
           {"decode_values_chunk_bytes", kValuesChunkBytes},
           {"decode_values_strip_cols_float", kValuesStripColsFloat},
-          {"decode_values_strip_cols_bf16", kValuesStripColsBf16}};
+          {"decode_values_strip_cols_bf16", kValuesStripColsBf16},
+          {"decode_values_strip_cols_avx512", kValuesStripColsAvx512}};
 }
 
 void flash_fwd_cpu(const AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
