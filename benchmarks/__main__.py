@@ -26,7 +26,7 @@ import torch
 
 from . import core, report
 from .config import DEFAULT_SUITES, RESULTS_DIR, RUNS_DIR, VARIANTS, BenchConfig, parse_shape
-from .suites import DECODE_FLUSH_BYTES, SUITES, make_context
+from .suites import SUITES, decode_flush_bytes, make_context
 
 
 def _ints(text: str) -> list:
@@ -176,7 +176,7 @@ def _timer_description(ctx) -> str:
         return "triton.testing.do_bench"
     if isinstance(ctx.clock, core.WallClock):  # suites.decode_suite times on a flushing one
         return (f"{ctx.clock.name}; decode suite: wall clock, caches flushed before each call "
-                f"(a {DECODE_FLUSH_BYTES >> 20} MiB read)")
+                f"(a {decode_flush_bytes(core.last_level_cache_bytes()) >> 20} MiB read)")
     return ctx.clock.name
 
 

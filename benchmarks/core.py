@@ -460,6 +460,23 @@ def estimated_extra_bytes(cand: Candidate, case: Case, train: bool) -> int:
     return matrices * score_matrix_bytes(case, elem)
 
 
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache sysfs reports for cpu0 (its L3, usually), 0 when it reports none."""
+    largest = 0
+    for index in range(8):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            largest = max(largest, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except ValueError:
+            continue
+    return largest
+
+
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
