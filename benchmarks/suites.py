@@ -326,7 +326,6 @@ def decode_flush_bytes(llc_bytes: int) -> int:
     return int(min(max(DECODE_FLUSH_BYTES, 2 * llc_bytes), DECODE_FLUSH_MAX_BYTES))
 
 
-
 @register_suite("decode")
 def decode_suite(cfg: BenchConfig, ctx: RunContext) -> list:
     # memory-bound: the rows print K/V bytes per second, the report puts them beside the copy bandwidth,
@@ -334,7 +333,8 @@ def decode_suite(cfg: BenchConfig, ctx: RunContext) -> list:
     # model, whose layers' caches together outgrow the last-level cache), not in whatever state the
     # previous candidate left (SDPA would read K/V from L3 after fastattn, fastattn after naive's writes).
     if isinstance(ctx.clock, core.WallClock):
-        ctx = dataclasses.replace(ctx, clock=core.WallClock(flush_bytes=decode_flush_bytes(core.last_level_cache_bytes())))
+        flush_bytes = decode_flush_bytes(core.last_level_cache_bytes())
+        ctx = dataclasses.replace(ctx, clock=core.WallClock(flush_bytes=flush_bytes))
     return _run_cases("decode", decode_cases(cfg, ctx.device), cfg, ctx)
 
 

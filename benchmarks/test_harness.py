@@ -176,7 +176,8 @@ def test_decode_suite_times_every_call_from_memory(monkeypatch):
     monkeypatch.setattr(suites, "_run_cases", lambda suite, cases, cfg, ctx: seen.append(ctx.clock) or [])
     suites.decode_suite(BenchConfig(reps=2), ctx)
     (clock,) = seen
-    assert clock._flush.numel() * clock._flush.element_size() == suites.decode_flush_bytes(core.last_level_cache_bytes())
+    flush_bytes = suites.decode_flush_bytes(core.last_level_cache_bytes())
+    assert clock._flush.numel() * clock._flush.element_size() == flush_bytes
     assert suites.decode_flush_bytes(32 << 20) == suites.DECODE_FLUSH_BYTES  # a usual L3: 256 MiB
     assert suites.decode_flush_bytes(480 << 20) == 960 << 20  # a large one: twice it
     assert suites.decode_flush_bytes(64 << 30) == suites.DECODE_FLUSH_MAX_BYTES

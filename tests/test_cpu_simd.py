@@ -122,6 +122,23 @@ def test_portable_path_matches_the_float64_reference(tmp_path):
             assert err <= tol * max(1.0, scale), f"{case}: {name} max error {err:.3g} (scale {scale:.3g})"
 
 
+def _as_float32(bits: torch.Tensor) -> torch.Tensor:
+    """float32 bit patterns held in int64 as the float32 tensor of the same 32 bits."""
+    return (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)
+
+
+def _check_row_store(store, bits: torch.Tensor, want: torch.Tensor, lengths) -> None:
+    """store (a kernel's float32 -> 16-bit row store hook) of the first n of ``bits`` (float32 bit patterns,
+    int64) must give ``want[:n]`` (16-bit patterns, int64) for every n in ``lengths``."""
+    src = _as_float32(bits)
+    for n in lengths:
+        got = store(src[:n].contiguous()).view(torch.int16).to(torch.int64) & 0xFFFF
+        mismatch = (got != want[:n]).nonzero()
+        assert mismatch.numel() == 0, (
+            f"{mismatch.numel()} of {n} floats round differently, first at bits {int(bits[mismatch[0, 0]]):#010x}: "
+            f"got {int(got[mismatch[0, 0]]):#06x}, c10 gives {int(want[mismatch[0, 0]]):#06x}")
+
+
 def _bf16_bits_c10(bits: torch.Tensor) -> torch.Tensor:
     """c10::BFloat16(float)'s rounding (round_to_nearest_even) on float32 bit patterns (int64): add 0x7FFF
     plus the lowest kept bit, keep the high half; a NaN becomes 0x7FC0."""
@@ -142,14 +159,7 @@ def test_bf16_row_store_rounds_as_c10():
     gen = torch.Generator().manual_seed(0)
     bits = torch.cat([(highs[:, None] | lows[None, :]).flatten(),
                       torch.randint(0, 1 << 32, (1 << 20,), generator=gen, dtype=torch.int64)])
-    src = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)  # the same 32 bits, as float32
-    for n in (src.numel(), 1, 15, 16, 17, 31, 33):
-        got = _ops._C.cpu_store_row_bf16(src[:n].contiguous()).view(torch.int16).to(torch.int64) & 0xFFFF
-        want = _bf16_bits_c10(bits[:n])
-        mismatch = (got != want).nonzero()
-        assert mismatch.numel() == 0, (
-            f"{mismatch.numel()} of {n} floats round differently, first at bits {int(bits[mismatch[0, 0]]):#010x}: "
-            f"got {int(got[mismatch[0, 0]]):#06x}, c10 gives {int(want[mismatch[0, 0]]):#06x}")
+    _check_row_store(_ops._C.cpu_store_row_bf16, bits, _bf16_bits_c10(bits), (bits.numel(), 1, 15, 16, 17, 31, 33))
 
 
 def _f16_bits_c10(bits: torch.Tensor) -> torch.Tensor:
@@ -157,9 +167,8 @@ def _f16_bits_c10(bits: torch.Tensor) -> torch.Tensor:
     round-to-nearest-even (numpy's float32 -> float16 cast, an independent implementation) for every
     number, and sign | 0x7E00 for a NaN."""
     u = bits & 0xFFFFFFFF
-    f32 = (u - ((u >> 31) << 32)).to(torch.int32).numpy().view(np.float32)
     with np.errstate(over="ignore"):
-        rounded = torch.from_numpy(f32.astype(np.float16).view(np.uint16).astype(np.int64))
+        rounded = torch.from_numpy(_as_float32(u).numpy().astype(np.float16).view(np.uint16).astype(np.int64))
     nan = ((u >> 23) & 0xFF == 0xFF) & (u & 0x7FFFFF != 0)
     return torch.where(nan, ((u >> 16) & 0x8000) | 0x7E00, rounded)
 
@@ -175,12 +184,4 @@ def test_f16_row_store_rounds_as_c10():
     gen = torch.Generator().manual_seed(0)
     bits = torch.cat([(highs[:, None] | lows[None, :]).flatten(),
                       torch.randint(0, 1 << 32, (1 << 20,), generator=gen, dtype=torch.int64)])
-    src = (bits - ((bits >> 31) << 32)).to(torch.int32).view(torch.float32)
-    want_all = _f16_bits_c10(bits)
-    for n in (src.numel(), 1, 7, 8, 9, 15, 17):
-        got = _ops._C.cpu_store_row_f16(src[:n].contiguous()).view(torch.int16).to(torch.int64) & 0xFFFF
-        want = want_all[:n]
-        mismatch = (got != want).nonzero()
-        assert mismatch.numel() == 0, (
-            f"{mismatch.numel()} of {n} floats round differently, first at bits {int(bits[mismatch[0, 0]]):#010x}: "
-            f"got {int(got[mismatch[0, 0]]):#06x}, c10 gives {int(want[mismatch[0, 0]]):#06x}")
+    _check_row_store(_ops._C.cpu_store_row_f16, bits, _f16_bits_c10(bits), (bits.numel(), 1, 7, 8, 9, 15, 17))

@@ -120,8 +120,8 @@ template <typename src_t>
 constexpr bool kWidensAvx2 = std::is_same_v<src_t, float> || std::is_same_v<src_t, c10::BFloat16> ||
                              std::is_same_v<src_t, c10::Half>;
 
-// One full row panel (MR x K) of A from rows (float, bf16 or fp16, widened exactly), times scale: 8 x 8 register transposes
-// (two rows of padding). Each column of MR is stored as 8 floats, in order, so that its 2 padding
+// One full row panel (MR x K) of A from rows (float, bf16 or fp16, widened exactly), times scale:
+// 8 x 8 register transposes (two rows of padding). Each column of MR is stored as 8 floats, in order, so that its 2 padding
 // lanes land on the next column's first two, which the next store writes; the last of the 8 is
 // stored as 4 + 2 floats, never past the panel. (A masked store, vmaskmovps, is microcoded on
 // AMD cores: it was most of this function's time on Zen 3.)
@@ -563,13 +563,13 @@ template <typename acc_t, typename dst_t>
 inline void store_row(const acc_t* src, int n, dst_t* dst, int64_t stride) {
   if (stride == 1) {
 #if FASTATTN_X86
-    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<dst_t, c10::BFloat16>) {
+    if constexpr (std::is_same_v<acc_t, float> &&
+                  (std::is_same_v<dst_t, c10::BFloat16> || std::is_same_v<dst_t, c10::Half>)) {
       static const bool avx2 = cpu_has_avx2_fma();
-      if (avx2) return store_row_bf16_avx2(src, n, dst);
-    }
-    if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<dst_t, c10::Half>) {
-      static const bool avx2 = cpu_has_avx2_fma();
-      if (avx2) return store_row_f16_avx2(src, n, dst);
+      if (avx2) {
+        if constexpr (std::is_same_v<dst_t, c10::BFloat16>) return store_row_bf16_avx2(src, n, dst);
+        else return store_row_f16_avx2(src, n, dst);
+      }
     }
 #endif
 #pragma omp simd

@@ -87,7 +87,9 @@ FASTATTN_AVX2 inline __m256 load4x2_as_float_avx2(const c10::BFloat16* p) {
 // float, a broadcast load; bf16, a 64-bit broadcast load and one in-lane interleave with zeros
 // (AVX512BW). Widening to 128 bits and then broadcasting took two shuffles per FMA, and on Intel
 // cores the shuffle port is one of the two 512-bit FMA ports: the bf16 scores ran at half speed.
-FASTATTN_AVX512 inline __m512 load4x4_as_float_avx512(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+FASTATTN_AVX512 inline __m512 load4x4_as_float_avx512(const float* p) {
+  return _mm512_broadcast_f32x4(_mm_loadu_ps(p));
+}
 FASTATTN_AVX512 inline __m512 load4x4_as_float_avx512(const c10::BFloat16* p) {
   int64_t bits;
   std::memcpy(&bits, p, sizeof(bits));
@@ -350,11 +352,11 @@ FASTATTN_AVX512 inline __m512 load16_as_float_avx512(const c10::BFloat16* p, boo
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// bf16 V on AVX-512, a strip of kValuesStripColsAvx512 = 64 columns: as in the AVX2 kernel, 32 columns at a time are widened
-// as even and odd columns (a shift and an and of the 16 dwords, each holding two bf16) instead of
-// two widening shuffles and two shifts; the accumulators hold o's columns de-interleaved, permuted
-// in and out once per strip. On Intel cores the widening shuffle takes a 512-bit FMA port: half the
-// conversion work is a quarter more FMAs. Each element's FMA chain is unchanged.
+// bf16 V on AVX-512, a strip of kValuesStripColsAvx512 = 64 columns: as in the AVX2 kernel, 32
+// columns at a time are widened as even and odd columns (a shift and an and of the 16 dwords, each
+// holding two bf16) instead of two widening shuffles and two shifts; the accumulators hold o's
+// columns de-interleaved, permuted in and out once per strip. On Intel cores the widening shuffle
+// takes a 512-bit FMA port. Each element's FMA chain is unchanged.
 FASTATTN_AVX512 inline void decode_values_strip_bf16_avx512(const float* p, int64_t ldp, const c10::BFloat16* v,
                                                               int64_t vs, int n, int Dv, float* o, bool prefetch,
                                                               int ahead, int avail) {
