@@ -266,14 +266,20 @@ def cpu_variant_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[
                 Nq=nq, Nk=nk, D=D, Dv=Dv, causal=causal, alignment="bottom_right", window=window, mask=mask,
                 sinks=rng.random() < 0.3, dtype=rng.choice(("float32", "bfloat16")),
                 layout=rng.choice(("contiguous", "bnhd", "strided")), threads=rng.choice((1, 2, 3)))
-    # The AVX2 values kernel takes float V rows by chunks of decode_values_chunk_bytes: key counts on both
-    # sides of a chunk's edge, inside a block and past one, for head dims whose chunks divide the block and not.
-    for Dv in (128, 40, 8):
-        rows_per_chunk = max(1, t["decode_values_chunk_bytes"] // (4 * Dv))
-        for nk in sorted({n for c in (rows_per_chunk, 2 * rows_per_chunk, dblock + rows_per_chunk)
-                          for n in (c - 1, c, c + 1) if n > 0}):
-            add(name=f"decodechunk-Dv{Dv}-Nk{nk}", B=1, Hq=8, Hkv=2, Nq=1, Nk=nk, D=rng.choice((4, 64, 128)), Dv=Dv,
-                dtype="float32", layout=rng.choice(("contiguous", "strided")), threads=rng.choice((1, 2)))
+    # The AVX2 values kernel takes V rows by chunks: of decode_values_chunk_bytes_one_quad for a task of one
+    # quad (float and bf16), of decode_values_chunk_bytes_float for float V and more quads (bf16 then takes
+    # the whole block): key counts on both sides of a chunk's edge, inside a block and past one, for head
+    # dims whose chunks divide the block and not.
+    for dtype, elem, rows, key in (("float32", 4, quad, "decode_values_chunk_bytes_one_quad"),
+                                   ("bfloat16", 2, quad, "decode_values_chunk_bytes_one_quad"),
+                                   ("float32", 4, 2 * quad + 1, "decode_values_chunk_bytes_float")):
+        for Dv in (128, 40, 8):
+            rows_per_chunk = max(1, t[key] // (elem * Dv))
+            for nk in sorted({n for c in (rows_per_chunk, 2 * rows_per_chunk, dblock + rows_per_chunk)
+                              for n in (c - 1, c, c + 1) if n > 0}):
+                add(name=f"decodechunk-{dtype}-rows{rows}-Dv{Dv}-Nk{nk}", B=1, Hq=2 * rows, Hkv=2, Nq=1, Nk=nk,
+                    D=rng.choice((4, 64, 128)), Dv=Dv, dtype=dtype, layout=rng.choice(("contiguous", "strided")),
+                    threads=rng.choice((1, 2)))
     # Its strips: value head dims of whole wide strips, and of wide strips plus a last 8 or 16 columns
     # (and narrower than one wide strip), float and bf16; the AVX-512 kernel's strips likewise.
     for dtype, key in (("float32", "decode_values_strip_cols_float"), ("bfloat16", "decode_values_strip_cols_bf16"),

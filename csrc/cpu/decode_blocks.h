@@ -122,35 +122,44 @@ FASTATTN_AVX512 inline void store_quad_scores_avx512(__m512 sq, float* s, int64_
   _mm_storeu_ps(s + 3 * lds, _mm512_extractf32x4_ps(sq, 3));
 }
 
-// s[r * lds + j] = q_r . k_j for the quad's 4 rows and keys j < n (key j's row at k + j * ks, unit
-// stride along d). Keys are taken four at a time; a last group of fewer re-reads key n - 1 and
-// writes its extra scores at j < round_up(n, 4), which lds must allow for. Rows j < avail of k may
-// be read (avail >= n, or 0): the kernel prefetches those ahead of the ones it uses (0: none).
+// s[r * lds + j] = q_r . k_j for the rows of `quads` quads and keys j < n (key j's row at k + j * ks, unit
+// stride along d; quad g's vectors at qq + g * kQuadRows * D, its scores at s + g * kQuadRows * lds). Keys are
+// taken four at a time, every quad in turn: the four rows stay in L1 for all of them, and K streams from
+// memory at the pace of the whole computation. Quad after quad over the whole block left the memory idle
+// during the later quads while the first one waited on it: 1.09-1.13x slower at 4 quads in float with
+// cold K/V on the 2-core Zen 3 (bf16, more compute per byte: within the noise). A last group of fewer keys
+// re-reads key n - 1 and writes its extra scores at j < round_up(n, 4), which lds must allow for. Rows
+// j < avail of k may be read (avail >= n, or 0): the kernel prefetches those ahead of the ones it uses
+// (0: none).
 template <typename src_t>
-FASTATTN_AVX2 void decode_scores_avx2(const float* qq, const src_t* k, int64_t ks, int n, int D, float* s,
+FASTATTN_AVX2 void decode_scores_avx2(const float* qq, int quads, const src_t* k, int64_t ks, int n, int D, float* s,
                                       int64_t lds, int avail = 0) {
   const int ahead = prefetch_distance_rows<src_t>(D);
   for (int j = 0; j < n; j += 4) {
     prefetch_rows_l1(k, ks, j + ahead, j + ahead + 4, avail, D);
     const src_t* kr[4];
     for (int t = 0; t < 4; ++t) kr[t] = k + std::min(j + t, n - 1) * ks;
-    __m256 acc[4][2];  // [key][rows 0-1, rows 2-3]
-    for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-    for (int i = 0; i < D / 4; ++i) {
-      const __m256 q01 = _mm256_loadu_ps(qq + i * 16), q23 = _mm256_loadu_ps(qq + i * 16 + 8);
+    for (int g = 0; g < quads; ++g) {
+      const float* qg = qq + static_cast<int64_t>(g) * kQuadRows * D;
+      float* sg = s + static_cast<int64_t>(g) * kQuadRows * lds + j;
+      __m256 acc[4][2];  // [key][rows 0-1, rows 2-3]
+      for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+      for (int i = 0; i < D / 4; ++i) {
+        const __m256 q01 = _mm256_loadu_ps(qg + i * 16), q23 = _mm256_loadu_ps(qg + i * 16 + 8);
 #pragma GCC unroll 4
-      for (int t = 0; t < 4; ++t) {
-        const __m256 kk = load4x2_as_float_avx2(kr[t] + 4 * i);
-        acc[t][0] = _mm256_fmadd_ps(kk, q01, acc[t][0]);
-        acc[t][1] = _mm256_fmadd_ps(kk, q23, acc[t][1]);
+        for (int t = 0; t < 4; ++t) {
+          const __m256 kk = load4x2_as_float_avx2(kr[t] + 4 * i);
+          acc[t][0] = _mm256_fmadd_ps(kk, q01, acc[t][0]);
+          acc[t][1] = _mm256_fmadd_ps(kk, q23, acc[t][1]);
+        }
       }
+      const __m256 s01 = reduce_quad_keys_avx2(acc[0][0], acc[1][0], acc[2][0], acc[3][0]);
+      const __m256 s23 = reduce_quad_keys_avx2(acc[0][1], acc[1][1], acc[2][1], acc[3][1]);
+      _mm_storeu_ps(sg, _mm256_castps256_ps128(s01));
+      _mm_storeu_ps(sg + lds, _mm256_extractf128_ps(s01, 1));
+      _mm_storeu_ps(sg + 2 * lds, _mm256_castps256_ps128(s23));
+      _mm_storeu_ps(sg + 3 * lds, _mm256_extractf128_ps(s23, 1));
     }
-    const __m256 s01 = reduce_quad_keys_avx2(acc[0][0], acc[1][0], acc[2][0], acc[3][0]);
-    const __m256 s23 = reduce_quad_keys_avx2(acc[0][1], acc[1][1], acc[2][1], acc[3][1]);
-    _mm_storeu_ps(s + j, _mm256_castps256_ps128(s01));
-    _mm_storeu_ps(s + lds + j, _mm256_extractf128_ps(s01, 1));
-    _mm_storeu_ps(s + 2 * lds + j, _mm256_castps256_ps128(s23));
-    _mm_storeu_ps(s + 3 * lds + j, _mm256_extractf128_ps(s23, 1));
   }
 }
 
@@ -300,11 +309,16 @@ FASTATTN_AVX2 inline void decode_values_strip_at_avx2(const float* p, int64_t ld
     decode_values_strip_avx2<kCols, false>(p, ldp, v + d0, vs, j0, j1, Dv, o + d0, ahead, avail);
 }
 
-// float V rows are taken by chunks of about this many bytes, each read by every strip of the
-// values kernel while it is in L1: the whole block's V (64 rows of 512 B at D=128) is all of a
-// 32 KiB L1, so strips after the first found their rows in L2. bf16 rows are half as long and
-// their strips pay a permute in and out per chunk: one chunk, the whole block.
-constexpr int kValuesChunkBytes = 8192;
+// V rows are taken by chunks, each read by every strip (and every quad) of the values kernel while it
+// is in L1: the whole block's float V (64 rows of 512 B at D=128) is all of a 32 KiB L1, so strips after
+// the first found their rows in L2. With one quad (a decoding step of few query heads per K/V head:
+// memory-bound), chunks of 2 KiB: the first strip, which reads V from memory, then runs at the pace of
+// all of them, and the rows it prefetches arrive while the others work (cold K/V on the 2-core Zen 3,
+// chunks of 8 KiB before: 1.04-1.09x faster in float, 1.08-1.13x in bf16). With several quads
+// (compute-bound), 8 KiB of float V, or the whole block of bf16 V, whose strips pay a permute in and out
+// per chunk (2 KiB chunks were 5-13% slower there).
+constexpr int kValuesChunkBytesOneQuad = 2048;
+constexpr int kValuesChunkBytesFloat = 8192;
 // Columns of the AVX2 values kernel's wide strips (float V: 3 registers per row, bf16 V: 2); a
 // row's last 8 or 16 columns take a narrower strip.
 constexpr int kValuesStripColsFloat = 24;
@@ -313,29 +327,39 @@ constexpr int kValuesStripColsBf16 = 16;
 // of this width takes the even/odd kernel); a row's last part takes fewer registers.
 constexpr int kValuesStripColsAvx512 = 64;
 
-// o[r * Dv + d] += sum_j p[r * ldp + j] v[j][d] for the quad's 4 rows, keys j < n in order (key j's
-// row at v + j * vs, unit stride along d), Dv a multiple of 8. Each o element is one chain of FMAs
-// over j (a chunk's partial sums go through o, exactly). avail: as for decode_scores_avx2.
+// o[r * Dv + d] += sum_j p[r * ldp + j] v[j][d] for the rows of `quads` quads (quad g's probabilities at
+// p + g * kQuadRows * ldp, its outputs at o + g * kQuadRows * Dv), keys j < n in order (key j's row at
+// v + j * vs, unit stride along d), Dv a multiple of 8. Each o element is one chain of FMAs over j (a
+// chunk's partial sums go through o, exactly). Every quad takes a chunk in turn while it is in L1.
+// avail: as for decode_scores_avx2.
 template <typename src_t>
-FASTATTN_AVX2 void decode_values_avx2(const float* p, int64_t ldp, const src_t* v, int64_t vs, int n, int Dv,
-                                      float* o, int avail = 0) {
+FASTATTN_AVX2 void decode_values_avx2(const float* p, int quads, int64_t ldp, const src_t* v, int64_t vs, int n,
+                                      int Dv, float* o, int avail = 0) {
   const int ahead = prefetch_distance_rows<src_t>(Dv);
-  const int chunk = std::is_same_v<src_t, float> ? std::max(1, kValuesChunkBytes / (Dv * 4)) : std::max(n, 1);
+  const int row_bytes = Dv * static_cast<int>(sizeof(src_t));
+  const int chunk = quads == 1                      ? std::max(1, kValuesChunkBytesOneQuad / row_bytes)
+                    : std::is_same_v<src_t, float> ? std::max(1, kValuesChunkBytesFloat / row_bytes)
+                                                   : std::max(n, 1);
+  constexpr int kWide = std::is_same_v<src_t, float> ? kValuesStripColsFloat : kValuesStripColsBf16;
   for (int j0 = 0; j0 < n; j0 += chunk) {
     const int j1 = std::min(n, j0 + chunk);
-    constexpr int kWide = std::is_same_v<src_t, float> ? kValuesStripColsFloat : kValuesStripColsBf16;
-    // Wide strips, then the row's last 16 or 8 columns (Dv is a multiple of 8)
-    for (int d0 = 0; d0 < Dv;) {
-      const int left = Dv - d0;
-      if (left >= kWide) {
-        decode_values_strip_at_avx2<kWide>(p, ldp, v, vs, j0, j1, Dv, o, d0, ahead, avail);
-        d0 += kWide;
-      } else if (left >= 16) {
-        decode_values_strip_at_avx2<16>(p, ldp, v, vs, j0, j1, Dv, o, d0, ahead, avail);
-        d0 += 16;
-      } else {
-        decode_values_strip_at_avx2<8>(p, ldp, v, vs, j0, j1, Dv, o, d0, ahead, avail);
-        d0 += 8;
+    for (int g = 0; g < quads; ++g) {
+      const float* pg = p + static_cast<int64_t>(g) * kQuadRows * ldp;
+      float* og = o + static_cast<int64_t>(g) * kQuadRows * Dv;
+      const int pf = g == 0 ? avail : 0;  // the first quad's first strip prefetches
+      // Wide strips, then the row's last 16 or 8 columns (Dv is a multiple of 8)
+      for (int d0 = 0; d0 < Dv;) {
+        const int left = Dv - d0;
+        if (left >= kWide) {
+          decode_values_strip_at_avx2<kWide>(pg, ldp, v, vs, j0, j1, Dv, og, d0, ahead, pf);
+          d0 += kWide;
+        } else if (left >= 16) {
+          decode_values_strip_at_avx2<16>(pg, ldp, v, vs, j0, j1, Dv, og, d0, ahead, pf);
+          d0 += 16;
+        } else {
+          decode_values_strip_at_avx2<8>(pg, ldp, v, vs, j0, j1, Dv, og, d0, ahead, pf);
+          d0 += 8;
+        }
       }
     }
   }

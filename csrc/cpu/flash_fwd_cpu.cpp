@@ -138,10 +138,7 @@ void decode_task(const AttnParams& p, const FwdTask& task, KeySplit split, const
     if (avx512) {
       decode_scores_avx512(qq, quads, kh + kb * p.k.n, p.k.n, bk, D, s, kDecodeBlockK, avail);
     } else {
-      for (int qd = 0; qd < quads; ++qd)
-        decode_scores_avx2(qq + static_cast<int64_t>(qd) * kQuadRows * D, kh + kb * p.k.n, p.k.n, bk, D,
-                           s + static_cast<int64_t>(qd) * kQuadRows * kDecodeBlockK, kDecodeBlockK,
-                           qd == 0 ? avail : 0);
+      decode_scores_avx2(qq, quads, kh + kb * p.k.n, p.k.n, bk, D, s, kDecodeBlockK, avail);
     }
     for (int row = 0; row < quads * kQuadRows; ++row) {
       float* x = s + static_cast<int64_t>(row) * kDecodeBlockK;
@@ -164,14 +161,14 @@ void decode_task(const AttnParams& p, const FwdTask& task, KeySplit split, const
         for (int d = 0; d < Dv; ++d) o[d] *= alpha;
       }
     }
-    for (int qd = 0; qd < quads; ++qd) {
-      const float* pq = s + static_cast<int64_t>(qd) * kQuadRows * kDecodeBlockK;
-      float* oq = o_acc + static_cast<int64_t>(qd) * kQuadRows * Dv;
-      const int pf = qd == 0 ? avail : 0;
-      if (avx512)
-        decode_values_avx512(pq, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, oq, pf);
-      else
-        decode_values_avx2(pq, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, oq, pf);
+    if (avx512) {
+      for (int qd = 0; qd < quads; ++qd) {
+        const float* pq = s + static_cast<int64_t>(qd) * kQuadRows * kDecodeBlockK;
+        float* oq = o_acc + static_cast<int64_t>(qd) * kQuadRows * Dv;
+        decode_values_avx512(pq, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, oq, qd == 0 ? avail : 0);
+      }
+    } else {
+      decode_values_avx2(s, quads, kDecodeBlockK, vh + kb * p.v.n, p.v.n, bk, Dv, o_acc, avail);
     }
   }
 
@@ -442,7 +439,8 @@ Tiling fwd_tiling() {
           {"fwd_max_chunk_q", kMaxChunkQ},    {"decode_max_rows", kDecodeMaxRows},
           {"decode_block_k", kDecodeBlockK},  {"decode_quad_rows", kQuadRows},
           {"decode_min_split_blocks", kDecodeMinSplitBlocks}, {"decode_max_splits", kDecodeMaxSplits},
-          {"decode_values_chunk_bytes", kValuesChunkBytes},
+          {"decode_values_chunk_bytes_one_quad", kValuesChunkBytesOneQuad},
+          {"decode_values_chunk_bytes_float", kValuesChunkBytesFloat},
           {"decode_values_strip_cols_float", kValuesStripColsFloat},
           {"decode_values_strip_cols_bf16", kValuesStripColsBf16},
           {"decode_values_strip_cols_avx512", kValuesStripColsAvx512}};
