@@ -288,8 +288,8 @@ def cpu_variant_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[
         for Dv in sorted({8} | {d for w in (1, 2, 5) for d in (w * wide - 8, w * wide, w * wide + 8, w * wide + 16)
                           if d > 0 and d % 8 == 0}):
             add(name=f"decodestrip-{dtype}-{key.rsplit('_', 1)[1]}-Dv{Dv}", B=1, Hq=8, Hkv=2, Nq=2,
-                Nk=rng.choice(decode_nk), D=rng.choice((4, 64, 128)), Dv=Dv, dtype=dtype, layout=rng.choice(("contiguous", "strided")),
-                threads=rng.choice((1, 2)))
+                Nk=rng.choice(decode_nk), D=rng.choice((4, 64, 128)), Dv=Dv, dtype=dtype,
+                layout=rng.choice(("contiguous", "strided")), threads=rng.choice((1, 2)))
     # 8c. Flash-decoding: decode tasks fewer than the threads (one K/V head at batch 1, or varlen) split their
     # keys into parts of at least decode_min_split_blocks blocks, merged afterwards: key counts on both sides
     # of one and two parts' worth and of a part's edge, 2-4 threads, row counts up to the limit, the masks

@@ -126,8 +126,8 @@ FASTATTN_AVX512 inline void store_quad_scores_avx512(__m512 sq, float* s, int64_
 // stride along d; quad g's vectors at qq + g * kQuadRows * D, its scores at s + g * kQuadRows * lds). Keys are
 // taken four at a time, every quad in turn: the four rows stay in L1 for all of them, and K streams from
 // memory at the pace of the whole computation. Quad after quad over the whole block left the memory idle
-// during the later quads while the first one waited on it: 1.09-1.13x slower at 4 quads in float with
-// cold K/V on the 2-core Zen 3 (bf16, more compute per byte: within the noise). A last group of fewer keys
+// during the later quads while the first one waited on it: this order is 1.09x faster at 4 quads in float
+// with cold K/V on the 2-core Zen 3 (bf16, more compute per byte: within the noise). A last group of fewer keys
 // re-reads key n - 1 and writes its extra scores at j < round_up(n, 4), which lds must allow for. Rows
 // j < avail of k may be read (avail >= n, or 0): the kernel prefetches those ahead of the ones it uses
 // (0: none).
@@ -299,7 +299,7 @@ FASTATTN_AVX2 inline void decode_values_strip_avx2(const float* p, int64_t ldp, 
   }
 }
 
-// The strip at column d0; the first one (d0 == 0) prefetches.
+// The strip at column d0; the first one (d0 == 0) prefetches, when avail allows.
 template <int kCols, typename src_t>
 FASTATTN_AVX2 inline void decode_values_strip_at_avx2(const float* p, int64_t ldp, const src_t* v, int64_t vs, int j0,
                                                       int j1, int Dv, float* o, int d0, int ahead, int avail) {
@@ -314,9 +314,9 @@ FASTATTN_AVX2 inline void decode_values_strip_at_avx2(const float* p, int64_t ld
 // the first found their rows in L2. With one quad (a decoding step of few query heads per K/V head:
 // memory-bound), chunks of 2 KiB: the first strip, which reads V from memory, then runs at the pace of
 // all of them, and the rows it prefetches arrive while the others work (cold K/V on the 2-core Zen 3,
-// chunks of 8 KiB before: 1.04-1.09x faster in float, 1.08-1.13x in bf16). With several quads
+// chunks of 8 KiB before: 1.03-1.10x faster in float, 1.09-1.13x in bf16). With several quads
 // (compute-bound), 8 KiB of float V, or the whole block of bf16 V, whose strips pay a permute in and out
-// per chunk (2 KiB chunks were 5-13% slower there).
+// per chunk (2 KiB chunks were 2-12% slower there).
 constexpr int kValuesChunkBytesOneQuad = 2048;
 constexpr int kValuesChunkBytesFloat = 8192;
 // Columns of the AVX2 values kernel's wide strips (float V: 3 registers per row, bf16 V: 2); a
