@@ -122,9 +122,9 @@ constexpr bool kWidensAvx2 = std::is_same_v<src_t, float> || std::is_same_v<src_
 
 // One full row panel (MR x K) of A from rows (float, bf16 or fp16, widened exactly), times scale:
 // 8 x 8 register transposes (two rows of padding). Each column of MR is stored as 8 floats, in
-// order, so that its 2 padding lanes land on the next column's first two, which the next store writes; the last of the 8 is
-// stored as 4 + 2 floats, never past the panel. (A masked store, vmaskmovps, is microcoded on
-// AMD cores: it was most of this function's time on Zen 3.)
+// order, so that its 2 padding lanes land on the next column's first two, which the next store
+// writes; the last of the 8 is stored as 4 + 2 floats, never past the panel. (A masked store,
+// vmaskmovps, is microcoded on AMD cores: it was most of this function's time on Zen 3.)
 template <typename src_t>
 FASTATTN_AVX2 inline void pack_a_panel_avx2(const src_t* src, int64_t rs, int K, float* panel, float scale) {
   static_assert(MR == 6, "a transposed column is 6 of a register's 8 floats");
