@@ -83,6 +83,17 @@ FASTATTN_AVX2 inline __m256 load4x2_as_float_avx2(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), _mm256_set1_epi64x(bits)));
 }
 
+// Eight consecutive bf16 values of a key row as two groups of four, each as load4x2_as_float_avx2
+// gives it: one 16-byte broadcast load and two in-lane interleaves with zeros. Half the loads of
+// two 8-byte broadcasts, and the K stream from memory is faster with fewer, wider loads (2-core
+// Zen 3, one thread reading 4 rows side by side with the 4 KiB prefetch: 7.0-8.7 GB/s by 8-byte
+// loads, 8.0-10.2 by 16-byte ones); the bf16 decode step, cold K/V: 1.02-1.05x faster.
+FASTATTN_AVX2 inline void load8x2_as_float_pair_avx2(const c10::BFloat16* p, __m256& first, __m256& second) {
+  const __m256i bits = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  first = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bits));
+  second = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), bits));
+}
+
 // The same four values in all four 128-bit lanes of an AVX-512 register (one per row of the quad):
 // float, a broadcast load; bf16, a 64-bit broadcast load and one in-lane interleave with zeros
 // (AVX512BW). Widening to 128 bits and then broadcasting took two shuffles per FMA, and on Intel
@@ -144,7 +155,23 @@ FASTATTN_AVX2 void decode_scores_avx2(const float* qq, int quads, const src_t* k
       float* sg = s + static_cast<int64_t>(g) * kQuadRows * lds + j;
       __m256 acc[4][2];  // [key][rows 0-1, rows 2-3]
       for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
-      for (int i = 0; i < D / 4; ++i) {
+      int i = 0;
+      if constexpr (std::is_same_v<src_t, c10::BFloat16>) {  // two groups of 4 per load; same FMA chains
+        for (; i + 2 <= D / 4; i += 2) {
+          const __m256 qa01 = _mm256_loadu_ps(qg + i * 16), qa23 = _mm256_loadu_ps(qg + i * 16 + 8);
+          const __m256 qb01 = _mm256_loadu_ps(qg + i * 16 + 16), qb23 = _mm256_loadu_ps(qg + i * 16 + 24);
+#pragma GCC unroll 4
+          for (int t = 0; t < 4; ++t) {
+            __m256 ka, kb;
+            load8x2_as_float_pair_avx2(kr[t] + 4 * i, ka, kb);
+            acc[t][0] = _mm256_fmadd_ps(ka, qa01, acc[t][0]);
+            acc[t][1] = _mm256_fmadd_ps(ka, qa23, acc[t][1]);
+            acc[t][0] = _mm256_fmadd_ps(kb, qb01, acc[t][0]);
+            acc[t][1] = _mm256_fmadd_ps(kb, qb23, acc[t][1]);
+          }
+        }
+      }
+      for (; i < D / 4; ++i) {
         const __m256 q01 = _mm256_loadu_ps(qg + i * 16), q23 = _mm256_loadu_ps(qg + i * 16 + 8);
 #pragma GCC unroll 4
         for (int t = 0; t < 4; ++t) {
@@ -239,18 +266,21 @@ FASTATTN_AVX512 void decode_scores_avx512(const float* qq, int quads, const src_
 // bf16 V on AVX2: 16 columns at a time are widened as even and odd columns (a shift and a mask of
 // the 8 dwords, each holding two bf16) instead of two halves (two widening shuffles and two
 // shifts): half the conversion work, which competes with the FMAs for ports on AVX2-only cores.
-// The accumulators then hold o's columns de-interleaved, permuted in and out once per strip; each
-// element's FMA chain is unchanged.
-FASTATTN_AVX2 inline void deinterleave16_avx2(const float* o, __m256& even, __m256& odd) {
-  const __m256 a = _mm256_loadu_ps(o), b = _mm256_loadu_ps(o + 8);
-  // per 128-bit lane: columns (0 2 8 10 | 4 6 12 14), then 64-bit pairs into order
-  even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
-  odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
-}
-FASTATTN_AVX2 inline void interleave16_avx2(__m256 even, __m256 odd, float* o) {
-  const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);  // (0-3 | 8-11), (4-7 | 12-15)
-  _mm256_storeu_ps(o, _mm256_permute2f128_ps(lo, hi, 0x20));
-  _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+// The output rows then stay in that order for the whole task (the "strip layout": each whole
+// group of 16 columns holds its 8 even columns, then its 8 odd ones; a last group of 8 is in
+// order), and decode_values_to_natural_avx2 puts them back once at the end. Permuting in and
+// out per chunk instead took 32 shuffles per 64 FMAs with one quad's 2 KiB chunks (the bf16
+// decode step, cold K/V, 2-core Zen 3: 1.01-1.03x slower). Each element's FMA chain is the same.
+FASTATTN_AVX2 inline void decode_values_to_natural_avx2(float* o, int rows, int Dv) {
+  for (int r = 0; r < rows; ++r)
+    for (int d0 = 0; d0 + 16 <= Dv; d0 += 16) {
+      float* x = o + static_cast<int64_t>(r) * Dv + d0;
+      const __m256 even = _mm256_loadu_ps(x), odd = _mm256_loadu_ps(x + 8);
+      // columns (0-3 | 8-11) and (4-7 | 12-15), then their 128-bit halves into order
+      const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+      _mm256_storeu_ps(x, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(x + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
 }
 
 // One strip of the values kernel: columns [0, kCols) of o and of v's rows (8, 16 or, for float V,
@@ -263,8 +293,11 @@ FASTATTN_AVX2 inline void decode_values_strip_avx2(const float* p, int64_t ldp, 
   static_assert(kCols == 8 || kCols == 16 || (kCols == 24 && std::is_same_v<src_t, float>),
                 "one to three registers per row");
   if constexpr (kCols == 16 && std::is_same_v<src_t, c10::BFloat16>) {
-    __m256 even[kQuadRows], odd[kQuadRows];
-    for (int r = 0; r < kQuadRows; ++r) deinterleave16_avx2(o + r * Dv, even[r], odd[r]);
+    __m256 even[kQuadRows], odd[kQuadRows];  // o in the strip layout
+    for (int r = 0; r < kQuadRows; ++r) {
+      even[r] = _mm256_loadu_ps(o + r * Dv);
+      odd[r] = _mm256_loadu_ps(o + r * Dv + 8);
+    }
     const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
     for (int j = j0; j < j1; ++j) {
       if constexpr (kPrefetch) prefetch_rows_l1(v, vs, j + ahead, j + ahead + 1, avail, Dv);
@@ -278,7 +311,10 @@ FASTATTN_AVX2 inline void decode_values_strip_avx2(const float* p, int64_t ldp, 
         odd[r] = _mm256_fmadd_ps(pr, vo, odd[r]);
       }
     }
-    for (int r = 0; r < kQuadRows; ++r) interleave16_avx2(even[r], odd[r], o + r * Dv);
+    for (int r = 0; r < kQuadRows; ++r) {
+      _mm256_storeu_ps(o + r * Dv, even[r]);
+      _mm256_storeu_ps(o + r * Dv + 8, odd[r]);
+    }
   } else {
     constexpr int kRegs = kCols / 8;
     __m256 acc[kQuadRows][kRegs];
@@ -315,8 +351,9 @@ FASTATTN_AVX2 inline void decode_values_strip_at_avx2(const float* p, int64_t ld
 // memory-bound), chunks of 2 KiB: the first strip, which reads V from memory, then runs at the pace of
 // all of them, and the rows it prefetches arrive while the others work (cold K/V on the 2-core Zen 3,
 // chunks of 8 KiB before: 1.03-1.10x faster in float, 1.09-1.13x in bf16). With several quads
-// (compute-bound), 8 KiB of float V, or the whole block of bf16 V, whose strips pay a permute in and out
-// per chunk (2 KiB chunks were 2-12% slower there).
+// (compute-bound), 8 KiB of float V, or the whole block of bf16 V (chosen when its strips paid a permute
+// in and out per chunk: 2 KiB chunks were 2-12% slower there; not measured again since they keep the
+// strip layout).
 constexpr int kValuesChunkBytesOneQuad = 2048;
 constexpr int kValuesChunkBytesFloat = 8192;
 // Columns of the AVX2 values kernel's wide strips (float V: 3 registers per row, bf16 V: 2); a
@@ -331,7 +368,7 @@ constexpr int kValuesStripColsAvx512 = 64;
 // p + g * kQuadRows * ldp, its outputs at o + g * kQuadRows * Dv), keys j < n in order (key j's row at
 // v + j * vs, unit stride along d), Dv a multiple of 8. Each o element is one chain of FMAs over j (a
 // chunk's partial sums go through o, exactly). Every quad takes a chunk in turn while it is in L1.
-// avail: as for decode_scores_avx2.
+// avail: as for decode_scores_avx2. For bf16 V, o is in the strip layout (above) before and after.
 template <typename src_t>
 FASTATTN_AVX2 void decode_values_avx2(const float* p, int quads, int64_t ldp, const src_t* v, int64_t vs, int n,
                                       int Dv, float* o, int avail = 0) {

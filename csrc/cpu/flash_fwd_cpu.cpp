@@ -172,6 +172,9 @@ void decode_task(const AttnParams& p, const FwdTask& task, KeySplit split, const
     }
   }
 
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (!avx512) decode_values_to_natural_avx2(o_acc, rows, Dv);  // from the AVX2 kernel's strip layout
+  }
   if (partial != nullptr) {  // a split: merge_decode_splits normalises and stores
     std::copy(o_acc, o_acc + static_cast<int64_t>(rows) * Dv, partial->o);
     std::copy(row_max, row_max + rows, partial->row_max);
