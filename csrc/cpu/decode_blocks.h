@@ -86,8 +86,8 @@ FASTATTN_AVX2 inline __m256 load4x2_as_float_avx2(const c10::BFloat16* p) {
 // Eight consecutive bf16 values of a key row as two groups of four, each as load4x2_as_float_avx2
 // gives it: one 16-byte broadcast load and two in-lane interleaves with zeros. Half the loads of
 // two 8-byte broadcasts, and the K stream from memory is faster with fewer, wider loads (2-core
-// Zen 3, one thread reading 4 rows side by side with the 4 KiB prefetch: 7.0-8.7 GB/s by 8-byte
-// loads, 8.0-10.2 by 16-byte ones); the bf16 decode step, cold K/V: 1.02-1.05x faster.
+// Zen 3, one thread reading 4 rows side by side with the 4 KiB prefetch: 5.2-8.7 GB/s by 8-byte
+// loads, 7.0-10.2 by 16-byte ones); the bf16 decode step, cold K/V: 1.02-1.05x faster.
 FASTATTN_AVX2 inline void load8x2_as_float_pair_avx2(const c10::BFloat16* p, __m256& first, __m256& second) {
   const __m256i bits = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   first = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), bits));
