@@ -352,8 +352,8 @@ FASTATTN_AVX2 inline void decode_values_strip_at_avx2(const float* p, int64_t ld
 // all of them, and the rows it prefetches arrive while the others work (cold K/V on the 2-core Zen 3,
 // chunks of 8 KiB before: 1.03-1.10x faster in float, 1.09-1.13x in bf16). With several quads
 // (compute-bound), 8 KiB of float V, or the whole block of bf16 V (chosen when its strips paid a permute
-// in and out per chunk: 2 KiB chunks were 2-12% slower there; not measured again since they keep the
-// strip layout).
+// in and out per chunk; since they keep the strip layout, bf16 with 2-8 quads measured 0.94-1.13x with
+// 2 KiB chunks and 0.99-1.02x with 8 KiB ones: within this host's noise, so left as it was).
 constexpr int kValuesChunkBytesOneQuad = 2048;
 constexpr int kValuesChunkBytesFloat = 8192;
 // Columns of the AVX2 values kernel's wide strips (float V: 3 registers per row, bf16 V: 2); a
