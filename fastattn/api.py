@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from . import dispatch, reference
-from ._ops import (AttentionFunction, Variants, VarlenAttentionFunction, attention_fwd, needs_autograd,
+from ._ops import (PLAIN, AttentionFunction, Variants, VarlenAttentionFunction, attention_fwd, needs_autograd,
                    varlen_attention_fwd)
 from .errors import InvalidArgumentError, InvalidArgumentTypeError
 
@@ -140,6 +140,13 @@ def _check_variants(q, causal: bool, window_size, alignment, softcap, alibi_slop
     case takes it): a window (left, 0) is causal (with a left bound), causal ignores the right bound, and the
     alignment only matters where a diagonal does (causal, a window or ALiBi) and Nq != Nk.
     """
+    # Plain attention spelled as the defaults spell it (every decode step's call): nothing to check or normalise.
+    # Exact types, so that what the checks below reject ((-1.0, -1), softcap=False) still reaches them.
+    if (alibi_slopes is None and sinks is None and type(softcap) is float and softcap == 0.0
+            and type(window_size) is tuple and window_size == (-1, -1) and type(window_size[0]) is int
+            and type(window_size[1]) is int and (alignment == "top_left" or (alignment == "bottom_right"
+                                                                             and not causal))):
+        return causal, PLAIN, None, None, ()
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise InvalidArgumentTypeError(
             f"window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
@@ -284,8 +291,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     causal = _check_causal(causal)
     dropout_p = _check_dropout(dropout_p)
     B, Hq, Nq, D = q.shape
-    attn_mask, causal, alignment = _causal_bias(attn_mask, causal, alignment)
-    attn_mask = _check_mask(attn_mask, q, (B, Hq, Nq, k.shape[2]))
+    if attn_mask is not None:
+        attn_mask, causal, alignment = _causal_bias(attn_mask, causal, alignment)
+        attn_mask = _check_mask(attn_mask, q, (B, Hq, Nq, k.shape[2]))
     causal, variants, alibi_slopes, sinks, used = _check_variants(
         q, causal, window_size, alignment, softcap, alibi_slopes, sinks, heads_q=Hq, batch=B,
         seqlens_differ=Nq != k.shape[2])

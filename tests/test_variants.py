@@ -418,6 +418,9 @@ def test_compile_fullgraph_with_variants():
     (dict(window_size=(1, 2, 3)), TypeError, "window_size must be a pair of ints"),
     (dict(window_size=(1.0, 2)), TypeError, "window_size must be a pair of ints"),
     (dict(window_size=(True, 2)), TypeError, "window_size must be a pair of ints"),
+    (dict(window_size=(-1.0, -1)), TypeError, "window_size must be a pair of ints"),  # == the default (-1, -1)
+    (dict(window_size=(-1, -1.0)), TypeError, "window_size must be a pair of ints"),
+    (dict(softcap=False), TypeError, "softcap must be a float"),  # == the default 0.0
     (dict(window_size=(-2, 0)), ValueError, "window_size must be a pair of ints >= -1"),
     (dict(alignment="bottom-right"), ValueError, "alignment must be 'top_left' or 'bottom_right'"),
     (dict(softcap=-1.0), ValueError, "softcap must be a finite float >= 0"),
