@@ -105,7 +105,8 @@ def _inputs(case: Case, device: torch.device, generator: torch.Generator):
 
     if case.varlen is not None:
         lens_q, lens_k = case.varlen
-        q, k, v = randn(sum(lens_q), case.Hq, case.D), randn(sum(lens_k), case.Hkv, case.D), randn(sum(lens_k), case.Hkv, case.D)
+        q = randn(sum(lens_q), case.Hq, case.D)
+        k, v = randn(sum(lens_k), case.Hkv, case.D), randn(sum(lens_k), case.Hkv, case.D)
     elif case.layout == "bnhd":
         q = randn(case.B, case.Nq, case.Hq, case.D).transpose(1, 2)
         k = randn(case.B, case.Nk, case.Hkv, case.D).transpose(1, 2)

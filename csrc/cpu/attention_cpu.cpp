@@ -98,7 +98,8 @@ VariantTensors set_variants(AttnParams& p, int64_t window_left, int64_t window_r
     const at::Tensor& s = *alibi_slopes;
     CHECK_ARG(s.device().is_cpu() && at::isFloatingType(s.scalar_type()),
               "alibi_slopes must be a floating-point CPU tensor, got ", s.scalar_type(), " on ", s.device());
-    CHECK_ARG((s.dim() == 1 && s.size(0) == p.heads_q) || (s.dim() == 2 && s.size(0) == p.batch && s.size(1) == p.heads_q),
+    CHECK_ARG((s.dim() == 1 && s.size(0) == p.heads_q) ||
+                  (s.dim() == 2 && s.size(0) == p.batch && s.size(1) == p.heads_q),
               "alibi_slopes must be (Hq,) = (", p.heads_q, ",) or (B, Hq) = (", p.batch, ", ", p.heads_q, "), got ",
               s.sizes());
     kept.alibi_slopes = s.to(at::kDouble).contiguous();

@@ -472,7 +472,8 @@ struct Staircase {
   int count = 0;
   // The next strip, whose rows see keys [lo, hi) (none when lo >= hi) of a block `width` wide.
   void add(int lo, int hi, int width) {
-    cols[count++] = hi <= lo ? Cols{0, 0} : Cols{lo / NR * NR, static_cast<int>(std::min<int64_t>(width, round_up(hi, NR)))};
+    cols[count++] =
+        hi <= lo ? Cols{0, 0} : Cols{lo / NR * NR, static_cast<int>(std::min<int64_t>(width, round_up(hi, NR)))};
   }
 };
 

@@ -324,8 +324,8 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
       // a group's rows, whose heads change inside a micro-block, row by row.
       if (group == 1) {
         for (int64_t qs = q0; qs < q1; qs += kBlockQ)
-          pack_a(q + p.base_q(p.q, b, hk) + qs * p.q.n, p.q.n, p.q.d, static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs)),
-                 D, q_pack.get() + (qs - q0) * D, q_scale);
+          pack_a(q + p.base_q(p.q, b, hk) + qs * p.q.n, p.q.n, p.q.d,
+                 static_cast<int>(std::min<int64_t>(kBlockQ, q1 - qs)), D, q_pack.get() + (qs - q0) * D, q_scale);
       } else {
         std::fill(q_pack.get() + rows / MR * MR * D, q_pack.get() + round_up(rows, MR) * D, acc_t(0));
         for (int64_t r = 0; r < rows; ++r)

@@ -65,7 +65,8 @@ int fill_mask_bias(const AttnParams& p, int64_t b, int64_t h, int64_t i, int64_t
 FASTATTN_AVX2 inline void philox4x32_10_x8(uint32_t c0_first, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t seed,
                                            __m256i out[4]) {
   const __m256i m0 = _mm256_set1_epi64x(0xD2511F53u), m1 = _mm256_set1_epi64x(0xCD9E8D57u);
-  __m256i x0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(c0_first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i x0 =
+      _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(c0_first)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   __m256i x1 = _mm256_set1_epi32(static_cast<int>(c1)), x2 = _mm256_set1_epi32(static_cast<int>(c2));
   __m256i x3 = _mm256_set1_epi32(static_cast<int>(c3));
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
