@@ -142,10 +142,11 @@ def _check_variants(q, causal: bool, window_size, alignment, softcap, alibi_slop
     """
     # Plain attention spelled as the defaults spell it (every decode step's call): nothing to check or normalise.
     # Exact types, so that what the checks below reject ((-1.0, -1), softcap=False) still reaches them.
-    if (alibi_slopes is None and sinks is None and type(softcap) is float and softcap == 0.0
-            and type(window_size) is tuple and window_size == (-1, -1) and type(window_size[0]) is int
-            and type(window_size[1]) is int and (alignment == "top_left" or (alignment == "bottom_right"
-                                                                             and not causal))):
+    plain = (alibi_slopes is None and sinks is None and type(softcap) is float and softcap == 0.0
+             and type(window_size) is tuple and window_size == (-1, -1)
+             and type(window_size[0]) is type(window_size[1]) is int
+             and (alignment == "top_left" or (alignment == "bottom_right" and not causal)))
+    if plain:
         return causal, PLAIN, None, None, ()
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise InvalidArgumentTypeError(

@@ -66,11 +66,6 @@ CAPABILITIES = {
 }
 
 
-# What the CPU backend's checks in why_unsupported come to: everything, for CPU tensors of a float dtype.
-_CPU_SERVES_ALL = CAPABILITIES["cpu"] == Capability(devices=("cpu",), dtypes=_ALL_FLOATS, max_head_dim=None,
-                                                   variants=_ALL_VARIANTS)
-
-
 def cuda_head_dims() -> tuple:
     """Head dims the CUDA extension was built with (empty when it is not built)."""
     return tuple(_ops._C_cuda.head_dims) if _ops._C_cuda is not None else ()
@@ -165,10 +160,7 @@ def why_unsupported(backend: str, device: torch.device, dtype: torch.dtype, head
     the names (keys of :data:`VARIANTS`) of the variants the call uses.
     """
     # The built CPU backend is available: every CPU call asks, and need not ask about the GPU and Triton
-    if backend == "cpu" and _ops._C is not None:
-        if _CPU_SERVES_ALL and device.type == "cpu" and dtype in _ALL_FLOATS:
-            return None  # every CPU call (the checks below, spelled out once; a decode step asks on every token)
-    elif backend not in available_backends():
+    if not (backend == "cpu" and _ops._C is not None) and backend not in available_backends():
         if backend == "triton":
             return f"backend 'triton' is not available in this process: {triton_kernels.unavailable_reason()}"
         if backend in CAPABILITIES or backend in ("cuda", "triton"):
@@ -188,7 +180,7 @@ def why_unsupported(backend: str, device: torch.device, dtype: torch.dtype, head
         return f"backend {backend!r} does not support dropout"
     if varlen and not cap.varlen:
         return f"backend {backend!r} does not support varlen inputs"
-    missing = [VARIANTS[v] for v in variants if v not in cap.variants]
+    missing = [VARIANTS[v] for v in variants if v not in cap.variants] if variants else None
     if missing:
         return f"backend {backend!r} does not serve {', '.join(missing)} yet"
     if backend == "cuda":
@@ -228,16 +220,15 @@ def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, hea
     reasons = []
     for name in order:
         reason = why_unsupported(name, device, dtype, head_dim, **features)
-        if reason is None and not reasons:  # the fastest serves it: nothing passed over to warn about
-            return name
         if reason is None:
-            _warn_if_passed_over(order[:order.index(name)], name, reasons, device)
-            if name == "reference":
-                key = (device.type, dtype, tuple(sorted(features.items())))
-                if key not in _warned:
-                    _warned.add(key)
-                    warnings.warn("fastattn: no fused kernel can run this call (" + "; ".join(reasons) +
-                                  "); falling back to the plain PyTorch reference (O(N^2) memory)", stacklevel=3)
+            if reasons:  # faster backends could not serve the call: say so where that matters
+                _warn_if_passed_over(order[:order.index(name)], name, reasons, device)
+                if name == "reference":
+                    key = (device.type, dtype, tuple(sorted(features.items())))
+                    if key not in _warned:
+                        _warned.add(key)
+                        warnings.warn("fastattn: no fused kernel can run this call (" + "; ".join(reasons) +
+                                      "); falling back to the plain PyTorch reference (O(N^2) memory)", stacklevel=3)
             return name
         reasons.append(reason)
     raise InvalidArgumentError("fastattn: no backend can run this call: " + "; ".join(reasons))
