@@ -475,6 +475,17 @@ struct Staircase {
     cols[count++] =
         hi <= lo ? Cols{0, 0} : Cols{lo / NR * NR, static_cast<int>(std::min<int64_t>(width, round_up(hi, NR)))};
   }
+  // f(first, last, cols) for each run of consecutive strips [first, last) with the same non-empty
+  // columns: one product over a run's rows keeps each B panel in L1 while the run's rows stream.
+  template <typename F>
+  void for_each_run(F&& f) const {
+    for (int s = 0; s < count;) {
+      int e = s + 1;
+      while (e < count && cols[e].lo == cols[s].lo && cols[e].hi == cols[s].hi) ++e;
+      if (cols[s].hi > cols[s].lo) f(s, e, cols[s]);
+      s = e;
+    }
+  }
 };
 
 template <typename acc_t>

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <utility>
 #include <vector>
 
 #include "attention_cpu.h"
@@ -160,20 +161,21 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
             // S = Q Kᵀ and dP = dO Vᵀ strip by strip of MR rows, each over the panels its rows see (a
             // staircase along the diagonal and the window's edges); the row pass below zero-fills
             // every row outside its keys over the tile's columns, so P and dS are whole there.
+            // Strips that see the same panels (all of them off the diagonal) are one product: the
+            // micro-kernel then runs each packed Kᵀ or Vᵀ panel over all their rows while it is in
+            // L1, instead of every strip streaming the whole Kᵀ and Vᵀ (2 x 32 KiB at D = 64).
             Staircase strips;
             for (int s0 = 0; s0 < bq; s0 += MR) {
               const auto keys = band.keys_in_block(qs + s0, qs + std::min(bq, s0 + MR) - 1, kb, bk);
               strips.add(keys.lo, keys.hi, bk);
             }
-            for (int si = 0; si < strips.count; ++si) {
-              const auto [c0, c1] = strips.cols[si];
-              if (c1 <= c0) continue;
-              const int ms = std::min(MR, bq - si * MR);
-              gemm(ms, c1 - c0, D, q_left.rows_from(si * MR, D), packed_right(kt_pack.get() + c0 * D),
-                   pr + si * MR * kBlockK + c0, kBlockK, false);
-              gemm(ms, c1 - c0, Dv, do_left.rows_from(si * MR, Dv), packed_right(vt_pack.get() + c0 * Dv),
-                   dpr + si * MR * kBlockK + c0, kBlockK, false);
-            }
+            strips.for_each_run([&](int first, int last, Staircase::Cols cols) {
+              const int r0 = first * MR, m = std::min(last * MR, bq) - r0, n = cols.hi - cols.lo;
+              gemm(m, n, D, q_left.rows_from(r0, D), packed_right(kt_pack.get() + cols.lo * D),
+                   pr + r0 * kBlockK + cols.lo, kBlockK, false);
+              gemm(m, n, Dv, do_left.rows_from(r0, Dv), packed_right(vt_pack.get() + cols.lo * Dv),
+                   dpr + r0 * kBlockK + cols.lo, kBlockK, false);
+            });
 
             for (int r = 0; r < bq; ++r) {
               const int64_t i = qs + r, row = p.row_index(b, h, i);
@@ -219,24 +221,33 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
             }
             // dV += (P Z)ᵀ dO and dK += dSᵀ Q, strip by strip of MR keys, each over the tile's rows
             // that see them; Pᵀ and dSᵀ are read in place, as the transposes of the row-major tiles.
-            for (int kc = col0; kc < col1; kc += MR) {
+            // Key strips that the same rows see are one product (dO and Q panels reused from L1).
+            auto rows_seeing = [&](int kc) {  // the tile's rows [lo, hi) that see keys [kc, kc + MR)
               const int mk = std::min(MR, col1 - kc);
-              const int r_lo = static_cast<int>(std::clamp<int64_t>(band.row_begin(kb + kc) - qs, 0, bq));
-              const int r_hi = static_cast<int>(std::clamp<int64_t>(band.row_end(kb + kc + mk - 1) - qs, 0, bq));
+              return std::pair{static_cast<int>(std::clamp<int64_t>(band.row_begin(kb + kc) - qs, 0, bq)),
+                               static_cast<int>(std::clamp<int64_t>(band.row_end(kb + kc + mk - 1) - qs, 0, bq))};
+            };
+            for (int kc = col0, kc_end; kc < col1; kc = kc_end) {
+              const auto rows_kc = rows_seeing(kc);
+              for (kc_end = kc + MR; kc_end < col1 && rows_seeing(kc_end) == rows_kc;) kc_end += MR;
+              kc_end = std::min(kc_end, col1);
+              const auto [r_lo, r_hi] = rows_kc;
               if (r_hi <= r_lo) continue;
-              gemm(mk, Dv, r_hi - r_lo, strided_left(pr + r_lo * kBlockK + kc, 1, kBlockK), do_right.rows_from(r_lo),
-                   dv_acc.get() + kc * Dv, Dv, true);
-              gemm(mk, D, r_hi - r_lo, strided_left(dpr + r_lo * kBlockK + kc, 1, kBlockK), q_right.rows_from(r_lo),
-                   dk_acc.get() + kc * D, D, true);
+              gemm(kc_end - kc, Dv, r_hi - r_lo, strided_left(pr + r_lo * kBlockK + kc, 1, kBlockK),
+                   do_right.rows_from(r_lo), dv_acc.get() + kc * Dv, Dv, true);
+              gemm(kc_end - kc, D, r_hi - r_lo, strided_left(dpr + r_lo * kBlockK + kc, 1, kBlockK),
+                   q_right.rows_from(r_lo), dk_acc.get() + kc * D, D, true);
             }
-            for (int si = 0; si < strips.count; ++si)  // dQ += dS K, over each strip's keys
-              if (const auto [c0, c1] = strips.cols[si]; c1 > c0) {
-                const int64_t i0 = qs + si * MR;
-                acc_t* dq_rows = dq_in_place ? reinterpret_cast<acc_t*>(dq) + p.base_q(p.grad_q, b, h) + i0 * p.grad_q.n
-                                             : dq_chunk + p.row_index(b, h, i0) * D;
-                gemm(std::min(MR, bq - si * MR), D, c1 - c0, strided_left(dpr + si * MR * kBlockK + c0, kBlockK, 1),
-                     k_right.rows_from(c0), dq_rows, dq_in_place ? p.grad_q.n : D, true);
-              }
+            // dQ += dS K, over each strip's keys (a run of strips with the same keys at once).
+            strips.for_each_run([&](int first, int last, Staircase::Cols cols) {
+              const int r0 = first * MR;
+              const int64_t i0 = qs + r0;
+              acc_t* dq_rows = dq_in_place ? reinterpret_cast<acc_t*>(dq) + p.base_q(p.grad_q, b, h) + i0 * p.grad_q.n
+                                           : dq_chunk + p.row_index(b, h, i0) * D;
+              gemm(std::min(last * MR, bq) - r0, D, cols.hi - cols.lo,
+                   strided_left(dpr + r0 * kBlockK + cols.lo, kBlockK, 1), k_right.rows_from(cols.lo), dq_rows,
+                   dq_in_place ? p.grad_q.n : D, true);
+            });
           }
         }
 
