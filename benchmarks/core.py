@@ -599,6 +599,20 @@ def time_interleaved(prepared: dict, modes: tuple, clock, reps: int, min_reps: i
     return {key: {"median_s": statistics.median(v), "reps": len(v), "all_s": v} for key, v in samples.items()}
 
 
+def median_ci(values: list, confidence: float = 0.95) -> tuple:
+    """(lo, hi): a distribution-free confidence interval for the median of ``values`` (order statistics:
+    the k-th smallest and k-th largest, k the largest rank such that a Binomial(n, 1/2) falls below it with
+    probability <= (1 - confidence) / 2). Too few values for that confidence: (min, max)."""
+    xs = sorted(values)
+    n, tail, k, below = len(xs), (1 - confidence) / 2, 0, 0.0
+    while k < n // 2:
+        below += math.comb(n, k) / 2 ** n  # P(Binomial(n, 1/2) <= k)
+        if below > tail:
+            break
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k > 0 else (xs[0], xs[-1])
+
+
 def time_with_do_bench(prepared: dict, modes: tuple, kinds: Optional[dict] = None) -> dict:
     """GPU alternative: triton.testing.do_bench per (candidate, mode); not interleaved."""
     from triton.testing import do_bench
@@ -703,6 +717,7 @@ class Row:
     speedup_vs_sdpa: Optional[float] = None
     max_abs_err: Optional[float] = None
     kv_bytes_per_s: Optional[float] = None  # decode rows: K/V bytes / time (a floor on the bytes read)
+    speedup_ci: Optional[tuple] = None  # paired rows: 95% CI (lo, hi) of the median per-repetition x SDPA
     err_scope: str = ""  # "" when max_abs_err covers the whole output, else e.g. "b<1 h<8"
     note: str = ""
 
@@ -710,7 +725,7 @@ class Row:
         d = {"suite": self.suite, "case": self.case.label, **self.case.as_dict(), "mode": self.mode,
              "backend": self.backend}
         for key in ("time_s", "reps", "flops_per_s", "extra_peak_bytes", "speedup_vs_naive", "speedup_vs_sdpa",
-                    "max_abs_err", "kv_bytes_per_s", "err_scope", "note"):
+                    "max_abs_err", "kv_bytes_per_s", "speedup_ci", "err_scope", "note"):
             d[key] = getattr(self, key)
         d["flops"] = attention_flops(self.case, self.mode)
         return d
@@ -719,5 +734,5 @@ class Row:
 __all__ = ["Case", "Candidate", "Inputs", "Prepared", "Row", "MODES", "TRAIN_MODES", "DTYPES",
            "attention_flops", "kv_bytes", "machine_rates", "make_inputs", "naive_attention", "available_candidates",
            "select_candidates",
-           "get_candidate", "time_interleaved", "time_with_do_bench", "WallClock", "CudaEventClock",
+           "get_candidate", "time_interleaved", "median_ci", "time_with_do_bench", "WallClock", "CudaEventClock",
            "device_name", "default_device"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import statistics
 import sys
 import warnings
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import core, memory
+from . import core, memory, report
 from .config import BenchConfig, attention_cases, decode_cases, device_defaults, memory_cases, variant_cases
 from .core import Case, Row
 
@@ -229,8 +230,64 @@ def run_attention_case(case: Case, modes: tuple, ctx: RunContext, cfg: BenchConf
                 if ref is not None and row.max_abs_err is not None:
                     row.err_scope = ref.scope
             rows.append(row)
+    if suite == "attention" and case in paired_cases() and ctx.clock is not None and device.type == "cpu":
+        rows += paired_rows(case, modes, prepared, kinds, timings, ctx, cfg, errors, ref.scope if ref else "")
     del prepared, inputs, ref
     _release(device)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# attention side by side: fastattn against the fastest SDPA backend, in pairs, at the target shapes
+# ---------------------------------------------------------------------------
+PAIRED_BUDGET_S = 10.0  # seconds of paired timing per case (the quick run's N = 2048 cases: 15 pairs)
+PAIRED_MIN_REPS = 15  # the budget never cuts below this: enough for a 95% CI of the median (k = 4)
+PAIRED_MAX_REPS = 301
+
+
+def paired_cases() -> set:
+    """The cases whose targets read the paired rows (report.PAIRED)."""
+    return {t.case for t in report.TARGETS if t.suite == report.PAIRED}
+
+
+def paired_rows(case: Case, modes: tuple, prepared: dict, kinds: dict, timings: dict, ctx: RunContext,
+                cfg: BenchConfig, errors: dict, err_scope: str = "", ours: str = "fastattn:cpu") -> list:
+    """Rows (suite report.PAIRED) of ``ours`` and, per mode, the SDPA backend that was fastest in
+    ``timings`` (the case's round-robin of every candidate), timed again by themselves in round-robin
+    for PAIRED_MIN_REPS repetitions or more, up to PAIRED_BUDGET_S (``--reps`` given: exactly that
+    many). Our x SDPA is the median of the per-repetition ratios time(SDPA) / time(ours), which a
+    drift common to both cancels out of, with the 95% confidence interval of that median."""
+    rivals = {}
+    for mode in modes:
+        sdpa = {name: t["median_s"] for (name, m), t in timings.items() if m == mode and name.startswith("sdpa:")}
+        if sdpa and (ours, mode) in timings:
+            rivals[mode] = min(sdpa, key=sdpa.get)
+    if not rivals:
+        return []
+    names = [ours] + sorted(set(rivals.values()))
+    fixed = cfg.reps is not None
+    paired = core.time_interleaved({n: prepared[n] for n in names}, tuple(rivals), ctx.clock,
+                                   cfg.reps if fixed else PAIRED_MAX_REPS,
+                                   cfg.reps if fixed else PAIRED_MIN_REPS,
+                                   None if fixed else PAIRED_BUDGET_S, {n: kinds[n] for n in names})
+    rows = []
+    for mode in modes:
+        if mode not in rivals:
+            continue
+        rival = rivals[mode]
+        mine, theirs = paired[(ours, mode)]["all_s"], paired[(rival, mode)]["all_s"]
+        ratios = [t / m for t, m in zip(theirs, mine)]
+        for name, times in ((ours, mine), (rival, theirs)):
+            row = Row(report.PAIRED, case, mode, name, time_s=statistics.median(times), reps=len(times),
+                      max_abs_err=errors.get(name), err_scope=err_scope if name in errors else "")
+            row.flops_per_s = core.attention_flops(case, mode) / row.time_s
+            if name == ours:
+                row.speedup_vs_sdpa, row.speedup_ci = statistics.median(ratios), core.median_ci(ratios)
+                row.note = (f"x {rival}: median of {len(ratios)} per-repetition ratios, 95% CI "
+                            f"{row.speedup_ci[0]:.2f}-{row.speedup_ci[1]:.2f}")
+            else:
+                row.speedup_vs_sdpa = 1.0
+            rows.append(row)
     return rows
 
 

@@ -44,8 +44,10 @@ def test_quick_preset_has_the_target_shapes():
     for dtype in ("bfloat16", "float16"):
         assert (core.Case(4, 12, 512, 64, dtype=dtype), ("fwd", "fwd_bwd")) in attention_cases(
             BenchConfig(), torch.device("cpu"))
-    half = [t for t in report.TARGETS if t.case.dtype != "float32" and t.suite == "attention"]
+    half = [t for t in report.TARGETS if t.case.dtype != "float32" and t.suite == report.PAIRED]
     assert len(half) == 4 and all(t.case in cases for t in half)
+    # every target the paired rows serve is a case of the quick run's attention suite
+    assert all(t.case in cases for t in report.TARGETS if t.suite == report.PAIRED)
     # --dtype runs the whole preset in that one dtype
     assert {c.dtype for c, _ in attention_cases(BenchConfig(dtype="float64"), torch.device("cpu"))} == {"float64"}
 
@@ -131,6 +133,40 @@ def test_window_target_reads_the_side_by_side_rows():
             core.Row(suites.SIDE_BY_SIDE, target.case, "fwd_bwd", "fastattn:cpu", time_s=0.25)]
     result = next(r for r in report.evaluate_targets(rows) if r.target is target)
     assert (result.value, result.status) == (12.0, "PASS")
+
+
+def test_median_ci_is_the_order_statistics_interval():
+    # n = 15: P(Binomial(15, 1/2) <= 3) = 0.018 <= 0.025 < P(<= 4), so the 4th smallest and 4th largest
+    assert core.median_ci(list(range(1, 16))) == (4, 12)
+    assert core.median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few for 95%: the whole range
+
+
+def test_paired_rows_time_ours_against_the_fastest_sdpa(monkeypatch):
+    # the training-shape targets read a second round-robin of fastattn and the fastest SDPA backend alone
+    from benchmarks import suites
+
+    cfg = BenchConfig(reps=3, min_reps=3, warmup=1)
+    ctx = suites.make_context(cfg)
+    ctx.candidates = [c for c in ctx.candidates if c.name in ("fastattn:cpu", "sdpa:flash", "naive")]
+    case = core.Case(1, 2, 64, 16)
+    monkeypatch.setattr(suites, "paired_cases", lambda: {case})
+    rows = suites.run_attention_case(case, ("fwd", "fwd_bwd"), ctx, cfg)
+    paired = [r for r in rows if r.suite == report.PAIRED]
+    assert [(r.mode, r.backend, r.reps) for r in paired] == [
+        ("fwd", "fastattn:cpu", 3), ("fwd", "sdpa:flash", 3), ("fwd_bwd", "fastattn:cpu", 3),
+        ("fwd_bwd", "sdpa:flash", 3)]
+    for ours in paired[::2]:
+        lo, hi = ours.speedup_ci
+        assert lo <= ours.speedup_vs_sdpa <= hi and "per-repetition ratios" in ours.note
+    # the training-shape targets read the paired rows and print the interval, and whether it spans the threshold
+    target = next(t for t in report.TARGETS if t.metric == "speedup_vs_sdpa" and t.mode == "fwd_bwd"
+                  and t.suite == report.PAIRED)
+    rows = [core.Row("attention", target.case, "fwd_bwd", "fastattn:cpu", speedup_vs_sdpa=2.0),
+            core.Row(report.PAIRED, target.case, "fwd_bwd", "fastattn:cpu", speedup_vs_sdpa=1.16, reps=21,
+                     speedup_ci=(1.12, 1.19))]
+    result = next(r for r in report.evaluate_targets(rows) if r.target is target)
+    assert (result.value, result.status, result.ci, result.pairs) == (1.16, "PASS", (1.12, 1.19), 21)
+    assert "[95% CI 1.12-1.19, 21 pairs, spans the threshold]" in report.format_targets([result])
 
 
 def test_machine_rates_are_measured():
