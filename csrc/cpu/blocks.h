@@ -633,27 +633,31 @@ FASTATTN_AVX2 inline float hmax_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// x[j] += bias[j] when there is a bias; returns max_j x[j]. The _from form goes on from
-// element j with the running maxima vmax (where the AVX-512 pass leaves its remainder).
-FASTATTN_AVX2 inline float add_bias_max_avx2_from(float* x, int n, const float* bias, int j, __m256 vmax) {
+// x[j] = x[j] * scale + bias[j] (each part when there is one: scale != 1, a bias); returns
+// max_j x[j]. The _from form goes on from element j with the running maxima vmax (where the
+// AVX-512 pass leaves its remainder).
+FASTATTN_AVX2 inline float add_bias_max_avx2_from(float* x, int n, const float* bias, float scale, int j,
+                                                  __m256 vmax) {
+  const bool scaled = scale != 1.0f;
+  const __m256 vscale = _mm256_set1_ps(scale);
   for (; j + 8 <= n; j += 8) {
     __m256 v = _mm256_loadu_ps(x + j);
-    if (bias) {
-      v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
-      _mm256_storeu_ps(x + j, v);
-    }
+    if (scaled) v = _mm256_mul_ps(v, vscale);
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+    if (scaled || bias) _mm256_storeu_ps(x + j, v);
     vmax = _mm256_max_ps(vmax, v);
   }
   float m = hmax_avx2(vmax);
   for (; j < n; ++j) {
+    if (scaled) x[j] *= scale;
     if (bias) x[j] += bias[j];
     m = std::max(m, x[j]);
   }
   return m;
 }
 
-FASTATTN_AVX2 inline float add_bias_max_avx2(float* x, int n, const float* bias) {
-  return add_bias_max_avx2_from(x, n, bias, 0, _mm256_set1_ps(-std::numeric_limits<float>::infinity()));
+FASTATTN_AVX2 inline float add_bias_max_avx2(float* x, int n, const float* bias, float scale) {
+  return add_bias_max_avx2_from(x, n, bias, scale, 0, _mm256_set1_ps(-std::numeric_limits<float>::infinity()));
 }
 
 // x[j] = 2^(x[j] - m); returns the sum. The _from form goes on from element j with the
@@ -710,18 +714,19 @@ FASTATTN_AVX512 inline __m256 upper_half_avx512(__m512 v) {
   return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
 }
 
-FASTATTN_AVX512 inline float add_bias_max_avx512(float* x, int n, const float* bias) {
+FASTATTN_AVX512 inline float add_bias_max_avx512(float* x, int n, const float* bias, float scale) {
+  const bool scaled = scale != 1.0f;
+  const __m512 vscale = _mm512_set1_ps(scale);
   __m512 vmax16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int j = 0;
   for (; j + 16 <= n; j += 16) {
     __m512 v = _mm512_loadu_ps(x + j);
-    if (bias) {
-      v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
-      _mm512_storeu_ps(x + j, v);
-    }
+    if (scaled) v = _mm512_mul_ps(v, vscale);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+    if (scaled || bias) _mm512_storeu_ps(x + j, v);
     vmax16 = _mm512_max_ps(vmax16, v);
   }
-  return add_bias_max_avx2_from(x, n, bias, j,
+  return add_bias_max_avx2_from(x, n, bias, scale, j,
                                 _mm256_max_ps(_mm512_castps512_ps256(vmax16), upper_half_avx512(vmax16)));
 }
 
@@ -751,16 +756,17 @@ FASTATTN_AVX512 inline void scale_bias_exp2_avx512(float* x, int n, float c, con
 #endif
 
 template <typename acc_t>
-acc_t add_bias_max(acc_t* x, int n, const acc_t* bias) {
+acc_t add_bias_max(acc_t* x, int n, const acc_t* bias, acc_t scale = acc_t(1)) {
 #if FASTATTN_X86
   if constexpr (std::is_same_v<acc_t, float>) {
     static const bool avx512 = cpu_has_avx512(), avx2 = cpu_has_avx2_fma();
-    if (avx512) return add_bias_max_avx512(x, n, bias);
-    if (avx2) return add_bias_max_avx2(x, n, bias);
+    if (avx512) return add_bias_max_avx512(x, n, bias, scale);
+    if (avx2) return add_bias_max_avx2(x, n, bias, scale);
   }
 #endif
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   for (int j = 0; j < n; ++j) {
+    if (scale != acc_t(1)) x[j] *= scale;
     if (bias) x[j] += bias[j];
     m = std::max(m, x[j]);
   }
