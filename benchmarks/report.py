@@ -108,7 +108,8 @@ class TargetResult:
                 "pairs": self.pairs}
 
     def ci_text(self) -> str:
-        """ "CI 1.08-1.14 / 21 pairs", and whether the run tells which side of the threshold it is on."""
+        """ "[95% CI 1.08-1.14, 21 pairs]", with ", spans the threshold" when the interval holds the threshold
+        (the run cannot tell which side the kernel is on); "" without an interval."""
         if self.ci is None:
             return ""
         lo, hi = self.ci
@@ -192,9 +193,8 @@ def format_targets(results: list) -> str:
         bound = "" if t.threshold is None else (f" (need <= {t.threshold:g}x)" if t.metric == "memory_vs_sdpa"
                                                   else f" (need >= {t.threshold:.0%})" if fraction
                                                   else f" (need >= {t.threshold:g}x)")
-        ci = f"  {r.ci_text()}" if r.ci is not None else ""
         lines.append(f"  [{r.status:^12}] {t.case.label:<34} {t.mode:<8} {what:<38} {value:>7}{bound}  "
-                     f"{t.text}{ci}")
+                     f"{t.text}  {r.ci_text()}".rstrip())
     return "\n".join(lines)
 
 
