@@ -42,7 +42,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_simd",
         [] {
           namespace c = fastattn::cpu;
-          return c::cpu_has_avx512() ? "avx512f+avx512bw+avx2+fma+f16c"
+          return c::cpu_has_amx_bf16() ? "amx-bf16+avx512f+avx512bw+avx2+fma+f16c"
+               : c::cpu_has_avx512() ? "avx512f+avx512bw+avx2+fma+f16c"
                : c::cpu_has_avx2_fma() ? "avx2+fma+f16c"
                                        : "baseline (no AVX2)";
         },

@@ -25,7 +25,8 @@ CUDA_GENERATED_HEAD_DIMS = (32, 64, 96, 128)  # csrc/cuda/generate_kernels.py
 
 # What each backend has been checked on (the project's own record; a GPU run updates it).
 VERIFIED = {
-    "cpu": "tested on x86-64 CPUs (CI: 2-core AMD EPYC), boundary sweep, ASan/UBSan; benchmarked there",
+    "cpu": "tested on x86-64 CPUs (CI: 2-core AMD EPYC; the AVX-512 and AMX paths on a 2-core Xeon), boundary sweep, "
+           "ASan/UBSan; benchmarked there",
     "triton": "tested in Triton's CPU interpreter, compiled for sm_90; not yet run on a GPU",
     "cuda": "run on the CPU in a device emulation (tests/test_cuda_emulation.py), compiled and linked for "
             "sm80/sm90 + PTX, resource-checked (cuobjdump); not yet run on a GPU",

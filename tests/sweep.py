@@ -198,6 +198,47 @@ def cpu_boundary_cases() -> List[Case]:
                     dtype=dtype, Hq=4, Hkv=2, D=rng.choice(feature_dims), causal=causal, dropout_p=dropout,
                     lens_q=lq, lens_k=lk, threads=rng.choice((1, 2, 3)))
     cases += cpu_variant_cases(t, lengths, rng, start=len(cases))
+    cases += cpu_amx_cases(t, lengths, rng, start=len(cases))
+    return cases
+
+
+def cpu_amx_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[Case]:
+    """The bf16 forward's AMX path (csrc/cpu/amx_blocks.h; on a CPU without AMX these run the FMA path).
+
+    It takes bf16 calls whose head dims are whole tiles (D a multiple of amx_depth, Dv of amx_cols) and
+    whose tasks have more rows than the decode path's: Nq x group rows on both sides of the 16-row tile
+    and the 48-row micro-block, keys on both sides of the 16-column and 32-deep tiles and the key block,
+    with every feature the row pass applies between the two tile products.
+    """
+    cases: List[Case] = []
+
+    def add(**kw):
+        cases.append(Case(**kw, seed=start + len(cases)))
+
+    tiles = [t["amx_rows"], t["amx_depth"], t["amx_cols"], t["fwd_block_q"]]
+    rows = [n for n in boundary_lengths(tiles, 2 * t["fwd_block_q"] + 1) if n > t["decode_max_rows"]]
+    keys = sorted(set(boundary_lengths(tiles, 3 * t["amx_depth"] + 1)) | {n for n in lengths if n <= 2 * t["fwd_block_k"] + 1})
+    dims = [(t["amx_depth"], t["amx_depth"]), (2 * t["amx_depth"], 2 * t["amx_depth"]),
+            (3 * t["amx_depth"], 3 * t["amx_depth"]), (4 * t["amx_depth"], t["amx_cols"])]
+    for D, Dv in dims:
+        for causal in (False, True):
+            for group in (1, 4):
+                for n_rows in _pick(rng, rows, 2):
+                    nq = -(-n_rows // group)  # rows = nq x group >= n_rows: past the decode path
+                    nk = rng.choice(keys)
+                    add(name=f"amx-D{D}-Dv{Dv}-{'causal' if causal else 'full'}-g{group}-Nq{nq}-Nk{nk}",
+                        dtype="bfloat16", B=2, Hq=2 * group, Hkv=2, Nq=nq, Nk=nk, D=D, Dv=Dv, causal=causal,
+                        alignment=rng.choice(("top_left", "bottom_right")), layout=rng.choice(("contiguous", "bnhd")))
+    features = [dict(mask="keypad"), dict(mask="bool"), dict(mask="float", mask_heads=True), dict(dropout_p=0.3),
+                dict(softcap=5.0), dict(alibi="heads"), dict(sinks=True), dict(window=[t["amx_cols"] + 1, 0], causal=True),
+                dict(layout="strided"), dict(threads=3),
+                dict(mask="bool", dropout_p=0.3, softcap=20.0, alibi="batch", sinks=True, window=[40, 7])]
+    for kw in features:
+        for _ in range(2):
+            D, Dv = rng.choice(dims)
+            nq, nk = rng.choice([n for n in rows if n > t["decode_max_rows"]]), rng.choice(keys)
+            add(name=f"amx-{'-'.join(f'{k}{v}' for k, v in kw.items())}-D{D}-Nq{nq}-Nk{nk}", dtype="bfloat16",
+                B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk, D=D, Dv=Dv, **kw)
     return cases
 
 

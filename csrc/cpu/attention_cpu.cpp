@@ -10,8 +10,15 @@
 #include <string>
 #include <tuple>
 
+#include "amx_blocks.h"
 #include "attention_cpu.h"
 #include "blocks.h"
+
+#if FASTATTN_X86 && defined(__linux__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, "fastattn: ", __VA_ARGS__)
 
@@ -19,13 +26,14 @@ namespace fastattn {
 namespace cpu {
 
 namespace {
-// The widest SIMD path allowed: FASTATTN_CPU_SIMD=avx2 or =baseline caps it (unset: no cap).
+// The widest SIMD path allowed: FASTATTN_CPU_SIMD=avx512, =avx2 or =baseline caps it (unset: no cap).
 int simd_cap() {
   const char* env = std::getenv("FASTATTN_CPU_SIMD");
   const std::string cap = env ? env : "";
   if (cap == "baseline") return 0;
   if (cap == "avx2") return 1;
-  return 2;
+  if (cap == "avx512") return 2;
+  return 3;
 }
 }  // namespace
 
@@ -45,6 +53,28 @@ bool cpu_has_avx512() {
   // BW: the bf16 decode kernels' 16-bit unpacks (every AVX-512 CPU but the Xeon Phi has it).
   static const bool has = cpu_has_avx2_fma() && simd_cap() >= 2 && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_amx_bf16() {
+#if FASTATTN_X86 && defined(__linux__) && defined(__GNUC__)
+  static const bool has = [] {
+    if (!cpu_has_avx512() || simd_cap() < 3) return false;
+    unsigned a, b, c, d;
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool amx = (d >> 22 & 1u) && (d >> 24 & 1u);  // AMX-BF16, AMX-TILE
+    __cpuid_count(7, 1, a, b, c, d);
+    const bool avx512_bf16 = a >> 5 & 1u;  // the P rows' conversion to bf16
+    // Linux hands the tile registers' state only to a process that asks for it (arch_prctl
+    // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; refused by kernels before 5.16 or a hypervisor
+    // that does not pass the state through).
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return amx && avx512_bf16 && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
   return has;
 #else
   return false;

@@ -19,6 +19,7 @@
 #include <atomic>
 #include <vector>
 
+#include "amx_blocks.h"
 #include "attention_cpu.h"
 #include "blocks.h"
 #include "decode_blocks.h"
@@ -32,6 +33,7 @@ constexpr int kBlockQ = 48;       // query rows per micro-block (a multiple of M
 static_assert(kBlockQ <= kMaxStrips * MR, "a micro-block's strips fit a Staircase");
 constexpr int kBlockK = 256;      // keys per block (a multiple of NR and of 4)
 constexpr int kMaxChunkQ = 512;   // query rows per task at most: they share each packed K/V block
+static_assert(kBlockQ % kAmxRows == 0 && kBlockK % kAmxDepth == 0, "AMX: micro-blocks and key blocks of whole tiles");
 constexpr int kDecodeMaxRows = 32;  // tasks of at most this many rows take the decode path
 constexpr int kDecodeBlockK = 64;   // keys per block of the decode path (a multiple of 8)
 constexpr int kDecodeMinSplitBlocks = 4;  // flash-decoding: blocks per key split at least
@@ -306,11 +308,19 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
     }
   }
 #endif
+  // bf16 on a CPU with AMX: both products on tiles (amx_blocks.h) when the head dims are whole tiles.
+  const bool use_amx = std::is_same_v<scalar_t, c10::BFloat16> && D % kAmxDepth == 0 && Dv % kAmxCols == 0 &&
+                       cpu_has_amx_bf16();
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     const int64_t kRows = round_up(max_rows, kBlockQ);
-    Scratch<acc_t> q_pack(packed_a_size(kRows, D)), k_pack(packed_b_size(D, kBlockK)),
-        v_pack(packed_b_size(kBlockK, Dv)), scores(kBlockQ * kBlockK), o_acc(kRows * Dv), row_max(kRows),
-        row_sum(kRows), bias(kBlockK), row_bias(kBlockK);
+    const bool amx = use_amx;
+    Scratch<acc_t> q_pack(amx ? 0 : packed_a_size(kRows, D)), k_pack(amx ? 0 : packed_b_size(D, kBlockK)),
+        v_pack(amx ? 0 : packed_b_size(kBlockK, Dv)), scores(kBlockQ * kBlockK), o_acc(kRows * Dv),
+        row_max(kRows), row_sum(kRows), bias(kBlockK), row_bias(kBlockK);
+    // The AMX path's bf16 operands: the task's Q rows, the block's Kᵀ and V tiles, a micro-block's P.
+    Scratch<c10::BFloat16> q_rows(amx ? kRows * D : 0), k_tiles(amx ? amx_packed_size(D, kBlockK) : 0),
+        v_tiles(amx ? amx_packed_size(kBlockK, Dv) : 0), p_rows(amx ? kBlockQ * kBlockK : 0);
+    const AmxScope amx_scope(amx);
     for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
       const auto [b, hk, q0, q1] = tasks[t];
       const int64_t n = q1 - q0, rows = group * n;
@@ -333,9 +343,16 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
       const auto q_left = q_in_place ? strided_left(reinterpret_cast<const acc_t*>(q) + p.base_q(p.q, b, hk) +
                                                         q0 * p.q.n, p.q.n, 1)
                                      : packed_left(q_pack.get());
-      const acc_t s_scale = q_in_place ? q_scale : acc_t(1);  // what the row pass multiplies the scores by
+      // What the row pass multiplies the scores by (the AMX path's Q is not scaled either: the
+      // scale goes into the soft-cap's tanh argument or the max pass, as for Q in place).
+      const acc_t s_scale = q_in_place || (amx && !softcap) ? q_scale : acc_t(1);
+      const acc_t cap_scale = amx ? q_scale : acc_t(1);
       if (q_in_place) {
         // nothing to pack
+      } else if (amx) {  // bf16 rows as they are, zeros past the task's last (the scale goes to the row pass)
+        for (int64_t r = 0; r < rows; ++r)
+          amx_copy_row(q + p.base_q(p.q, b, head_of(r)) + query_of(r) * p.q.n, p.q.d, D, q_rows.get() + r * D);
+        std::fill(q_rows.get() + rows * D, q_rows.get() + kRows * D, c10::BFloat16(0.0f));
       } else if (group == 1) {
         for (int64_t qs = q0; qs < q1; qs += kBlockQ)
           pack_a(q + p.base_q(p.q, b, hk) + qs * p.q.n, p.q.n, p.q.d,
@@ -346,7 +363,8 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
           pack_a_row(q + p.base_q(p.q, b, head_of(r)) + query_of(r) * p.q.n, p.q.d, D, q_pack.get(),
                      static_cast<int>(r), q_scale);
       }
-      std::fill(o_acc.get(), o_acc.get() + rows * Dv, acc_t(0));
+      // (all kRows: the AMX path's last tile of rows adds zeros to the rows past the task's)
+      std::fill(o_acc.get(), o_acc.get() + (amx ? kRows : rows) * Dv, acc_t(0));
       // A sink is a first key of logit sinks[h] (in base 2) and value zero: max and sum start from it.
       for (int64_t r = 0; r < rows; ++r) {
         const acc_t sink = p.sinks ? static_cast<acc_t>(p.sinks[head_of(r)] * kLog2e) : kNegInf;
@@ -359,8 +377,14 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
         // One bias row for the whole task (key padding); a key block it hides completely is skipped,
         // a hidden tail is trimmed off.
         if (block_mask_row && (bk = fill_mask_bias(p, b, hk * group, 0, kb, bk, bias.get())) == 0) continue;
-        pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, k_pack.get());  // Kᵀ: (D x bk)
-        const auto v_right = right_operand(vh + kb * p.v.n, p.v.n, p.v.d, bk, Dv, v_pack.get());  // V: (bk x Dv)
+        RightOperand<acc_t> v_right{};
+        if (amx) {
+          amx_pack_keys(kh + kb * p.k.n, p.k.n, p.k.d, bk, D, k_tiles.get());    // Kᵀ: (D x bk)
+          amx_pack_values(vh + kb * p.v.n, p.v.n, p.v.d, bk, Dv, v_tiles.get());  // V: (bk x Dv)
+        } else {
+          pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, k_pack.get());                // Kᵀ: (D x bk)
+          v_right = right_operand(vh + kb * p.v.n, p.v.n, p.v.d, bk, Dv, v_pack.get());  // V: (bk x Dv)
+        }
 
         for (int64_t r0 = 0; r0 < rows; r0 += kBlockQ) {
           const int bq = static_cast<int>(std::min<int64_t>(kBlockQ, rows - r0));
@@ -383,7 +407,12 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
                                                  strip_across_heads ? q1 - 1 : query_of(last), kb, bk);
             strips.add(keys.lo, keys.hi, bk);
           }
-          for (int si = 0; si < strips.count; ++si)
+          // (AMX: the whole tile, in 16 x 16 tiles; the row pass reads each row's keys only)
+          const int row_tiles = (bq + kAmxRows - 1) / kAmxRows, depth = static_cast<int>(round_up(bk, kAmxDepth));
+          if (amx)
+            amx_gemm(row_tiles, (bk + kAmxCols - 1) / kAmxCols, D / kAmxDepth, q_rows.get() + r0 * D, D,
+                     k_tiles.get(), s, kBlockK, false);
+          for (int si = 0; si < strips.count && !amx; ++si)
             if (const auto [c0, c1] = strips.cols[si]; c1 > c0)
               gemm(std::min(MR, bq - si * MR), c1 - c0, D, q_left.rows_from(r0 + si * MR, D),
                    packed_right(k_pack.get() + c0 * D), s + si * MR * kBlockK + c0, kBlockK, false);
@@ -396,10 +425,11 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
             const auto [c0, c1] = strips.cols[rr / MR];
             if (keys.empty()) {
               std::fill(x + c0, x + c1, acc_t(0));
+              if (amx) amx_row_to_bf16(x, 0, 0, depth, p_rows.get() + rr * kBlockK);
               continue;
             }
             const int lo = keys.lo, cnt = keys.hi - keys.lo;
-            if (softcap) softcap_row(x + lo, cnt, acc_t(1), cap_log2e);
+            if (softcap) softcap_row(x + lo, cnt, cap_scale, cap_log2e);
             const acc_t* bias_row = nullptr;  // indexed by the block's key, like x
             if (p.mask) {
               if (!block_mask_row) fill_mask_bias(p, b, h, i, kb + lo, cnt, bias.get() + lo);
@@ -415,16 +445,30 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
                 std::max(m_old, add_bias_max(x + lo, cnt, bias_row ? bias_row + lo : nullptr, s_scale));
             const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;  // all masked so far: exp2(-inf) = 0
             const acc_t alpha = std::exp2(m_old - m_use);
+            if (alpha != acc_t(1)) {
+              acc_t* o = o_acc.get() + row * Dv;
+              for (int d = 0; d < Dv; ++d) o[d] *= alpha;
+            }
+            if (amx && !dropout) {  // P straight to its bf16 row (zeros outside the row's keys)
+              row_sum[row] = row_sum[row] * alpha +
+                             amx_exp2_sum_to_bf16(x, lo, keys.hi, m_use, depth, p_rows.get() + rr * kBlockK);
+              row_max[row] = m_new;
+              continue;
+            }
             row_sum[row] = row_sum[row] * alpha + exp2_sum(x + lo, cnt, m_use);
             row_max[row] = m_new;
             std::fill(x + c0, x + lo, acc_t(0));
             std::fill(x + keys.hi, x + c1, acc_t(0));
             // over the strip's columns (from a panel boundary: the SIMD Philox path); zeros stay zero
             if (dropout) apply_dropout_keep(p, threshold, b * p.heads_q + h, i, kb + c0, c1 - c0, x + c0);
-            if (alpha != acc_t(1)) {
-              acc_t* o = o_acc.get() + row * Dv;
-              for (int d = 0; d < Dv; ++d) o[d] *= alpha;
-            }
+            if (amx) amx_row_to_bf16(x, c0, c1, depth, p_rows.get() + rr * kBlockK);
+          }
+          if (amx) {  // O += P V, P in bf16 (the rows past the micro-block's: zeros)
+            for (int rr = bq; rr < row_tiles * kAmxRows; ++rr)
+              amx_row_to_bf16(s, 0, 0, depth, p_rows.get() + rr * kBlockK);
+            amx_gemm(row_tiles, Dv / kAmxCols, depth / kAmxDepth, p_rows.get(), kBlockK, v_tiles.get(),
+                     o_acc.get() + r0 * Dv, Dv, true);
+            continue;
           }
           for (int si = 0; si < strips.count; ++si)  // O += P V, over each strip's keys
             if (const auto [c0, c1] = strips.cols[si]; c1 > c0)
@@ -439,8 +483,12 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
         // l == 0: the row sees no key (and has no sink) -> zeros and lse = -inf (a NaN l stays NaN).
         const acc_t inv = l == acc_t(0) ? acc_t(0) : keep_scale / l;
         acc_t* o = o_acc.get() + row * Dv;
-        for (int d = 0; d < Dv; ++d) o[d] *= inv;
-        store_row(o, Dv, out + p.base_q(p.out, b, h) + i * p.out.n, p.out.d);
+        if (amx) {
+          amx_store_row(o, Dv, inv, out + p.base_q(p.out, b, h) + i * p.out.n, p.out.d);
+        } else {
+          for (int d = 0; d < Dv; ++d) o[d] *= inv;
+          store_row(o, Dv, out + p.base_q(p.out, b, h) + i * p.out.n, p.out.d);
+        }
         lse[p.row_index(b, h, i)] =
             l == acc_t(0) ? kNegInf : (row_max[row] + std::log2(l)) * static_cast<acc_t>(kLn2);
       }
@@ -459,7 +507,8 @@ Tiling fwd_tiling() {
           {"decode_values_chunk_bytes_float", kValuesChunkBytesFloat},
           {"decode_values_strip_cols_float", kValuesStripColsFloat},
           {"decode_values_strip_cols_bf16", kValuesStripColsBf16},
-          {"decode_values_strip_cols_avx512", kValuesStripColsAvx512}};
+          {"decode_values_strip_cols_avx512", kValuesStripColsAvx512},
+          {"amx_rows", kAmxRows},             {"amx_depth", kAmxDepth}, {"amx_cols", kAmxCols}};
 }
 
 void flash_fwd_cpu(const AttnParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
