@@ -232,6 +232,34 @@ FASTATTN_AMX inline void amx_store_row(const float* o, int n, float scale, c10::
   for (; d < n; ++d) dst[d * stride] = c10::BFloat16(o[d] * scale);
 }
 
+// The transpose of X (fp32 rows [0, rows) of ldx floats; columns [c0, c1) are its, the rest and
+// the rows past `rows` are zeros) as a bf16 left operand Xᵀ: dst[c * ldd + r] for the columns c of
+// whole 16-column tiles over [c0, c1) and r < round_up(rows, 32). Pairs of X rows, rounded and
+// interleaved, are the 32-bit words of Xᵀ's rows; a 16 x 16 transpose of words puts them in place.
+FASTATTN_AMX inline void amx_pack_transposed(const float* x, int64_t ldx, int rows, int c0, int c1,
+                                             c10::BFloat16* dst, int64_t ldd) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                           21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kInterleave);
+  const int pairs = static_cast<int>(round_up(rows, kAmxDepth) / 2);
+  for (int j0 = c0 / kAmxCols * kAmxCols; j0 < c1; j0 += kAmxCols) {
+    __mmask16 cols = 0;  // the tile's columns in [c0, c1)
+    for (int c = 0; c < kAmxCols; ++c) cols |= static_cast<__mmask16>(j0 + c >= c0 && j0 + c < c1) << c;
+    for (int m0 = 0; m0 < pairs; m0 += kAmxCols) {
+      __m512i w[kAmxCols];
+      for (int m = 0; m < kAmxCols; ++m) {
+        const int r = 2 * (m0 + m);
+        const __m512 even = r < rows ? _mm512_maskz_loadu_ps(cols, x + r * ldx + j0) : _mm512_setzero_ps();
+        const __m512 odd = r + 1 < rows ? _mm512_maskz_loadu_ps(cols, x + (r + 1) * ldx + j0) : _mm512_setzero_ps();
+        w[m] = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+      }
+      transpose16x16_epi32(w);
+      for (int c = 0; c < kAmxCols; ++c) _mm512_storeu_si512(dst + (j0 + c) * ldd + 2 * m0, w[c]);
+    }
+  }
+}
+
 // A row of D elements (src[d * stride]) into a left operand's row.
 inline void amx_copy_row(const c10::BFloat16* src, int64_t stride, int D, c10::BFloat16* dst) {
   if (stride == 1) std::copy(src, src + D, dst);
@@ -321,6 +349,8 @@ template <typename T>
 void amx_pack_values(const T*, int64_t, int64_t, int, int, c10::BFloat16*) { amx_unavailable(); }
 template <typename T>
 void amx_copy_row(const T*, int64_t, int, c10::BFloat16*) { amx_unavailable(); }
+template <typename T>
+void amx_pack_transposed(const T*, int64_t, int, int, int, c10::BFloat16*, int64_t) { amx_unavailable(); }
 template <typename T>
 void amx_row_to_bf16(const T*, int, int, int, c10::BFloat16*) { amx_unavailable(); }
 template <typename T>

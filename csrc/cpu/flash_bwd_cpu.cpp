@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "amx_blocks.h"
 #include "attention_cpu.h"
 #include "blocks.h"
 #include "masking.h"
@@ -105,15 +106,33 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
   });
 
 
+  // bf16 on a CPU with AMX: the five products on tiles (amx_blocks.h) when the head dims are whole
+  // tiles; P and dS are rounded to bf16 where they are operands (dV, dK, dQ), as torch's bf16
+  // kernels do, and Pᵀ, dSᵀ packed by a transpose of 32-bit pairs.
+  const bool use_amx = std::is_same_v<scalar_t, c10::BFloat16> && D % kAmxDepth == 0 && Dv % kAmxDepth == 0 &&
+                       cpu_has_amx_bf16();
+
   std::atomic<int64_t> next_task{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    Scratch<acc_t> kt_pack(packed_b_size(D, kBlockK)), k_pack(packed_b_size(kBlockK, D)),
-        vt_pack(packed_b_size(Dv, kBlockK)), q_a(packed_a_size(kBlockQ, D)), q_b(packed_b_size(kBlockQ, D)),
-        do_a(packed_a_size(kBlockQ, Dv)), do_b(packed_b_size(kBlockQ, Dv)), probs(kBlockQ * kBlockK),
+    const bool amx = use_amx;
+    Scratch<acc_t> kt_pack(amx ? 0 : packed_b_size(D, kBlockK)), k_pack(amx ? 0 : packed_b_size(kBlockK, D)),
+        vt_pack(amx ? 0 : packed_b_size(Dv, kBlockK)), q_a(amx ? 0 : packed_a_size(kBlockQ, D)),
+        q_b(amx ? 0 : packed_b_size(kBlockQ, D)), do_a(amx ? 0 : packed_a_size(kBlockQ, Dv)),
+        do_b(amx ? 0 : packed_b_size(kBlockQ, Dv)),
+        dq_tile(amx ? kBlockQ * D : 0), probs(kBlockQ * kBlockK),
         dprobs(kBlockQ * kBlockK),
         dk_acc(static_cast<int64_t>(kBlockK) * D),
         dv_acc(static_cast<int64_t>(kBlockK) * Dv), bias(kBlockK), row_bias(kBlockK), keep(kBlockK),
         dtanh(kBlockK);
+    // The AMX path's bf16 operands: the block's Kᵀ, Vᵀ and K tiles; a tile's Q and dO rows and tiles,
+    // its dS rows, and Pᵀ and dSᵀ (keys x the tile's rows, padded to whole 32-deep tiles).
+    constexpr int kRowsPadded = (kBlockQ + kAmxDepth - 1) / kAmxDepth * kAmxDepth;
+    Scratch<c10::BFloat16> kt_tiles(amx ? amx_packed_size(D, kBlockK) : 0),
+        vt_tiles(amx ? amx_packed_size(Dv, kBlockK) : 0), k_tiles(amx ? amx_packed_size(kBlockK, D) : 0),
+        q_rows(amx ? kBlockQ * D : 0), do_rows(amx ? kBlockQ * Dv : 0), ds_rows(amx ? kBlockQ * kBlockK : 0),
+        q_tiles(amx ? amx_packed_size(kBlockQ, D) : 0), do_tiles(amx ? amx_packed_size(kBlockQ, Dv) : 0),
+        p_cols(amx ? kBlockK * kRowsPadded : 0), ds_cols(amx ? kBlockK * kRowsPadded : 0);
+    const AmxScope amx_scope(amx);
     for (int64_t t; (t = next_task.fetch_add(1)) < static_cast<int64_t>(tasks.size());) {
       const auto [b, hk, kv0, kv1, chunk] = tasks[t];
       const int64_t nq = p.len_q(b);
@@ -124,15 +143,23 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
 
       for (int64_t kb = kv0; kb < kv1; kb += kBlockK) {
         const int bk_full = static_cast<int>(std::min<int64_t>(kBlockK, kv1 - kb));
-        std::fill(dk_acc.get(), dk_acc.get() + bk_full * D, acc_t(0));
-        std::fill(dv_acc.get(), dv_acc.get() + bk_full * Dv, acc_t(0));
+        // (AMX: all rows, its last tile of keys adds zeros to the rows past the block's)
+        std::fill(dk_acc.get(), dk_acc.get() + (amx ? kBlockK : bk_full) * D, acc_t(0));
+        std::fill(dv_acc.get(), dv_acc.get() + (amx ? kBlockK : bk_full) * Dv, acc_t(0));
         // A key-padding mask, the same for every query and head, is read once per block:
         // keys past the last visible one are left out (their dK, dV stay 0).
         int bk = bk_full;
         if (same_mask_row_all_heads) bk = fill_mask_bias(p, b, 0, 0, kb, bk_full, bias.get());
-        pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, kt_pack.get());  // Kᵀ: (D x bk)
-        const auto k_right = right_operand(kh + kb * p.k.n, p.k.n, p.k.d, bk, D, k_pack.get());  // K: (bk x D)
-        pack_b(vh + kb * p.v.n, p.v.d, p.v.n, Dv, bk, vt_pack.get());  // Vᵀ: (Dv x bk)
+        RightOperand<acc_t> k_right{};
+        if (amx) {
+          amx_pack_keys(kh + kb * p.k.n, p.k.n, p.k.d, bk, D, kt_tiles.get());   // Kᵀ: (D x bk)
+          amx_pack_keys(vh + kb * p.v.n, p.v.n, p.v.d, bk, Dv, vt_tiles.get());  // Vᵀ: (Dv x bk)
+          amx_pack_values(kh + kb * p.k.n, p.k.n, p.k.d, bk, D, k_tiles.get());  // K: (bk x D)
+        } else {
+          pack_b(kh + kb * p.k.n, p.k.d, p.k.n, D, bk, kt_pack.get());  // Kᵀ: (D x bk)
+          k_right = right_operand(kh + kb * p.k.n, p.k.n, p.k.d, bk, D, k_pack.get());  // K: (bk x D)
+          pack_b(vh + kb * p.v.n, p.v.d, p.v.n, Dv, bk, vt_pack.get());  // Vᵀ: (Dv x bk)
+        }
 
         for (int64_t h = hk * group; bk > 0 && h < (hk + 1) * group; ++h) {
           if (shared_mask_row && !same_mask_row_all_heads && fill_mask_bias(p, b, h, 0, kb, bk, bias.get()) == 0)
@@ -152,10 +179,24 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
             const int col0 = tile.lo / NR * NR;
             const int col1 = static_cast<int>(std::min<int64_t>(bk, round_up(tile.hi, NR)));
             const int cols = col1 - col0;
-            const auto q_left = left_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_a.get());
-            const auto q_right = right_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_b.get());
-            const auto do_left = left_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_a.get());
-            const auto do_right = right_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_b.get());
+            LeftOperand<acc_t> q_left{}, do_left{};
+            RightOperand<acc_t> q_right{}, do_right{};
+            const int row_tiles = (bq + kAmxRows - 1) / kAmxRows, depth = static_cast<int>(round_up(bk, kAmxDepth));
+            if (amx) {  // Q and dO rows as they are, zeros past the tile's last
+              for (int r = 0; r < bq; ++r) {
+                amx_copy_row(qh + (qs + r) * p.q.n, p.q.d, D, q_rows.get() + r * D);
+                amx_copy_row(gh + (qs + r) * p.grad_out.n, p.grad_out.d, Dv, do_rows.get() + r * Dv);
+              }
+              std::fill(q_rows.get() + bq * D, q_rows.get() + row_tiles * kAmxRows * D, c10::BFloat16(0.0f));
+              std::fill(do_rows.get() + bq * Dv, do_rows.get() + row_tiles * kAmxRows * Dv, c10::BFloat16(0.0f));
+              amx_pack_values(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_tiles.get());  // Q: (bq x D)
+              amx_pack_values(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_tiles.get());
+            } else {
+              q_right = right_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_b.get());
+              do_right = right_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_b.get());
+              q_left = left_operand(qh + qs * p.q.n, p.q.n, p.q.d, bq, D, q_a.get());
+              do_left = left_operand(gh + qs * p.grad_out.n, p.grad_out.n, p.grad_out.d, bq, Dv, do_a.get());
+            }
             acc_t* pr = probs.get();
             acc_t* dpr = dprobs.get();
             // S = Q Kᵀ and dP = dO Vᵀ strip by strip of MR rows, each over the panels its rows see (a
@@ -169,7 +210,11 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
               const auto keys = band.keys_in_block(qs + s0, qs + std::min(bq, s0 + MR) - 1, kb, bk);
               strips.add(keys.lo, keys.hi, bk);
             }
-            strips.for_each_run([&](int first, int last, Staircase::Cols cols) {
+            if (amx) {  // (AMX: whole 16 x 16 tiles; the row pass reads and zero-fills each row's keys)
+              const int col_tiles = (bk + kAmxCols - 1) / kAmxCols;
+              amx_gemm(row_tiles, col_tiles, D / kAmxDepth, q_rows.get(), D, kt_tiles.get(), pr, kBlockK, false);
+              amx_gemm(row_tiles, col_tiles, Dv / kAmxDepth, do_rows.get(), Dv, vt_tiles.get(), dpr, kBlockK, false);
+            } else strips.for_each_run([&](int first, int last, Staircase::Cols cols) {
               const int r0 = first * MR, m = std::min(last * MR, bq) - r0, n = cols.hi - cols.lo;
               gemm(m, n, D, q_left.rows_from(r0, D), packed_right(kt_pack.get() + cols.lo * D),
                    pr + r0 * kBlockK + cols.lo, kBlockK, false);
@@ -227,7 +272,17 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
               return std::pair{static_cast<int>(std::clamp<int64_t>(band.row_begin(kb + kc) - qs, 0, bq)),
                                static_cast<int>(std::clamp<int64_t>(band.row_end(kb + kc + mk - 1) - qs, 0, bq))};
             };
-            for (int kc = col0, kc_end; kc < col1; kc = kc_end) {
+            if (amx) {  // Pᵀ and dSᵀ over the tile's columns (zeros elsewhere), then both products on tiles
+              const int k0 = col0 / kAmxCols * kAmxCols, key_tiles = (col1 - k0 + kAmxCols - 1) / kAmxCols;
+              const int depth_q = static_cast<int>(round_up(bq, kAmxDepth) / kAmxDepth);
+              amx_pack_transposed(pr, kBlockK, bq, col0, col1, p_cols.get(), kRowsPadded);
+              amx_pack_transposed(dpr, kBlockK, bq, col0, col1, ds_cols.get(), kRowsPadded);
+              amx_gemm(key_tiles, Dv / kAmxCols, depth_q, p_cols.get() + k0 * kRowsPadded, kRowsPadded,
+                       do_tiles.get(), dv_acc.get() + k0 * Dv, Dv, true);
+              amx_gemm(key_tiles, D / kAmxCols, depth_q, ds_cols.get() + k0 * kRowsPadded, kRowsPadded,
+                       q_tiles.get(), dk_acc.get() + k0 * D, D, true);
+            }
+            for (int kc = col0, kc_end; kc < col1 && !amx; kc = kc_end) {
               const auto rows_kc = rows_seeing(kc);
               for (kc_end = kc + MR; kc_end < col1 && rows_seeing(kc_end) == rows_kc;) kc_end += MR;
               kc_end = std::min(kc_end, col1);
@@ -239,7 +294,15 @@ void bwd_impl(const AttnParams& p, const scalar_t* dout, const scalar_t* q, cons
                    q_right.rows_from(r_lo), dk_acc.get() + kc * D, D, true);
             }
             // dQ += dS K, over each strip's keys (a run of strips with the same keys at once).
-            strips.for_each_run([&](int first, int last, Staircase::Cols cols) {
+            if (amx) {  // dS rows in bf16 (zeros outside the tile's columns and past its rows), dS K on tiles
+              for (int r = 0; r < row_tiles * kAmxRows; ++r)
+                amx_row_to_bf16(dpr + r * kBlockK, r < bq ? col0 : 0, r < bq ? col1 : 0, depth,
+                                ds_rows.get() + r * kBlockK);
+              amx_gemm(row_tiles, D / kAmxCols, depth / kAmxDepth, ds_rows.get(), kBlockK, k_tiles.get(),
+                       dq_tile.get(), D, false);
+              acc_t* dq_rows = dq_chunk + p.row_index(b, h, qs) * D;  // (never in place: dQ is bf16)
+              for (int64_t e = 0; e < static_cast<int64_t>(bq) * D; ++e) dq_rows[e] += dq_tile[e];
+            } else strips.for_each_run([&](int first, int last, Staircase::Cols cols) {
               const int r0 = first * MR;
               const int64_t i0 = qs + r0;
               acc_t* dq_rows = dq_in_place ? reinterpret_cast<acc_t*>(dq) + p.base_q(p.grad_q, b, h) + i0 * p.grad_q.n
