@@ -1,19 +1,20 @@
-// AMX blocks of the bf16 forward: S = Q Kᵀ and O += P V on Intel's tile registers.
+// AMX blocks of the bf16 kernels: the block products of the forward (S = Q Kᵀ, O += P V) and of
+// the backward (S, dP = dO Vᵀ, dV += Pᵀ dO, dK += dSᵀ Q, dQ += dS K) on Intel's tile registers.
 //
 // On CPUs with AMX-BF16 (Sapphire Rapids and later) one TDPBF16PS multiplies a 16 x 32 bf16
 // tile by a 32 x 16 one into a 16 x 16 fp32 tile: products exact, sums in fp32, as the FMA path
 // after widening bf16 to float, only in another order. torch's SDPA uses these tiles for bf16 on
 // such CPUs; the FMA path reaches about a third of its forward rate there.
 //
-// Layouts. A left operand (Q rows, P rows) is plain row-major bf16, read in place by a tile load
-// (16 rows, 64 bytes each, any row stride). A right operand is packed once per key block in the
+// Layouts. A left operand (Q, dO, P or dS rows; Pᵀ, dSᵀ) is plain row-major bf16, read by a tile
+// load (16 rows, 64 bytes each, any row stride). A right operand is packed once per block in the
 // "VNNI" layout the instruction wants: for every 16-column tile and 32-deep chunk a 16 x 32 block
 // whose row r holds, for each column c, the pair (X[2r][c], X[2r + 1][c]), X being the (depth x
-// columns) matrix: Kᵀ (D x keys) for the scores, V (keys x Dv) for the output. Pads are zeros.
+// columns) matrix: Kᵀ (D x keys), Vᵀ, V (keys x Dv), K, Q, dO. Pads are zeros.
 //
-// What changes against the FMA path: P is rounded to bf16 before P V (as torch's and
-// flash-attention's bf16 kernels do), and the summation order. The row passes (mask, bias,
-// soft-cap, max, exp2, sum, dropout) are the FMA path's, on the same fp32 score rows.
+// What changes against the FMA path: P and dS are rounded to bf16 where they are operands (as
+// torch's and flash-attention's bf16 kernels do), and the summation order. The row passes (mask,
+// bias, soft-cap, max, exp2, sum, dS, dropout) are the FMA path's, on the same fp32 score rows.
 #pragma once
 
 #include "blocks.h"
@@ -50,9 +51,10 @@ struct alignas(64) AmxConfig {
   uint8_t rows[16] = {};
 };
 
-// GCC's tile intrinsics are asm statements that name no memory but a pointer (ldtilecfg: 8 of
-// its 64 bytes; tileloadd / tilestored: none), so the compiler may drop or move the stores and
-// loads around them: a compiler barrier ("memory" clobber) goes before and after every use.
+// GCC 12's tile intrinsics are asm statements that tell the compiler of less memory than they
+// touch (ldtilecfg: 8 of its 64 bytes, tileloadd: none), so it may drop or sink the stores that
+// fill a configuration or an operand: a compiler barrier ("memory" clobber) brackets their use.
+// (Without it the configuration's rows and columns were never stored: SIGILL at the first tile op.)
 inline void amx_memory_barrier() { __asm__ __volatile__("" ::: "memory"); }
 
 FASTATTN_AMX inline void amx_begin() {
@@ -88,6 +90,12 @@ inline void amx_pack_right(const c10::BFloat16* src, int64_t rs, int64_t cs, int
       }
     }
 }
+
+// The 16-bit interleave of two rows held as (even row | odd row) in one register: e0 o0 e1 o1 ...,
+// the 32-bit pairs of a VNNI tile row (a permutexvar index).
+alignas(64) inline constexpr uint16_t kPairInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
+                                                             21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
+                                                             11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
 // r[0..15] (16 rows of 16 dwords) transposed in registers: unpacks of dwords, then of qwords, leave
 // each 128-bit lane holding one column's 4 rows of a 4-row group; two 128-bit shuffles gather them.
@@ -142,11 +150,7 @@ FASTATTN_AMX inline void amx_pack_values(const c10::BFloat16* src, int64_t rs, i
                                          c10::BFloat16* dst) {
   if (cs != 1 || Dv % kAmxCols != 0) return amx_pack_right(src, rs, cs, keys, Dv, dst);
   const int chunks = static_cast<int>(round_up(keys, kAmxDepth) / kAmxDepth), col_tiles = Dv / kAmxCols;
-  // 16-bit interleave of a pair of rows held as (even row | odd row): e0 o0 e1 o1 ... (64 bytes)
-  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
-                                                           21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
-                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kInterleave);
+  const __m512i idx = _mm512_load_si512(kPairInterleave);
   for (int j = 0; j < col_tiles; ++j)
     for (int k = 0; k < chunks; ++k) {
       c10::BFloat16* tile = dst + (static_cast<int64_t>(j) * chunks + k) * kAmxBlock;
@@ -238,10 +242,7 @@ FASTATTN_AMX inline void amx_store_row(const float* o, int n, float scale, c10::
 // interleaved, are the 32-bit words of Xᵀ's rows; a 16 x 16 transpose of words puts them in place.
 FASTATTN_AMX inline void amx_pack_transposed(const float* x, int64_t ldx, int rows, int c0, int c1,
                                              c10::BFloat16* dst, int64_t ldd) {
-  alignas(64) static constexpr uint16_t kInterleave[32] = {0,  16, 1,  17, 2,  18, 3,  19, 4,  20, 5,
-                                                           21, 6,  22, 7,  23, 8,  24, 9,  25, 10, 26,
-                                                           11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kInterleave);
+  const __m512i idx = _mm512_load_si512(kPairInterleave);
   const int pairs = static_cast<int>(round_up(rows, kAmxDepth) / 2);
   for (int j0 = c0 / kAmxCols * kAmxCols; j0 < c1; j0 += kAmxCols) {
     __mmask16 cols = 0;  // the tile's columns in [c0, c1)

@@ -444,7 +444,8 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
             const acc_t m_new =
                 std::max(m_old, add_bias_max(x + lo, cnt, bias_row ? bias_row + lo : nullptr, s_scale));
             const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;  // all masked so far: exp2(-inf) = 0
-            const acc_t alpha = std::exp2(m_old - m_use);
+            // (exp2(0) = 1 exactly: the call is skipped when the max stays, as it mostly does)
+            const acc_t alpha = m_old == m_use ? acc_t(1) : std::exp2(m_old - m_use);
             if (alpha != acc_t(1)) {
               acc_t* o = o_acc.get() + row * Dv;
               for (int d = 0; d < Dv; ++d) o[d] *= alpha;
