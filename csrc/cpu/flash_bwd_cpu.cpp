@@ -15,6 +15,8 @@
 // accumulates dQ in its own float buffer and the buffers are summed at the end (with one
 // chunk, float dQ accumulates in place). Every product runs as a staircase of micro-kernel
 // strips that follows the causal diagonal and the window's edges (blocks.h: Staircase).
+// bf16 on a CPU with AMX-BF16 (head dims of whole tiles): the five products run on tiles over
+// whole 16 x 16 tiles instead (amx_blocks.h), P and dS rounded to bf16 as operands.
 #include <ATen/Parallel.h>
 
 #include <atomic>

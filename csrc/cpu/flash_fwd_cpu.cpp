@@ -14,6 +14,10 @@
 // tasks are fewer than the threads (one K/V head at batch 1: multi-query models), their keys are
 // split into parts run as tasks of their own and merged afterwards (flash-decoding; the split count
 // follows the thread count, so the output's last bits do too).
+//
+// bf16 on a CPU with AMX-BF16 (head dims of whole tiles): the general path's two products run on
+// tiles instead of the FMA micro-kernel (amx_blocks.h), with P rounded to bf16 for P V; the row
+// pass is the same.
 #include <ATen/Parallel.h>
 
 #include <atomic>
