@@ -219,7 +219,11 @@ FASTATTN_AMX inline float amx_exp2_sum_to_bf16(float* x, int lo, int hi, float m
 
 // The end of an output row: dst[d * stride] = bf16(o[d] * scale) for d < n, rounded as c10's
 // scalar conversion (and store_row) do: to nearest even, denormals kept, a NaN as 0x7FC0 (the
-// hardware conversion would flush denormals and keep NaN payloads).
+// hardware conversion would flush denormals and keep NaN payloads). This is blocks.h's
+// round_to_bf16_bits_avx2 in 512-bit form with the scale fused: the FMA path's `o *= inv` loop
+// and store_row instead cost the AMX forward 10% at B=8 H=12 N=128 and 8% at N=512 (alternating
+// processes, 12 rounds; an AVX-512 store_row alone did not recover it). The better home is a
+// scaled store_row in blocks.h for every path, under test_bf16_row_store_rounds_as_c10.
 FASTATTN_AMX inline void amx_store_row(const float* o, int n, float scale, c10::BFloat16* dst, int64_t stride) {
   const __m512 vs = _mm512_set1_ps(scale);
   const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1), nan = _mm512_set1_epi32(0x7FC0);
