@@ -206,9 +206,10 @@ def cpu_amx_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[Case
     """The bf16 forward's AMX path (csrc/cpu/amx_blocks.h; on a CPU without AMX these run the FMA path).
 
     It takes bf16 calls whose head dims are whole tiles (D a multiple of amx_depth, Dv of amx_cols) and
-    whose tasks have more rows than the decode path's: Nq x group rows on both sides of the 16-row tile
-    and the 48-row micro-block, keys on both sides of the 16-column and 32-deep tiles and the key block,
-    with every feature the row pass applies between the two tile products.
+    whose tasks have more rows than the decode path's (or a whole tile of them, when the tasks are as many
+    as the threads): Nq x group rows on both sides of the 16-row tile and the 48-row micro-block, keys on
+    both sides of the 16-column and 32-deep tiles and the key block, with every feature the row pass
+    applies between the two tile products.
     """
     cases: List[Case] = []
 
@@ -239,6 +240,18 @@ def cpu_amx_cases(t: dict, lengths: List[int], rng, start: int = 0) -> List[Case
             nq, nk = rng.choice([n for n in rows if n > t["decode_max_rows"]]), rng.choice(keys)
             add(name=f"amx-{'-'.join(f'{k}{v}' for k, v in kw.items())}-D{D}-Nq{nq}-Nk{nk}", dtype="bfloat16",
                 B=2, Hq=4, Hkv=2, Nq=nq, Nk=nk, D=D, Dv=Dv, **kw)
+    # Decode-shaped tasks (amx_rows to decode_max_rows rows: a few new tokens x the group's heads) take the
+    # tiles when they are at least as many as the threads (else the decode path splits their keys): keys on
+    # both sides of the key block, where the packers' prefetch stops at the task's last key. (B x Hkv = 4 x
+    # threads: fwd_impl keeps each task's queries together.)
+    task_rows = [n for n in boundary_lengths([t["amx_rows"]], t["decode_max_rows"]) if n >= t["amx_rows"]]
+    block_keys = boundary_lengths([t["fwd_block_k"]], 2 * t["fwd_block_k"] + 1)
+    for D, Dv in dims[1:3]:
+        for nq in sorted({-(-n // 4) for n in task_rows}):  # 4 query heads per K/V head
+            nk = rng.choice([n for n in block_keys if n > nq])
+            add(name=f"amx-decode-D{D}-rows{4 * nq}-Nk{nk}", dtype="bfloat16", B=2, Hq=16, Hkv=4, Nq=nq, Nk=nk,
+                D=D, Dv=Dv, causal=rng.choice((False, True)), alignment="bottom_right", threads=2,
+                layout=rng.choice(("contiguous", "bnhd")))
     return cases
 
 

@@ -55,6 +55,8 @@ WORKER = textwrap.dedent("""
     cases, path = eval(sys.argv[1]), sys.argv[2]
     out = {"simd": _ops._C.cpu_simd(), "results": []}
     for i, c in enumerate(cases):
+        if "threads" in c:
+            torch.set_num_threads(c["threads"])
         g = torch.Generator().manual_seed(1000 + i)
         dt = getattr(torch, c["dtype"])
         q = torch.randn(c["B"], c["Hq"], c["Nq"], c["D"], generator=g).to(dt).requires_grad_()
@@ -111,7 +113,16 @@ AMX_CASES = [
     dict(B=2, Hq=4, Hkv=1, Nq=37, Nk=257, D=64, causal=True, mask=False, dtype="bfloat16"),
     dict(B=1, Hq=2, Hkv=2, Nq=97, Nk=95, D=128, causal=False, mask=True, dtype="bfloat16"),
     dict(B=1, Hq=3, Hkv=3, Nq=49, Nk=513, D=96, causal=True, mask=True, dtype="bfloat16"),
+    # decode-shaped: 16 and 32 rows per task (4 and 8 new tokens x 4 heads), as many tasks as threads or
+    # more (B x Hkv >= 4 x threads: fwd_impl then keeps each task's queries together)
+    dict(B=2, Hq=16, Hkv=4, Nq=4, Nk=600, D=128, causal=False, mask=False, dtype="bfloat16", threads=2),
+    dict(B=1, Hq=16, Hkv=4, Nq=8, Nk=300, D=64, causal=True, mask=False, dtype="bfloat16", threads=1),
 ]
+
+# A decode-shaped task the tiles could take, but fewer tasks than threads: the decode path splits its
+# keys instead (the tile path has no split), so its output has the bits of the AVX-512 path's.
+SPLIT_DECODE_CASE = dict(B=1, Hq=4, Hkv=1, Nq=4, Nk=1000, D=128, causal=False, mask=False, dtype="bfloat16",
+                         threads=2)
 
 
 @pytest.mark.skipif(not {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags(),
@@ -135,6 +146,14 @@ def test_amx_path_keeps_the_2x_rule(tmp_path):
         for name, g, lg, rg in (("dq", dq, ql.grad, q64.grad), ("dk", dk, kl.grad, k64.grad),
                                 ("dv", dv, vl.grad, v64.grad)):
             assert_within_2x(name, g, lg, rg, GRAD_FLOOR[torch.bfloat16])
+
+
+@pytest.mark.skipif(not {"amx_tile", "amx_bf16", "avx512_bf16"} <= cpu_flags(),
+                    reason="this CPU has no AMX-BF16: the AMX path cannot run here")
+def test_amx_leaves_split_decode_tasks_to_the_decode_path(tmp_path):
+    tiles, fma = run_path("", tmp_path, [SPLIT_DECODE_CASE]), run_path("avx512", tmp_path, [SPLIT_DECODE_CASE])
+    # the forward's output only: the backward has no decode path, and takes the tiles in the first process
+    assert torch.equal(tiles["results"][0][0], fma["results"][0][0]), "the split decode task left the decode path"
 
 
 @pytest.mark.skipif(not {"avx2", "fma", "f16c", "avx512f", "avx512bw"} <= cpu_flags(),

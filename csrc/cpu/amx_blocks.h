@@ -125,12 +125,16 @@ FASTATTN_AMX inline void transpose16x16_epi32(__m512i r[16]) {
 
 // Packs a K block (keys x D, K[key * rs + d * cs]) as the right operand Kᵀ (D x keys): the VNNI
 // pair of a key is two adjacent head-dim entries, so with unit stride a packed tile is the 16 x 16
-// transpose of 32-bit words of 16 keys' rows (64 bytes each).
+// transpose of 32-bit words of 16 keys' rows (64 bytes each). Both packers prefetch the rows a few
+// KiB ahead of those they read (prefetch_rows_l1), up to row `avail` of src (0: none): a decode
+// step's K/V come from memory, and the next block's first rows are then on their way.
 FASTATTN_AMX inline void amx_pack_keys(const c10::BFloat16* src, int64_t rs, int64_t cs, int keys, int D,
-                                       c10::BFloat16* dst) {
+                                       c10::BFloat16* dst, int avail = 0) {
   if (cs != 1 || D % kAmxDepth != 0) return amx_pack_right(src, cs, rs, D, keys, dst);
   const int chunks = D / kAmxDepth, col_tiles = static_cast<int>(round_up(keys, kAmxCols) / kAmxCols);
-  for (int j = 0; j < col_tiles; ++j)
+  const int ahead = prefetch_distance_rows<c10::BFloat16>(D);
+  for (int j = 0; j < col_tiles; ++j) {
+    prefetch_rows_l1(src, rs, j * kAmxCols + ahead, (j + 1) * kAmxCols + ahead, avail, D);
     for (int k = 0; k < chunks; ++k) {
       __m512i r[kAmxCols];
       for (int c = 0; c < kAmxCols; ++c) {
@@ -142,27 +146,32 @@ FASTATTN_AMX inline void amx_pack_keys(const c10::BFloat16* src, int64_t rs, int
       c10::BFloat16* tile = dst + (static_cast<int64_t>(j) * chunks + k) * kAmxBlock;
       for (int w = 0; w < kAmxDepth / 2; ++w) _mm512_storeu_si512(tile + w * 2 * kAmxCols, r[w]);
     }
+  }
 }
 
 // Packs a V block (keys x Dv, V[key * rs + d * cs]) as the right operand of P V: the VNNI pair of
-// a column is two adjacent keys, so with unit stride a tile row interleaves two rows of V.
+// a column is two adjacent keys, so with unit stride a tile row interleaves two rows of V. Row pairs
+// outer: V is read row after row, as it lies in memory (column tiles outer read it eight times over
+// at D = 128, 32 bytes of each row at a time).
 FASTATTN_AMX inline void amx_pack_values(const c10::BFloat16* src, int64_t rs, int64_t cs, int keys, int Dv,
-                                         c10::BFloat16* dst) {
+                                         c10::BFloat16* dst, int avail = 0) {
   if (cs != 1 || Dv % kAmxCols != 0) return amx_pack_right(src, rs, cs, keys, Dv, dst);
   const int chunks = static_cast<int>(round_up(keys, kAmxDepth) / kAmxDepth), col_tiles = Dv / kAmxCols;
   const __m512i idx = _mm512_load_si512(kPairInterleave);
-  for (int j = 0; j < col_tiles; ++j)
-    for (int k = 0; k < chunks; ++k) {
-      c10::BFloat16* tile = dst + (static_cast<int64_t>(j) * chunks + k) * kAmxBlock;
-      for (int r = 0; r < kAmxDepth / 2; ++r) {
-        const int key = k * kAmxDepth + 2 * r;
-        const __m256i even = key < keys ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                              src + static_cast<int64_t>(key) * rs + j * kAmxCols))
+  const int ahead = prefetch_distance_rows<c10::BFloat16>(Dv);
+  for (int k = 0; k < chunks; ++k)
+    for (int r = 0; r < kAmxDepth / 2; ++r) {
+      const int key = k * kAmxDepth + 2 * r;
+      prefetch_rows_l1(src, rs, key + ahead, key + 2 + ahead, avail, Dv);
+      const c10::BFloat16* even_row = src + static_cast<int64_t>(key) * rs;
+      for (int j = 0; j < col_tiles; ++j) {
+        const __m256i even = key < keys ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even_row + j * kAmxCols))
                                         : _mm256_setzero_si256();
         const __m256i odd = key + 1 < keys ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-                                                 src + static_cast<int64_t>(key + 1) * rs + j * kAmxCols))
+                                                 even_row + rs + j * kAmxCols))
                                            : _mm256_setzero_si256();
         const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(even), odd, 1);
+        c10::BFloat16* tile = dst + (static_cast<int64_t>(j) * chunks + k) * kAmxBlock;
         _mm512_storeu_si512(tile + r * 2 * kAmxCols, _mm512_permutexvar_epi16(idx, both));
       }
     }
@@ -349,9 +358,9 @@ namespace cpu {
 // said so, and these exist to compile, never to run.
 [[noreturn]] inline void amx_unavailable() { std::abort(); }
 template <typename T>
-void amx_pack_keys(const T*, int64_t, int64_t, int, int, c10::BFloat16*) { amx_unavailable(); }
+void amx_pack_keys(const T*, int64_t, int64_t, int, int, c10::BFloat16*, int = 0) { amx_unavailable(); }
 template <typename T>
-void amx_pack_values(const T*, int64_t, int64_t, int, int, c10::BFloat16*) { amx_unavailable(); }
+void amx_pack_values(const T*, int64_t, int64_t, int, int, c10::BFloat16*, int = 0) { amx_unavailable(); }
 template <typename T>
 void amx_copy_row(const T*, int64_t, int, c10::BFloat16*) { amx_unavailable(); }
 template <typename T>

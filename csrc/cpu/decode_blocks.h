@@ -38,36 +38,6 @@ inline void pack_query_quad(const src_t* const rows_q[kQuadRows], int rows, int6
         dst[i * 16 + r * 4 + c] = r < rows ? load_as<float>(rows_q[r] + (4 * i + c) * cs) * scale : 0.0f;
 }
 
-// Software prefetch. Reading several rows side by side (the scores kernel's 4-8 keys) defeats the
-// hardware prefetchers, and they stop at every 4 KiB page anyway: each kernel asks for the rows
-// about kPrefetchBytes ahead of the ones it reads, as it goes, into L1. Measured on the 2-core
-// EPYC, cold K/V: no prefetch 22-33 GB/s, the next block all at once into L2 the same, rows
-// 4 KiB ahead into L1 33-38 GB/s (fp32 and bf16; a long pure read there: 47-58 GB/s).
-constexpr int64_t kPrefetchBytes = 4096;
-constexpr int kMaxPrefetchRows = 64;
-
-// Rows ahead of the one in use, for rows of `elems` values: 1 to kMaxPrefetchRows.
-template <typename src_t>
-inline int prefetch_distance_rows(int elems) {
-  const int64_t row_bytes = std::max<int64_t>(static_cast<int64_t>(elems) * sizeof(src_t), 1);
-  return static_cast<int>(std::clamp<int64_t>(kPrefetchBytes / row_bytes, 1, kMaxPrefetchRows));
-}
-
-// Asks for rows [j0, min(j1, avail)) of base (stride apart, `elems` values each) to be brought
-// into L1. Rows at or past `avail` (the end of what may be read) are never asked for.
-template <typename src_t>
-inline void prefetch_rows_l1(const src_t* base, int64_t stride, int j0, int j1, int avail, int elems) {
-#if FASTATTN_X86
-  const int64_t bytes = static_cast<int64_t>(elems) * sizeof(src_t);
-  for (int j = j0; j < std::min(j1, avail); ++j) {
-    const char* row = reinterpret_cast<const char*>(base + static_cast<int64_t>(j) * stride);
-    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
-  }
-#else
-  (void)base, (void)stride, (void)j0, (void)j1, (void)avail, (void)elems;
-#endif
-}
-
 #if FASTATTN_X86
 // Four consecutive values of a key row as floats (bf16 widened exactly: each becomes the high half
 // of a float), in both 128-bit halves of an AVX2 register (one per pair of the quad's rows):
