@@ -188,42 +188,66 @@ FASTATTN_AMX inline void amx_row_to_bf16(const float* src, int c0, int c1, int n
   std::fill(dst + std::max(c0, c1), dst + n_padded, c10::BFloat16(0.0f));
 }
 
-// 2^x for x <= 0 (a softmax's powers): exp2_avx512's polynomial and rounding, with the scaling by
-// 2^n in one VSCALEFPS instead of building the exponent bits, and no upper clamp (x - max <= 0).
-// The same power as exp2_avx512 down to 2^-126; below it a denormal instead of zero, which the
-// conversion to bf16 (VCVTNE2PS2BF16 reads denormals as zero) and any sum cannot tell apart.
+// 2^f for f in [-1/2, 1/2] in the AMX forward: a degree-5 near-minimax polynomial (relative error
+// 1.8e-7, 2.3e-7 with fp32 Horner steps) instead of the FMA path's degree-7 Taylor series (8.6e-8):
+// P is rounded to bf16 (2^-9) for P V, and only its fp32 row sum (the normaliser, the lse) sees the
+// difference, at the level of its own summation error. Two FMAs fewer per 16 powers.
+constexpr int kSoftmaxExp2Terms = 6;
+constexpr float kSoftmaxExp2Poly[kSoftmaxExp2Terms] = {1.3276303262152042e-3f, 9.675490484708671e-3f,
+                                                       5.55071331687032e-2f,   2.402212071404707e-1f,
+                                                       6.93146967375114e-1f,   1.0f};
+
+// 2^x for x <= 0 (a softmax's powers): x = n + f rounded, the polynomial above for 2^f, the scaling by
+// 2^n in one VSCALEFPS (no exponent bits to build), and no upper clamp (x - max <= 0). Below 2^-126 a
+// denormal instead of zero, which the conversion to bf16 (VCVTNE2PS2BF16 reads denormals as zero)
+// and any sum cannot tell apart.
 FASTATTN_AMX inline __m512 softmax_exp2_avx512(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-127.0f), x);  // -inf would give f = NaN
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(kExp2Taylor[0]);
-  for (int i = 1; i < kExp2Terms; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Taylor[i]));
+  __m512 p = _mm512_set1_ps(kSoftmaxExp2Poly[0]);
+  for (int i = 1; i < kSoftmaxExp2Terms; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kSoftmaxExp2Poly[i]));
   return _mm512_scalef_ps(p, n);
 }
 
-// The row pass's exp2 fused with the conversion of amx_row_to_bf16: dst[c] = bf16(2^(x[c] - m))
-// for c in [lo, hi), zero elsewhere in [0, n_padded); returns the sum of the fp32 powers (in
-// exp2_sum_avx512's lanes and order; the remainder, < 32 keys, through exp2_sum itself). The fp32
-// row of powers is never stored.
-FASTATTN_AMX inline float amx_exp2_sum_to_bf16(float* x, int lo, int hi, float m, int n_padded, c10::BFloat16* dst) {
-  std::fill(dst, dst + lo, c10::BFloat16(0.0f));
-  const __m512 vm16 = _mm512_set1_ps(m);
-  __m256 vs = _mm256_setzero_ps();
-  int j = lo;
-  for (; j + 32 <= hi; j += 32) {
-    const __m512 p0 = softmax_exp2_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm16));
-    const __m512 p1 = softmax_exp2_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), vm16));
+// 2^(scale x[c] - m) for the 16 lanes c in `lanes`, zeros in the others (whose x is not read).
+FASTATTN_AMX inline __m512 softmax_powers_masked(const float* x, __mmask16 lanes, __m512 scale, __m512 m) {
+  const __m512 powers = softmax_exp2_avx512(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(lanes, x), scale, m));
+  return _mm512_maskz_mov_ps(lanes, powers);
+}
+
+// The row pass's exp2 fused with the conversion of amx_row_to_bf16: dst[c] = bf16(2^(scale x[c] - m))
+// for c in [lo, hi), zero elsewhere in [0, n_padded); returns the sum of the fp32 powers. The scale
+// comes in here, one FMA per 16 scores, so that the max pass before it only reads the row (x holds
+// the unscaled scores; scale = 1 when they were scaled there). The fp32 row of powers is never stored,
+// and x is read only in [lo, hi): whole 32-column chunks from lo rounded down to 32 (dst's tiles are
+// 32 deep, so no chunk passes n_padded), the lanes outside [lo, hi) masked off.
+FASTATTN_AMX inline float amx_exp2_sum_to_bf16(const float* x, int lo, int hi, float scale, float m, int n_padded,
+                                               c10::BFloat16* dst) {
+  const int first = lo / 32 * 32;
+  std::fill(dst, dst + first, c10::BFloat16(0.0f));
+  const __m512 vscale = _mm512_set1_ps(scale), vm = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  auto lanes = [&](int j) {  // the lanes of x[j .. j + 16) inside [lo, hi)
+    const int a = std::clamp(lo - j, 0, 16), b = std::clamp(hi - j, 0, 16);
+    return static_cast<__mmask16>(((1u << b) - 1) & ~((1u << a) - 1));
+  };
+  int j = first;
+  for (; j < hi; j += 32) {
+    __m512 p0, p1;
+    if (j >= lo && j + 32 <= hi) {
+      p0 = softmax_exp2_avx512(_mm512_fmsub_ps(_mm512_loadu_ps(x + j), vscale, vm));
+      p1 = softmax_exp2_avx512(_mm512_fmsub_ps(_mm512_loadu_ps(x + j + 16), vscale, vm));
+    } else {  // an edge chunk: masked loads, zeros outside [lo, hi)
+      const __mmask16 m0 = lanes(j), m1 = lanes(j + 16);
+      p0 = softmax_powers_masked(x + j, m0, vscale, vm);
+      p1 = softmax_powers_masked(x + j + 16, m1, vscale, vm);
+    }
     _mm512_storeu_si512(dst + j, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-    vs = _mm256_add_ps(vs, _mm512_castps512_ps256(p0));
-    vs = _mm256_add_ps(vs, upper_half_avx512(p0));
-    vs = _mm256_add_ps(vs, _mm512_castps512_ps256(p1));
-    vs = _mm256_add_ps(vs, upper_half_avx512(p1));
+    sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
   }
-  // the remainder (< 32) in place through exp2_sum's own passes, then converted
-  const float sum = exp2_sum_avx512_from(x, hi, m, j, vs);
-  for (; j < hi; ++j) dst[j] = c10::BFloat16(x[j]);
-  std::fill(dst + j, dst + n_padded, c10::BFloat16(0.0f));
-  return sum;
+  std::fill(dst + j, dst + n_padded, c10::BFloat16(0.0f));  // j: hi rounded up to 32, <= n_padded
+  return _mm512_reduce_add_ps(sum);
 }
 
 // The end of an output row: dst[d * stride] = bf16(o[d] * scale) for d < n, rounded as c10's
@@ -368,7 +392,7 @@ void amx_pack_transposed(const T*, int64_t, int, int, int, c10::BFloat16*, int64
 template <typename T>
 void amx_row_to_bf16(const T*, int, int, int, c10::BFloat16*) { amx_unavailable(); }
 template <typename T>
-T amx_exp2_sum_to_bf16(T*, int, int, T, int, c10::BFloat16*) { amx_unavailable(); }
+T amx_exp2_sum_to_bf16(const T*, int, int, T, T, int, c10::BFloat16*) { amx_unavailable(); }
 template <typename T, typename Dst>
 void amx_store_row(const T*, int, T, Dst*, int64_t) { amx_unavailable(); }
 template <typename T>

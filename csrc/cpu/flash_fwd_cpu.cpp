@@ -359,7 +359,8 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
                                                         q0 * p.q.n, p.q.n, 1)
                                      : packed_left(q_pack.get());
       // What the row pass multiplies the scores by (the AMX path's Q is not scaled either: the
-      // scale goes into the soft-cap's tanh argument or the max pass, as for Q in place).
+      // scale goes into the soft-cap's tanh argument, the max pass as for Q in place, or, on
+      // tiles without a bias row, the exp pass).
       const acc_t s_scale = q_in_place || (amx && !softcap) ? q_scale : acc_t(1);
       const acc_t cap_scale = amx ? q_scale : acc_t(1);
       if (q_in_place) {
@@ -457,8 +458,13 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
               bias_row = row_bias.get();
             }
             const acc_t m_old = row_max[row];
-            const acc_t m_new =
-                std::max(m_old, add_bias_max(x + lo, cnt, bias_row ? bias_row + lo : nullptr, s_scale));
+            // AMX without a bias row: the max pass only reads the row, and the exp pass applies the
+            // scale (max(s x) = s max(x) for s > 0, rounding included: the same max)
+            const bool scale_in_exp = amx && !dropout && bias_row == nullptr && s_scale > acc_t(0);
+            const acc_t* bias_lo = bias_row ? bias_row + lo : nullptr;
+            const acc_t row_top = scale_in_exp ? add_bias_max(x + lo, cnt, bias_lo, acc_t(1)) * s_scale
+                                               : add_bias_max(x + lo, cnt, bias_lo, s_scale);
+            const acc_t m_new = std::max(m_old, row_top);
             const acc_t m_use = m_new == kNegInf ? acc_t(0) : m_new;  // all masked so far: exp2(-inf) = 0
             // (exp2(0) = 1 exactly: the call is skipped when the max stays, as it mostly does)
             const acc_t alpha = m_old == m_use ? acc_t(1) : std::exp2(m_old - m_use);
@@ -467,8 +473,9 @@ void fwd_impl(const AttnParams& p, const scalar_t* q, const scalar_t* k, const s
               for (int d = 0; d < Dv; ++d) o[d] *= alpha;
             }
             if (amx && !dropout) {  // P straight to its bf16 row (zeros outside the row's keys)
-              row_sum[row] = row_sum[row] * alpha +
-                             amx_exp2_sum_to_bf16(x, lo, keys.hi, m_use, depth, p_rows.get() + rr * kBlockK);
+              const acc_t exp_scale = scale_in_exp ? s_scale : acc_t(1);
+              row_sum[row] = row_sum[row] * alpha + amx_exp2_sum_to_bf16(x, lo, keys.hi, exp_scale, m_use, depth,
+                                                                         p_rows.get() + rr * kBlockK);
               row_max[row] = m_new;
               continue;
             }
