@@ -765,9 +765,10 @@ FASTATTN_AVX512 inline float add_bias_max_avx512(float* x, int n, const float* b
                                 _mm256_max_ps(_mm512_castps512_ps256(vmax16), upper_half_avx512(vmax16)));
 }
 
-// (the _from form goes on from element j with the running lane sums vs, as the AVX2 one)
-FASTATTN_AVX512 inline float exp2_sum_avx512_from(float* x, int n, float m, int j, __m256 vs) {
+FASTATTN_AVX512 inline float exp2_sum_avx512(float* x, int n, float m) {
   const __m512 vm16 = _mm512_set1_ps(m);
+  __m256 vs = _mm256_setzero_ps();
+  int j = 0;
   for (; j + 16 <= n; j += 16) {
     const __m512 p = exp2_avx512(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm16));
     _mm512_storeu_ps(x + j, p);
@@ -775,10 +776,6 @@ FASTATTN_AVX512 inline float exp2_sum_avx512_from(float* x, int n, float m, int 
     vs = _mm256_add_ps(vs, upper_half_avx512(p));
   }
   return exp2_sum_avx2_from(x, n, m, j, vs);
-}
-
-FASTATTN_AVX512 inline float exp2_sum_avx512(float* x, int n, float m) {
-  return exp2_sum_avx512_from(x, n, m, 0, _mm256_setzero_ps());
 }
 
 FASTATTN_AVX512 inline void scale_bias_exp2_avx512(float* x, int n, float c, const float* bias, float m) {
